@@ -1,0 +1,43 @@
+"""Errors a user can cause or meet. Each message is one line that says what is wrong;
+the CLI prints it as `error: <message>` and exits non-zero, without a traceback."""
+
+from __future__ import annotations
+
+
+class GpujobsError(Exception):
+    """Base of every error gpujobs reports to a user."""
+
+    exit_code = 1
+
+
+class InvalidSpec(GpujobsError, ValueError):
+    """A job's input or parameters are wrong; nothing was queued."""
+
+    exit_code = 2
+
+
+class BrokerUnreachable(GpujobsError):
+    """The configured (or local) broker does not answer."""
+
+    exit_code = 3
+
+
+class JobNotFound(GpujobsError, KeyError):
+    """No record for this job id (never submitted, or expired)."""
+
+    exit_code = 4
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "job not found"
+
+
+class JobFailed(GpujobsError):
+    """`Job.result()` on a job that failed or was cancelled."""
+
+    exit_code = 5
+
+
+class LocalStackError(GpujobsError):
+    """The embedded local stack could not be started or stopped."""
+
+    exit_code = 6
