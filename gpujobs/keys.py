@@ -1,0 +1,44 @@
+"""Every Redis key and channel gpujobs uses, named once, with why it exists.
+
+Celery's own keys (queue lists such as `transcode`, `_kombu.*`, `celery-task-meta-*`) belong to
+Celery and are not repeated here; `queue_lists()` names the lists behind one Celery queue because
+the Redis transport splits a queue by priority.
+"""
+
+from __future__ import annotations
+
+PREFIX = "gpujobs"
+
+# Hash per job: state, progress, worker, timestamps, the spec as JSON. The source of truth for
+# status/watch/ls; Celery's result backend is only a mirror for Flower.
+JOB = PREFIX + ":job:{job_id}"
+# Sorted set of job ids scored by creation time: `gpujobs ls` lists newest first from it.
+JOB_INDEX = PREFIX + ":jobs"
+# Pub/sub channel per job: every record update is published here so watchers need not poll.
+JOB_EVENTS = PREFIX + ":events:{job_id}"
+# Pattern matching every job channel, for `gpujobs top` and the CLI's multi-job progress view.
+ALL_JOB_EVENTS = PREFIX + ":events:*"
+# Idempotency: spec fingerprint -> job id of the live job for it, so a duplicate submit returns it.
+DEDUP = PREFIX + ":dedup:{fingerprint}"
+
+# Celery's Redis transport keeps one list per priority step; these are our priority steps.
+PRIORITY_STEPS = list(range(10))
+# kombu's separator between a queue name and its priority step (kombu.transport.redis).
+_PRIORITY_SEP = "\x06\x16"
+
+
+def job(job_id: str) -> str:
+    return JOB.format(job_id=job_id)
+
+
+def job_events(job_id: str) -> str:
+    return JOB_EVENTS.format(job_id=job_id)
+
+
+def dedup(fingerprint: str) -> str:
+    return DEDUP.format(fingerprint=fingerprint)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold one Celery queue: the plain name for step 0, then one per step."""
+    return [queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]

@@ -1,0 +1,190 @@
+"""What a job is: the specs producers submit, the record the store keeps, its progress.
+
+Paths in a spec are relative to the media root (POSIX, no `..`): producers and workers may mount
+the media root at different places, so only the part below it travels with the job.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpujobs.config import AudioMode, Codec, Preset
+
+GpuPolicy = Literal["auto", "require", "forbid"]
+
+
+class JobState(StrEnum):
+    """The life of a job. The last three are terminal: nothing moves a job out of them."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobKind(StrEnum):
+    TRANSCODE = "transcode"
+    INFERENCE = "inference"
+
+
+def check_media_path(value: str, what: str) -> str:
+    """A path relative to the media root: POSIX, not absolute, no `..`, no name starting with `-`.
+
+    Raises ValueError with one line that says what is wrong.
+    """
+    if not value or not value.strip():
+        raise ValueError(f"{what} path is empty")
+    path = PurePosixPath(value)
+    if path.is_absolute():
+        raise ValueError(f"{what} path {value!r} must be relative to the media root")
+    if ".." in path.parts:
+        raise ValueError(f"{what} path {value!r} must not contain '..'")
+    if path.name.startswith("-"):
+        # ffmpeg would read such a name as an option if it were ever passed bare.
+        raise ValueError(f"{what} file name {path.name!r} must not start with '-'")
+    if "\x00" in value or "\n" in value:
+        raise ValueError(f"{what} path contains a control character")
+    return path.as_posix()
+
+
+class TranscodeSpec(BaseModel):
+    """One transcode. Units: pixels for width/height; cq is the constant-quality level (0..51,
+    lower is better; libx264's crf on the CPU paths); threads are ffmpeg decoder threads.
+
+    width: None keeps the input's aspect ratio, rounded to an even number (1920x1080 -> 854x480).
+    priority: 0 (lowest) .. 9 (most urgent), default 5.
+    gpu: "auto" uses the fastest path the worker's card supports; "require" fails where no GPU
+    path exists; "forbid" always encodes on the CPU.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    output: str
+    width: int | None = None
+    height: int = 480
+    codec: Codec = "h264"
+    preset: Preset = "p1"
+    cq: int = Field(default=28, ge=0, le=51)
+    audio: AudioMode = "copy"
+    threads: int = Field(default=2, ge=1, le=64)
+    priority: int = Field(default=5, ge=0, le=9)
+    gpu: GpuPolicy = "auto"
+
+    @field_validator("input")
+    @classmethod
+    def _input_path(cls, value: str) -> str:
+        return check_media_path(value, "input")
+
+    @field_validator("output")
+    @classmethod
+    def _output_path(cls, value: str) -> str:
+        return check_media_path(value, "output")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _even_positive(cls, value: int | None) -> int | None:
+        if value is None:
+            return value
+        if value <= 0:
+            raise ValueError(f"must be a positive number of pixels, got {value}")
+        if value % 2:
+            raise ValueError(f"must be even (4:2:0 video needs even sizes), got {value}")
+        if value > 8192:
+            raise ValueError(f"must be at most 8192, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _output_differs(self) -> TranscodeSpec:
+        if PurePosixPath(self.output) == PurePosixPath(self.input):
+            raise ValueError("output must differ from the input")
+        suffix = PurePosixPath(self.output).suffix.lower()
+        if suffix not in {".mp4", ".mkv", ".mov", ".m4v", ".ts"}:
+            raise ValueError(f"output must end in .mp4, .mkv, .mov, .m4v or .ts, got {suffix!r}")
+        return self
+
+
+class Progress(BaseModel):
+    """A live snapshot of a running job, as published on its channel.
+
+    percent: 0..100; fps: frames per second; speed: multiple of real time; eta_s: seconds left.
+    """
+
+    job_id: str
+    state: JobState
+    percent: float = 0.0
+    fps: float | None = None
+    speed: float | None = None
+    eta_s: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+# Record fields stored as JSON text inside the job's Redis hash.
+_JSON_FIELDS = ("spec", "result")
+
+
+class JobRecord(BaseModel):
+    """Everything the store knows of one job. Timestamps are Unix seconds."""
+
+    id: str
+    kind: JobKind
+    state: JobState
+    spec: dict[str, Any]
+    percent: float = 0.0
+    fps: float | None = None
+    speed: float | None = None
+    eta_s: float | None = None
+    worker: str | None = None
+    node: str | None = None
+    gpu: str | None = None
+    encode_path: str | None = None
+    attempt: int = 0
+    error: str | None = None
+    output: str | None = None
+    result: dict[str, Any] | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+
+    def to_hash(self) -> dict[str, str]:
+        """Flatten for a Redis hash: JSON for nested fields, no entry for None."""
+        flat: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if name in _JSON_FIELDS:
+                flat[name] = json.dumps(value, separators=(",", ":"))
+            else:
+                flat[name] = str(value)
+        return flat
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> JobRecord:
+        values: dict[str, Any] = dict(data)
+        for name in _JSON_FIELDS:
+            if name in values:
+                values[name] = json.loads(values[name])
+        return cls.model_validate(values)
+
+    def progress(self) -> Progress:
+        return Progress(
+            job_id=self.id,
+            state=self.state,
+            percent=self.percent,
+            fps=self.fps,
+            speed=self.speed,
+            eta_s=self.eta_s,
+            error=self.error,
+        )

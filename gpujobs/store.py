@@ -1,0 +1,188 @@
+"""The job store: one Redis hash per job, an index for listing, a channel per job for watchers.
+
+Every write goes through one Lua script that checks the job's current state first, so a late
+progress update cannot resurrect a cancelled job and two workers cannot both finish one job.
+Each write publishes the whole record on the job's channel, so watchers never poll.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+
+from gpujobs import keys
+from gpujobs.specs import JobRecord, JobState
+
+# KEYS[1] = job hash, KEYS[2] = job channel.
+# ARGV[1] = JSON list of states the job may be in ("[]": any state, the job must exist),
+# ARGV[2] = JSON object of fields to set, ARGV[3] = seconds to expire the hash in (0: keep).
+# Returns 1 when written, 0 when the job is missing or in another state.
+_UPDATE_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+local allowed = cjson.decode(ARGV[1])
+if #allowed > 0 then
+  local ok = false
+  for _, s in ipairs(allowed) do if s == state then ok = true end end
+  if not ok then return 0 end
+end
+local fields = cjson.decode(ARGV[2])
+local flat = {}
+for k, v in pairs(fields) do
+  if v == cjson.null then redis.call('HDEL', KEYS[1], k)
+  else table.insert(flat, k); table.insert(flat, v) end
+end
+if #flat > 0 then redis.call('HSET', KEYS[1], unpack(flat)) end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+local all = redis.call('HGETALL', KEYS[1])
+local record = {}
+for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
+redis.call('PUBLISH', KEYS[2], cjson.encode(record))
+return 1
+"""
+
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
+def _encode(value: Any) -> Any:
+    """A field value as the hash stores it: text, JSON for dicts, null to delete."""
+    if value is None:
+        return None
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, JobState):
+        return value.value
+    return str(value)
+
+
+class JobStore:
+    """Job records in Redis. `record_ttl_s`: seconds a finished record is kept (default 7 days)."""
+
+    def __init__(self, client: redis.Redis, record_ttl_s: int = 7 * 24 * 3600) -> None:
+        self.redis = client
+        self.record_ttl_s = record_ttl_s
+        self._update = client.register_script(_UPDATE_LUA)
+
+    def create(self, record: JobRecord) -> None:
+        """Store a new record and index it (newest first in `list`)."""
+        with self.redis.pipeline() as pipe:
+            # redis-py stubs want a Mapping invariant in its key type; a dict[str, str] is fine.
+            pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
+            pipe.zadd(keys.JOB_INDEX, {record.id: record.created_at})
+            pipe.execute()
+
+    def delete(self, job_id: str) -> None:
+        """Remove a record that never reached a queue (its send failed)."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(keys.job(job_id))
+            pipe.zrem(keys.JOB_INDEX, job_id)
+            pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        data = self.redis.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(_text(data)) if data else None
+
+    def update(
+        self,
+        job_id: str,
+        only_from: Iterable[JobState] = (),
+        **fields: Any,
+    ) -> bool:
+        """Set fields (None deletes one) if the job is in one of `only_from` (empty: any state).
+
+        A move into a terminal state stamps finished_at and starts the record's expiry.
+        Returns False when the job is missing or in another state; nothing is written then.
+        """
+        now = time.time()
+        fields.setdefault("updated_at", now)
+        state = fields.get("state")
+        ttl = 0
+        if state is not None and JobState(state).terminal:
+            fields.setdefault("finished_at", now)
+            ttl = self.record_ttl_s
+        encoded = {name: _encode(value) for name, value in fields.items()}
+        allowed = [JobState(s).value for s in only_from]
+        written = self._update(
+            keys=[keys.job(job_id), keys.job_events(job_id)],
+            args=[json.dumps(allowed), json.dumps(encoded), ttl],
+        )
+        return bool(written)
+
+    def list(self, limit: int = 50, states: Iterable[JobState] = ()) -> list[JobRecord]:
+        """Newest first. Index entries whose record has expired are dropped on the way."""
+        wanted = {JobState(s) for s in states}
+        found: list[JobRecord] = []
+        start = 0
+        page = max(limit, 50)
+        while len(found) < limit:
+            members: list[str] = self.redis.zrevrange(keys.JOB_INDEX, start, start + page - 1)  # type: ignore[assignment]
+            ids = [_str(i) for i in members]
+            if not ids:
+                break
+            start += page
+            with self.redis.pipeline() as pipe:
+                for job_id in ids:
+                    pipe.hgetall(keys.job(job_id))
+                rows = pipe.execute()
+            expired = [job_id for job_id, row in zip(ids, rows, strict=True) if not row]
+            if expired:
+                self.redis.zrem(keys.JOB_INDEX, *expired)
+                start -= len(expired)
+            for row in rows:
+                if not row:
+                    continue
+                record = JobRecord.from_hash(_text(row))
+                if not wanted or record.state in wanted:
+                    found.append(record)
+        return found[:limit]
+
+    def watch(self, job_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[JobRecord]:
+        """Yield each job's record now, then on every update, until all are terminal.
+
+        Subscribes before reading the current records, so no update falls between the two.
+        timeout_s: seconds to wait in all (None: no limit); TimeoutError when it passes.
+        """
+        ids = list(dict.fromkeys(job_ids))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(*[keys.job_events(job_id) for job_id in ids])
+            pending: set[str] = set()
+            for job_id in ids:
+                record = self.get(job_id)
+                if record is None:
+                    raise KeyError(job_id)
+                yield record
+                if not record.state.terminal:
+                    pending.add(job_id)
+            while pending:
+                wait = 1.0
+                if deadline is not None:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        raise TimeoutError(f"jobs still running: {', '.join(sorted(pending))}")
+                    wait = min(wait, 1.0)
+                message = pubsub.get_message(timeout=wait)
+                if message is None:
+                    continue
+                record = JobRecord.from_hash(json.loads(message["data"]))
+                if record.id not in pending:
+                    continue
+                yield record
+                if record.state.terminal:
+                    pending.discard(record.id)
+        finally:
+            pubsub.close()
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _text(data: dict[Any, Any]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in data.items()}

@@ -1,0 +1,63 @@
+"""TranscodeSpec validation: every bad parameter is refused with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
+
+
+def spec(**overrides: object) -> TranscodeSpec:
+    values: dict[str, object] = {"input": "in/a.mp4", "output": "out/a.mp4", **overrides}
+    return TranscodeSpec.model_validate(values)
+
+
+def test_defaults_are_the_seed_command() -> None:
+    s = spec()
+    assert (s.height, s.codec, s.preset, s.cq, s.audio, s.threads) == (
+        480, "h264", "p1", 28, "copy", 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"width": 855}, "must be even"),
+        ({"height": 0}, "positive"),
+        ({"height": -480}, "positive"),
+        ({"preset": "p9"}, "p1"),
+        ({"cq": 60}, "less than or equal to 51"),
+        ({"cq": -1}, "greater than or equal to 0"),
+        ({"codec": "vp9"}, "h264"),
+        ({"audio": "mp3"}, "copy"),
+        ({"output": "in/a.mp4"}, "output must differ from the input"),
+        ({"output": "../escape.mp4"}, "'..'"),
+        ({"output": "/etc/passwd.mp4"}, "relative to the media root"),
+        ({"input": "-i.mp4"}, "must not start with '-'"),
+        ({"output": "out/a.txt"}, "must end in .mp4"),
+        ({"priority": 10}, "less than or equal to 9"),
+        ({"threads": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_parameters_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        spec(**overrides)
+
+
+def test_record_round_trips_through_a_redis_hash() -> None:
+    record = JobRecord(
+        id="abc", kind=JobKind.TRANSCODE, state=JobState.RUNNING,
+        spec=spec().model_dump(), percent=42.5, fps=120.0, created_at=1.5,
+        result={"width": 854},
+    )  # fmt: skip
+    flat = record.to_hash()
+    assert all(isinstance(v, str) for v in flat.values())
+    assert "eta_s" not in flat  # None is not stored
+    assert JobRecord.from_hash(flat) == record
+
+
+def test_terminal_states() -> None:
+    assert {s for s in JobState if s.terminal} == {
+        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
+    }
