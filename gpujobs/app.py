@@ -1,0 +1,67 @@
+"""The Celery app: broker, queues, routing and the reliability settings every job relies on.
+
+Producers use it only to send tasks by name (`send_task`); workers register the task bodies from
+`workers.tasks` on the same app. Nothing here imports worker code.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from gpujobs import keys
+from gpujobs.config import Settings
+
+TRANSCODE_QUEUE = "transcode"
+INFERENCE_QUEUE = "inference"
+TRANSCODE_TASK = "gpujobs.transcode"
+INFERENCE_TASK = "gpujobs.inference_chunk"
+
+
+def broker_priority(priority: int) -> int:
+    """Spec priority (0 lowest .. 9 most urgent) as the Redis transport's (0 is served first)."""
+    return 9 - priority
+
+
+def direct_queue(name: str) -> Queue:
+    """A queue bound to its own direct exchange under its own name (Celery's plain routing)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def make_app(settings: Settings, broker_url: str) -> Celery:
+    """The gpujobs Celery app bound to `broker_url` (the resolved broker, embedded or not)."""
+    app = Celery("gpujobs", broker=broker_url, backend=settings.result_url or broker_url)
+    app.conf.update(
+        task_queues=[direct_queue(TRANSCODE_QUEUE), direct_queue(INFERENCE_QUEUE)],
+        task_default_queue=TRANSCODE_QUEUE,
+        task_routes={
+            TRANSCODE_TASK: {"queue": TRANSCODE_QUEUE},
+            INFERENCE_TASK: {"queue": INFERENCE_QUEUE},
+        },
+        # At-least-once delivery: ack after the job, requeue when the worker process dies,
+        # and take one job at a time so a long transcode never holds a second one hostage.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Flower sees queued jobs (sent events) and running ones (task events, STARTED state).
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_track_started=True,
+        broker_transport_options={
+            # Longer than the longest job: Redis would otherwise hand a running job to a
+            # second worker when the timeout passes.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+            "priority_steps": keys.PRIORITY_STEPS,
+        },
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.connect_timeout_s,
+        result_expires=settings.record_ttl_s,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app

@@ -1,0 +1,64 @@
+"""Finding and reaching the broker: the configured one, or the embedded local stack."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from gpujobs import local
+from gpujobs.config import Settings
+from gpujobs.errors import BrokerUnreachable
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+def with_password(url: str, settings: Settings) -> str:
+    """Put GPUJOBS_REDIS_PASSWORD into a URL that carries none (the Secret stays out of config)."""
+    if settings.redis_password is None:
+        return url
+    parts = urlsplit(url)
+    if parts.password is not None or not parts.hostname:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    user = parts.username or ""
+    netloc = f"{user}:{settings.redis_password.get_secret_value()}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def broker_url(settings: Settings, start_local: bool = True) -> str:
+    """The broker to use: GPUJOBS_BROKER_URL, else the local stack's (started if asked)."""
+    if settings.broker_url:
+        return with_password(settings.broker_url, settings)
+    if start_local:
+        return local.ensure_running(settings)
+    running = local.running_url(settings)
+    if running is None:
+        raise BrokerUnreachable("the local stack is not running (start it with `gpujobs up`)")
+    return running
+
+
+def connect(url: str, settings: Settings) -> redis.Redis:
+    """A client for `url` that has answered PING; BrokerUnreachable names the URL if not."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=settings.connect_timeout_s,
+            socket_timeout=max(10.0, settings.connect_timeout_s),
+            health_check_interval=30,
+        )
+        client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise BrokerUnreachable(f"cannot reach the broker at {redact(url)}: {exc}") from None
+    return client

