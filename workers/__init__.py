@@ -1,0 +1,1 @@
+"""What runs inside a worker pod: task bodies, ffmpeg, GPU discovery. Producers never import it."""
