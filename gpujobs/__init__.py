@@ -1,0 +1,32 @@
+"""gpujobs: a distributed job queue that feeds GPUs video transcodes and batch LLM inference.
+
+The public SDK; everything else is internal and may change.
+"""
+
+from gpujobs.client import Client, Job, get_job, submit_transcode
+from gpujobs.config import Settings
+from gpujobs.errors import (
+    BrokerUnreachable,
+    GpujobsError,
+    InvalidSpec,
+    JobFailed,
+    JobNotFound,
+)
+from gpujobs.specs import JobRecord, JobState, Progress, TranscodeSpec
+
+__all__ = [
+    "BrokerUnreachable",
+    "Client",
+    "GpujobsError",
+    "InvalidSpec",
+    "Job",
+    "JobFailed",
+    "JobNotFound",
+    "JobRecord",
+    "JobState",
+    "Progress",
+    "Settings",
+    "TranscodeSpec",
+    "get_job",
+    "submit_transcode",
+]

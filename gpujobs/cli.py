@@ -1,0 +1,270 @@
+"""The `gpujobs` command: thin. It parses, calls the SDK or the local stack, and renders.
+
+Every user-facing error is one line on stderr (`error: ...`) and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gpujobs import local
+from gpujobs.client import Client, Job, PreparedJob
+from gpujobs.config import Settings
+from gpujobs.connection import redact
+from gpujobs.errors import GpujobsError, InvalidSpec
+from gpujobs.render import JobBars, job_detail, jobs_table
+from gpujobs.specs import JobRecord, JobState
+
+app = typer.Typer(
+    name="gpujobs",
+    help="Feed GPUs video transcodes and batch inference through a Celery queue.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+# Errors stay on one line whatever the terminal's width.
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _record_json(record: JobRecord) -> str:
+    return record.model_dump_json()
+
+
+def _client(start_local: bool = True) -> Client:
+    return Client(Settings(), start_local=start_local)
+
+
+def _follow(client: Client, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
+    """Draw a bar per job until every job ends; the final records."""
+    final: dict[str, JobRecord] = {}
+    with JobBars(console) as bars:
+        for record in client.store.watch(job_ids, timeout_s=timeout):
+            bars.update(record)
+            if record.state.terminal:
+                final[record.id] = record
+    return [final[job_id] for job_id in job_ids]
+
+
+def _exit_for(records: list[JobRecord]) -> None:
+    failed = [r for r in records if r.state is not JobState.SUCCEEDED]
+    for record in failed:
+        reason = f": {record.error}" if record.error else ""
+        err_console.print(f"job {record.id} {record.state.value}{reason}", markup=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    files: Annotated[list[Path], typer.Argument(help="Video files to transcode.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output path (one input only).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Width in pixels; default keeps aspect.")
+    ] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels [default: 480].")] = None,
+    codec: Annotated[str | None, typer.Option(help="h264 or hevc.")] = None,
+    preset: Annotated[str | None, typer.Option(help="NVENC preset p1 (fastest)..p7.")] = None,
+    cq: Annotated[
+        int | None, typer.Option(help="Constant quality 0..51 (lower is better).")
+    ] = None,
+    audio: Annotated[str | None, typer.Option(help="copy, aac or none.")] = None,
+    threads: Annotated[int | None, typer.Option(help="ffmpeg decoder threads.")] = None,
+    priority: Annotated[int | None, typer.Option(help="0 (lowest) .. 9 (most urgent).")] = None,
+    gpu: Annotated[str | None, typer.Option(help="auto, require or forbid.")] = None,
+    copy: Annotated[
+        bool, typer.Option(help="Copy inputs from outside the media root into it first.")
+    ] = True,
+    wait: Annotated[bool, typer.Option("--wait", help="Draw progress until the jobs end.")] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
+) -> None:
+    """Queue a transcode for each FILE (all are checked before any is queued)."""
+    if output is not None and len(files) > 1:
+        raise InvalidSpec("--output takes one input file; drop it to name outputs per input")
+    params: dict[str, object] = {
+        "width": width, "height": height, "codec": codec, "preset": preset, "cq": cq,
+        "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
+    }  # fmt: skip
+    client = _client()
+    prepared: list[PreparedJob] = []
+    for file in files:
+        given = file if file.is_absolute() else Path.cwd() / file
+        if file.name.startswith("-"):
+            raise InvalidSpec(f"input file name {file.name!r} must not start with '-'")
+        out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
+        prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
+    jobs = [client.enqueue(p) for p in prepared]
+    if not wait:
+        for job in jobs:
+            if as_json:
+                console.print_json(_record_json(job.status()))
+            else:
+                console.print(f"queued {job.id}  {job.status().spec['input']}", markup=False)
+        return
+    records = _follow(client, [job.id for job in jobs], timeout)
+    if as_json:
+        for record in records:
+            console.print_json(_record_json(record))
+    else:
+        for record in records:
+            if record.state is JobState.SUCCEEDED:
+                out_path = client.settings.media / str(record.output)
+                console.print(f"{record.id} succeeded: {out_path}", markup=False)
+    _exit_for(records)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Show one job's record."""
+    record = Job(job_id, _client(start_local=False)).status()
+    if as_json:
+        console.print_json(_record_json(record))
+    else:
+        console.print(job_detail(record))
+
+
+@app.command()
+def watch(
+    job_ids: Annotated[list[str], typer.Argument(help="Job ids.")],
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+) -> None:
+    """Follow jobs live until they end; exits non-zero if any did not succeed."""
+    client = _client(start_local=False)
+    for job_id in job_ids:
+        Job(job_id, client).status()
+    _exit_for(_follow(client, job_ids, timeout))
+
+
+@app.command("ls")
+def list_jobs(
+    state: Annotated[
+        list[JobState] | None, typer.Option("--state", "-s", help="Only jobs in this state.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+) -> None:
+    """List jobs, newest first."""
+    records = _client(start_local=False).list(limit=limit, states=tuple(state or ()))
+    if as_json:
+        for record in records:
+            print(_record_json(record))
+    elif not records:
+        console.print("no jobs")
+    else:
+        console.print(jobs_table(records))
+
+
+@app.command()
+def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids.")]) -> None:
+    """Cancel queued or running jobs (a running transcode is killed, its partial output removed)."""
+    client = _client(start_local=False)
+    jobs = [Job(job_id, client) for job_id in job_ids]
+    records = {job.id: job.status() for job in jobs}  # every id must exist before any is touched
+    for job in jobs:
+        if job.cancel():
+            console.print(f"cancelled {job.id}")
+        else:
+            console.print(f"{job.id} had already {records[job.id].state.value}; nothing to cancel")
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "transcode,inference",
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 1,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
+    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
+) -> None:
+    """Run a worker in the foreground (needs the worker extra)."""
+    try:
+        from workers.main import run_worker  # the worker extra: producers never import it
+    except ImportError as exc:
+        raise GpujobsError(
+            f"the worker needs the worker extra ({exc.name} is missing): "
+            "pip install 'gpujobs[worker]'"
+        ) from None
+    run_worker([q for q in queues.split(",") if q], concurrency, hostname, loglevel)
+
+
+@app.command()
+def up() -> None:
+    """Start the embedded local stack (Valkey + a worker) if it is not running."""
+    settings = Settings()
+    if not settings.embedded:
+        raise GpujobsError(
+            f"GPUJOBS_BROKER_URL is set ({redact(settings.broker_url or '')}): "
+            "nothing to start locally"
+        )
+    url = local.ensure_running(settings)
+    console.print(f"local stack up: broker {url}, media root {settings.media}", markup=False)
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded local stack (a running job finishes first)."""
+    if local.stop(Settings()):
+        console.print("local stack stopped")
+    else:
+        console.print("local stack was not running")
+
+
+@app.command()
+def demo(
+    seconds: Annotated[float, typer.Option(min=1, max=600, help="Length of the clip.")] = 10,
+) -> None:
+    """Generate a 1080p clip with audio and transcode it to 480p on this machine."""
+    import subprocess
+
+    settings = Settings()
+    clip = settings.media / "demo" / "sample-1080p.mp4"
+    clip.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"generating a {seconds:g} s 1080p clip with audio: {clip}", markup=False)
+    subprocess.run(
+        [settings.ffmpeg_binary(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+         "-f", "lavfi", "-i", f"testsrc2=size=1920x1080:rate=30:duration={seconds}",
+         "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}",
+         "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(clip)],
+        check=True,
+    )  # fmt: skip
+    client = _client()
+    job = client.submit_transcode(clip, settings.media / "demo" / "sample-480p.mp4")
+    console.print(f"queued {job.id}", markup=False)
+    [record] = _follow(client, [job.id], timeout=None)
+    _exit_for([record])
+    result = record.result or {}
+    console.print(
+        f"output {settings.media / str(record.output)}: {result.get('width')}x"
+        f"{result.get('height')} {result.get('video_codec')}, audio {result.get('audio_codec')} "
+        f"(copied), {result.get('duration_s')} s, encode path {result.get('encode_path')}",
+        markup=False,
+    )
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning gpujobs errors into one line and an exit code."""
+    try:
+        app()
+    except GpujobsError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except TimeoutError as exc:
+        err_console.print(f"error: timed out: {exc}", markup=False, highlight=False)
+        sys.exit(124)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""How jobs look in a terminal: tables, one-line summaries and live progress bars (rich)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from gpujobs.specs import JobRecord, JobState
+
+STATE_STYLES = {
+    JobState.QUEUED: "yellow",
+    JobState.RUNNING: "cyan",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "red",
+    JobState.CANCELLED: "magenta",
+}
+
+
+def short_duration(seconds: float | None) -> str:
+    """`1h02m`, `3m05s`, `42s`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def job_subject(record: JobRecord) -> str:
+    """What the job works on, in a few words (the input's path)."""
+    return str(record.spec.get("input", "-"))
+
+
+def jobs_table(records: Iterable[JobRecord]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "KIND", "STATE", "PROGRESS", "INPUT", "WORKER", "AGE"):
+        table.add_column(column, no_wrap=column != "INPUT")
+    now = time.time()
+    for record in records:
+        style = STATE_STYLES[record.state]
+        table.add_row(
+            record.id,
+            record.kind.value,
+            f"[{style}]{record.state.value}[/]",
+            f"{record.percent:5.1f}%",
+            job_subject(record),
+            record.worker or "-",
+            short_duration(now - record.created_at),
+        )
+    return table
+
+
+def job_detail(record: JobRecord) -> Table:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    style = STATE_STYLES[record.state]
+    rows: list[tuple[str, str]] = [
+        ("id", record.id),
+        ("kind", record.kind.value),
+        ("state", f"[{style}]{record.state.value}[/]"),
+        ("progress", f"{record.percent:.1f}%"),
+        ("input", job_subject(record)),
+        ("output", str(record.output or record.spec.get("output", "-"))),
+    ]
+    if record.fps is not None:
+        rows.append(("fps", f"{record.fps:.1f}"))
+    if record.speed is not None:
+        rows.append(("speed", f"{record.speed:.2f}x"))
+    if record.eta_s is not None and record.state is JobState.RUNNING:
+        rows.append(("eta", short_duration(record.eta_s)))
+    for name in ("worker", "node", "gpu", "encode_path"):
+        value = getattr(record, name)
+        if value:
+            rows.append((name.replace("_", " "), str(value)))
+    rows.append(("attempt", str(record.attempt)))
+    if record.error:
+        rows.append(("error", f"[red]{record.error}[/]"))
+    if record.started_at and record.finished_at:
+        rows.append(("took", f"{record.finished_at - record.started_at:.1f}s"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+class JobBars:
+    """One progress bar per job with fps, speed, ETA and state, fed with records."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.fields[label]}", style="bold"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[fps]:>9}"),
+            TextColumn("{task.fields[speed]:>7}"),
+            TextColumn("eta {task.fields[eta]:>6}"),
+            TextColumn("{task.fields[state]}"),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> JobBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, record: JobRecord) -> None:
+        fps = f"{record.fps:.0f} fps" if record.fps else ""
+        speed = f"{record.speed:.2f}x" if record.speed else ""
+        eta = short_duration(record.eta_s) if record.state is JobState.RUNNING else ""
+        state = f"[{STATE_STYLES[record.state]}]{record.state.value}[/]"
+        task = self._tasks.get(record.id)
+        if task is None:
+            label = f"{record.id} {job_subject(record)}"
+            self._tasks[record.id] = self.progress.add_task(
+                label, total=100.0, label=label, fps=fps, speed=speed, eta=eta, state=state
+            )
+            task = self._tasks[record.id]
+        # rich keeps extra keyword arguments as the task's fields, read by the columns above.
+        self.progress.update(task, completed=record.percent, fps=fps, speed=speed, eta=eta,
+                             state=state)

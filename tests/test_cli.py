@@ -1,0 +1,128 @@
+"""The CLI as a user runs it: a real `gpujobs` process per command.
+
+Bad input gets one line on stderr, a non-zero exit code, no traceback, and nothing queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from gpujobs import keys
+from gpujobs.config import Settings
+from tests.helpers import WorkerProcess
+
+
+def gpujobs(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpujobs", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=cwd, check=False,
+    )  # fmt: skip
+
+
+def assert_nothing_queued(broker_url: str) -> None:
+    r = redis.Redis.from_url(broker_url)
+    assert r.zcard(keys.JOB_INDEX) == 0
+    assert sum(r.llen(name) for name in keys.queue_lists("transcode")) == 0
+
+
+@pytest.fixture
+def video(media_clip: Callable[..., Path]) -> Path:
+    return media_clip("v/clip.mp4", seconds=1, size="320x240")
+
+
+BAD_PARAMETERS = [
+    (["--width", "855"], "width: must be even"),
+    (["--height", "0"], "height: must be a positive"),
+    (["--height", "-480"], "height: must be a positive"),
+    (["--preset", "p9"], "preset: Input should be 'p1'"),
+    (["--cq", "60"], "cq: Input should be less than or equal to 51"),
+    (["--codec", "vp9"], "codec: Input should be 'h264' or 'hevc'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_PARAMETERS)
+def test_bad_parameters(settings: Settings, video: Path, broker_url: str, args: list[str],
+                        message: str) -> None:
+    result = gpujobs("submit", str(video), *args)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: {message}") and "Traceback" not in result.stderr
+    assert_nothing_queued(broker_url)
+
+
+def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: Path) -> None:
+    media = settings.media
+    (media / "empty.mp4").write_bytes(b"")
+    (media / "notes.mp4").write_text("these are not the frames you are looking for\n" * 10)
+    (media / "adir.mp4").mkdir()
+    dash = media / "-i.mp4"
+    dash.write_bytes(video.read_bytes())
+    cases = [
+        ([str(media / "missing.mp4")], "does not exist"),
+        ([str(media / "empty.mp4")], "is empty"),
+        ([str(media / "notes.mp4")], "is not a video file"),
+        ([str(media / "adir.mp4")], "is a directory"),
+        (["--", str(dash)], "must not start with '-'"),
+        ([str(video), "-o", str(video)], "error: output must differ from the input"),
+        ([str(video), "-o", str(tmp_path / "elsewhere.mp4")], "is outside the media root"),
+        ([str(video), "-o", str(media / "v" / ".." / "up.mp4")], "must not contain '..'"),
+        ([str(video), str(media / "missing.mp4")], "does not exist"),  # one bad: none queued
+    ]
+    for args, message in cases:
+        result = gpujobs("submit", *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0, args
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            args, result.stderr)
+        assert "Traceback" not in result.stdout + result.stderr
+    assert_nothing_queued(broker_url)
+
+
+def test_unreachable_broker_names_the_url(settings: Settings, video: Path) -> None:
+    result = gpujobs("submit", str(video), env={"GPUJOBS_BROKER_URL": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 3
+    assert result.stderr.startswith("error: cannot reach the broker at redis://127.0.0.1:1/0")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_job(settings: Settings) -> None:
+    for command in (["status", "nope"], ["cancel", "nope"], ["watch", "nope"]):
+        result = gpujobs(*command)
+        assert result.returncode == 4
+        assert result.stderr.strip() == "error: no job 'nope' (never submitted, or its record expired)"
+
+
+def test_submit_wait_status_ls_json(
+    settings: Settings, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    a = media_clip("a.mp4", seconds=1, size="320x240")
+    b = media_clip("b.mp4", seconds=1, size="320x240")
+    outside = tmp_path / "outside.mp4"
+    outside.write_bytes(a.read_bytes())
+    start_worker()
+    result = gpujobs("submit", str(a), str(b), str(outside), "--height", "120", "--wait")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("succeeded") >= 3
+    assert (settings.media / "a.120p.mp4").exists() and (settings.media / "b.120p.mp4").exists()
+    # A file from outside the media root is copied into its inbox first.
+    assert (settings.media / "inbox" / "outside.120p.mp4").exists()
+    listed = gpujobs("ls", "--json")
+    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(records) == 3 and all(r["state"] == "succeeded" for r in records)
+    shown = gpujobs("status", records[0]["id"], "--json")
+    assert json.loads(shown.stdout)["id"] == records[0]["id"]
+    human = gpujobs("status", records[0]["id"])
+    assert "succeeded" in human.stdout and "worker" in human.stdout
+    table = gpujobs("ls", "--state", "succeeded")
+    assert all(r["id"] in table.stdout for r in records)

@@ -1,0 +1,67 @@
+"""The embedded default: no broker configured, `gpujobs submit` starts Valkey and a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import psutil
+import pytest
+
+from workers.probe import probe
+
+
+@pytest.fixture
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
+    env["GPUJOBS_STATE_DIR"] = str(tmp_path / "state")
+    return env
+
+
+def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gpujobs", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_submit_starts_the_local_stack_and_down_stops_it(
+    embedded_env: dict[str, str], clip_cache: Callable[..., Path], tmp_path: Path, ffmpeg: str,
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(clip_cache(seconds=2, size="1920x1080"), home / "movie.mp4")
+    result = run(embedded_env, "submit", "movie.mp4", "--wait", cwd=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = tmp_path / "state"
+    stack = json.loads((state / "stack.json").read_text())
+    assert psutil.pid_exists(stack["pid"])
+    output = state / "media" / "inbox" / "movie.480p.mp4"
+    info = probe(ffmpeg, output)
+    assert (info.video_codec, info.width, info.height, info.audio_codec) == ("h264", 854, 480,
+                                                                             "aac")
+    # A second command finds the running stack instead of starting another.
+    listed = run(embedded_env, "ls", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)["state"] == "succeeded"
+    up = run(embedded_env, "up")
+    assert stack["broker_url"] in up.stdout
+    stack_proc = psutil.Process(stack["pid"])
+    children = stack_proc.children(recursive=True)
+    down = run(embedded_env, "down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    gone, alive = psutil.wait_procs([stack_proc, *children], timeout=10)
+    assert not alive, "the stack, Valkey and the worker must all be gone"
+    assert not (state / "stack.json").exists()
+    assert "not running" in run(embedded_env, "down").stdout
+
+
+def test_commands_that_only_read_do_not_start_the_stack(embedded_env: dict[str, str]) -> None:
+    result = run(embedded_env, "ls")
+    assert result.returncode == 3
+    assert result.stderr.strip() == (
+        "error: the local stack is not running (start it with `gpujobs up`)"
+    )

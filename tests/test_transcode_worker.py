@@ -1,0 +1,102 @@
+"""End to end on real parts: a Valkey server, a real worker process, the real ffmpeg."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from gpujobs.client import Client
+from gpujobs.specs import JobState
+from tests.helpers import WorkerProcess, wait_for
+from workers.probe import probe
+
+
+def test_transcode_end_to_end_with_live_progress(
+    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    ffmpeg: str,
+) -> None:
+    source = media_clip("in/talk.mp4", seconds=6, size="1280x720")
+    start_worker()
+    job = client.submit_transcode(source, height=360)
+    states = []
+    percents = []
+    for record in job.watch(timeout=60):
+        states.append(record.state)
+        percents.append(record.percent)
+    final = job.status()
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert states[0] is JobState.QUEUED and JobState.RUNNING in states
+    assert percents == sorted(percents) and percents[-1] == 100.0
+    assert final.worker and final.node and final.attempt == 1 and final.encode_path == "cpu"
+    output = client.settings.media / "in" / "talk.360p.mp4"
+    info = probe(ffmpeg, output)
+    assert (info.video_codec, info.width, info.height, info.audio_codec) == ("h264", 640, 360,
+                                                                             "aac")
+    assert abs(info.duration_s - 6.0) < 0.1
+    assert job.result() == final.result
+    assert not list(output.parent.glob(".*part*")), "no temporary output may remain"
+
+
+def test_a_broken_input_fails_with_ffmpegs_reason(
+    client: Client, settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    # Looks like an MP4 to the producer's sniff, but ffmpeg cannot read it.
+    bogus = settings.media / "bogus.mp4"
+    bogus.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200)
+    start_worker()
+    job = client.submit_transcode(bogus)
+    final = job.wait(timeout=60)
+    assert final.state is JobState.FAILED
+    assert final.error and "cannot read the input" in final.error
+    assert not (settings.media / "bogus.480p.mp4").exists()
+
+
+def test_cancel_a_running_job_kills_ffmpeg_and_removes_the_temp_file(
+    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+) -> None:
+    source = media_clip("long.mp4", seconds=30, size="1920x1080")
+    worker = start_worker()
+    job = client.submit_transcode(source, preset="p7", height=1080)  # slow: x264 "slow" at 1080p
+    for record in job.watch(timeout=60):
+        if record.state is JobState.RUNNING and record.percent > 0:
+            break
+    ffmpegs = [p for p in psutil.Process(worker.pid).children(recursive=True)
+               if "ffmpeg" in p.name()]
+    assert ffmpegs, "ffmpeg should be running"
+    assert job.cancel()
+    gone, alive = psutil.wait_procs(ffmpegs, timeout=2.0)
+    assert not alive, "ffmpeg must be gone within 2 s of the cancel"
+    assert job.status().state is JobState.CANCELLED
+    wait_for(lambda: not list(source.parent.glob(".*part*")), timeout_s=5)
+    assert not (source.parent / "long.1080p.mp4").exists()
+
+
+def test_cancel_a_queued_job_never_starts_it(
+    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+) -> None:
+    source = media_clip("q.mp4", seconds=2)
+    job = client.submit_transcode(source)
+    assert job.cancel()
+    assert not job.cancel()  # already ended
+    follower = client.submit_transcode(source, height=240)
+    start_worker()
+    assert follower.wait(timeout=60).state is JobState.SUCCEEDED
+    record = job.status()
+    assert record.state is JobState.CANCELLED and record.started_at is None
+    assert not (source.parent / "q.480p.mp4").exists()
+
+
+def test_priority_serves_urgent_jobs_first(
+    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+) -> None:
+    source = media_clip("p.mp4", seconds=1, size="320x240")
+    low = [client.submit_transcode(source, f"low{i}.mp4", height=120, priority=1)
+           for i in range(3)]
+    urgent = client.submit_transcode(source, "urgent.mp4", height=120, priority=9)
+    start_worker()
+    records = [job.wait(timeout=60) for job in [*low, urgent]]
+    assert all(r.state is JobState.SUCCEEDED for r in records)
+    started = sorted(records, key=lambda r: r.started_at or 0)
+    assert started[0].id == urgent.id
