@@ -21,6 +21,22 @@ ALL_JOB_EVENTS = PREFIX + ":events:*"
 # Idempotency: spec fingerprint -> job id of the live job for it, so a duplicate submit returns it.
 DEDUP = PREFIX + ":dedup:{fingerprint}"
 
+# Lease of a running job (JSON: attempt, worker, expires_at), renewed by the worker's heartbeat
+# thread; the watchdog requeues a running job whose lease has expired (reliability, issue 4).
+LEASE = PREFIX + ":lease:{job_id}"
+# Sorted set of running job ids scored by lease expiry: the watchdog scans only this, not all jobs.
+LEASES = PREFIX + ":leases"
+# Lock that makes one watchdog win each round across all workers.
+WATCHDOG_LOCK = PREFIX + ":watchdog:lock"
+
+# Node heartbeat (JSON with a TTL): node, GPUs and their capabilities and utilisation, worker
+# processes, running jobs, NVENC slots in use. Read by `gpujobs gpus`, `worker --check`, metrics.
+HEARTBEAT = PREFIX + ":heartbeat:{node}"
+# Set of node names that have sent a heartbeat (entries whose heartbeat expired are pruned).
+NODES = PREFIX + ":nodes"
+# NVENC session semaphore per node: sorted set of holder -> lease expiry (GeForce session limit).
+NVENC_SLOTS = PREFIX + ":nvenc:{node}"
+
 # Celery's Redis transport keeps one list per priority step; these are our priority steps.
 PRIORITY_STEPS = list(range(10))
 # kombu's separator between a queue name and its priority step (kombu.transport.redis).
@@ -37,6 +53,18 @@ def job_events(job_id: str) -> str:
 
 def dedup(fingerprint: str) -> str:
     return DEDUP.format(fingerprint=fingerprint)
+
+
+def lease(job_id: str) -> str:
+    return LEASE.format(job_id=job_id)
+
+
+def heartbeat(node: str) -> str:
+    return HEARTBEAT.format(node=node)
+
+
+def nvenc_slots(node: str) -> str:
+    return NVENC_SLOTS.format(node=node)
 
 
 def queue_lists(queue: str) -> list[str]:
