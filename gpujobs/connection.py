@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
 
 from gpujobs import local
 from gpujobs.config import Settings
@@ -32,7 +34,9 @@ def with_password(url: str, settings: Settings) -> str:
         return url
     host = parts.hostname + (f":{parts.port}" if parts.port else "")
     user = parts.username or ""
-    netloc = f"{user}:{settings.redis_password.get_secret_value()}@{host}"
+    # Escaped: a password with '@', ':' or '/' would otherwise break the URL.
+    password = quote(settings.redis_password.get_secret_value(), safe="")
+    netloc = f"{user}:{password}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -49,16 +53,24 @@ def broker_url(settings: Settings, start_local: bool = True) -> str:
 
 
 def connect(url: str, settings: Settings) -> redis.Redis:
-    """A client for `url` that has answered PING; BrokerUnreachable names the URL if not."""
+    """A client for `url` that has answered PING; BrokerUnreachable names the URL if not.
+
+    The first PING is tried once, so a wrong URL fails fast; afterwards the client retries
+    with backoff, so a running job rides out a broker restart or a dropped connection.
+    """
+    options = {
+        "decode_responses": True,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "socket_timeout": max(10.0, settings.connect_timeout_s),
+        "health_check_interval": 30,
+    }
     try:
-        client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=settings.connect_timeout_s,
-            socket_timeout=max(10.0, settings.connect_timeout_s),
-            health_check_interval=30,
-        )
-        client.ping()
+        with redis.Redis.from_url(url, retry=Retry(NoBackoff(), retries=0), **options) as probe:
+            probe.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
         raise BrokerUnreachable(f"cannot reach the broker at {redact(url)}: {exc}") from None
-    return client
+    # About 15 s of backoff in all before an operation gives up.
+    retry = Retry(ExponentialWithJitterBackoff(base=0.25, cap=4.0), retries=6)
+    return redis.Redis.from_url(
+        url, retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError], **options
+    )

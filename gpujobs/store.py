@@ -19,11 +19,15 @@ from gpujobs.specs import JobRecord, JobState
 
 # KEYS[1] = job hash, KEYS[2] = job channel.
 # ARGV[1] = JSON list of states the job may be in ("[]": any state, the job must exist),
-# ARGV[2] = JSON object of fields to set, ARGV[3] = seconds to expire the hash in (0: keep).
-# Returns 1 when written, 0 when the job is missing or in another state.
+# ARGV[2] = JSON object of fields to set, ARGV[3] = seconds to expire the hash in (0: keep),
+# ARGV[4] = the attempt the writer owns ("": any): a worker whose attempt was taken over by a
+# newer one (its lease expired while it was stalled) can no longer write.
+# KEYS[3] = the job's attempt history list, expired with the hash.
+# Returns 1 when written, 0 when the job is missing, in another state, or owned by another attempt.
 _UPDATE_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 0 end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[4] then return 0 end
 local allowed = cjson.decode(ARGV[1])
 if #allowed > 0 then
   local ok = false
@@ -38,12 +42,28 @@ for k, v in pairs(fields) do
 end
 if #flat > 0 then redis.call('HSET', KEYS[1], unpack(flat)) end
 local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
 local all = redis.call('HGETALL', KEYS[1])
 local record = {}
 for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
 redis.call('PUBLISH', KEYS[2], cjson.encode(record))
 return 1
+"""
+
+# KEYS[1] = the dedup key of a spec's fingerprint. ARGV[1] = the new job's id, ARGV[2] = seconds
+# the key lives, ARGV[3] = the job hash key prefix. Returns the id of a queued or running job
+# that already holds the fingerprint, else takes it for the new job and returns false.
+_DEDUP_LUA = """
+local existing = redis.call('GET', KEYS[1])
+if existing and existing ~= ARGV[1] then
+  local state = redis.call('HGET', ARGV[3] .. existing, 'state')
+  if state == 'queued' or state == 'running' then return existing end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
 """
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
@@ -67,6 +87,7 @@ class JobStore:
         self.redis = client
         self.record_ttl_s = record_ttl_s
         self._update = client.register_script(_UPDATE_LUA)
+        self._dedup = client.register_script(_DEDUP_LUA)
 
     def create(self, record: JobRecord) -> None:
         """Store a new record and index it (newest first in `list`)."""
@@ -75,6 +96,15 @@ class JobStore:
             pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
             pipe.zadd(keys.JOB_INDEX, {record.id: record.created_at})
             pipe.execute()
+
+    def claim_fingerprint(self, fingerprint: str, job_id: str) -> str | None:
+        """Make `job_id` the live job for `fingerprint`, unless a queued or running job already
+        is: then return that job's id. Call after `create`, so a racing submit sees a record."""
+        existing = self._dedup(
+            keys=[keys.dedup(fingerprint)],
+            args=[job_id, self.record_ttl_s, keys.JOB.format(job_id="")],
+        )
+        return _str(existing) if existing else None
 
     def delete(self, job_id: str) -> None:
         """Remove a record that never reached a queue (its send failed)."""
@@ -91,12 +121,14 @@ class JobStore:
         self,
         job_id: str,
         only_from: Iterable[JobState] = (),
+        attempt: int | None = None,
         **fields: Any,
     ) -> bool:
-        """Set fields (None deletes one) if the job is in one of `only_from` (empty: any state).
+        """Set fields (None deletes one) if the job is in one of `only_from` (empty: any state)
+        and, when `attempt` is given, still belongs to that attempt.
 
         A move into a terminal state stamps finished_at and starts the record's expiry.
-        Returns False when the job is missing or in another state; nothing is written then.
+        Returns False when the job is missing, in another state or attempt; nothing is written.
         """
         now = time.time()
         fields.setdefault("updated_at", now)
@@ -108,10 +140,27 @@ class JobStore:
         encoded = {name: _encode(value) for name, value in fields.items()}
         allowed = [JobState(s).value for s in only_from]
         written = self._update(
-            keys=[keys.job(job_id), keys.job_events(job_id)],
-            args=[json.dumps(allowed), json.dumps(encoded), ttl],
+            keys=[keys.job(job_id), keys.job_events(job_id), keys.attempts(job_id)],
+            args=[
+                json.dumps(allowed),
+                json.dumps(encoded),
+                ttl,
+                "" if attempt is None else attempt,
+            ],
         )
         return bool(written)
+
+    def add_attempt(self, job_id: str, entry: dict[str, Any]) -> None:
+        """Append how one attempt went (attempt, worker, started_at, ended_at, outcome, reason)."""
+        with self.redis.pipeline() as pipe:
+            pipe.rpush(keys.attempts(job_id), json.dumps(entry, separators=(",", ":")))
+            pipe.expire(keys.attempts(job_id), self.record_ttl_s)
+            pipe.execute()
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        """Every attempt of a job, oldest first."""
+        rows: list[str] = self.redis.lrange(keys.attempts(job_id), 0, -1)  # type: ignore[assignment]
+        return [json.loads(row) for row in rows]
 
     def list(self, limit: int = 50, states: Iterable[JobState] = ()) -> list[JobRecord]:
         """Newest first. Index entries whose record has expired are dropped on the way."""

@@ -15,6 +15,7 @@ from gpujobs.config import Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.store import JobStore
 from workers.gpu import Capabilities, detect_capabilities
+from workers.lease import Leases
 
 
 class PathOutsideMediaRoot(Exception):
@@ -30,6 +31,10 @@ class WorkerRuntime:
     def store(self) -> JobStore:
         url = broker_url(self.settings, start_local=False)
         return JobStore(connect(url, self.settings), record_ttl_s=self.settings.record_ttl_s)
+
+    @cached_property
+    def leases(self) -> Leases:
+        return Leases(self.store.redis, lease_s=self.settings.lease_s)
 
     @cached_property
     def ffmpeg(self) -> str:

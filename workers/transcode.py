@@ -12,10 +12,12 @@ On the CPU encoders the NVENC preset maps to the x264/x265 preset of about the s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -42,6 +44,24 @@ NVENC_ENCODERS = {"h264": "h264_nvenc", "hevc": "hevc_nvenc"}
 # Added to every command we run: progress as key=value blocks on stdout, no banner, no stdin.
 PROGRESS_ARGS = ["-hide_banner", "-nostdin", "-progress", "pipe:1", "-nostats"]
 STDERR_TAIL_LINES = 20
+
+
+# ffmpeg stderr that means "try again later", not "this input is bad": the card ran out of memory
+# or NVENC sessions (GeForce session limit: "incompatible client key" / "out of memory").
+TRANSIENT_ERRORS = (
+    "out of memory",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "OpenEncodeSessionEx failed",
+    "incompatible client key",
+    "CUDA_ERROR_NO_DEVICE",
+    "CUDA_ERROR_LAUNCH_FAILED",
+)
+
+
+def is_transient(stderr_tail: list[str]) -> bool:
+    """True when ffmpeg failed for a reason a later attempt may not meet."""
+    text = "\n".join(stderr_tail).lower()
+    return any(pattern.lower() in text for pattern in TRANSIENT_ERRORS)
 
 
 class EncodePath(StrEnum):
@@ -155,6 +175,24 @@ class RunOutcome:
     stopped: bool
 
 
+# prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills ffmpeg when the worker that started it
+# dies. ffmpeg runs in its own session (so a cancel can kill its group), which also means a
+# SIGKILLed or OOM-killed worker would otherwise leave it running on the GPU, orphaned.
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """Runs in the forked child before exec: async-signal-safe, one system call, no locks."""
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def stale_temporaries(output: Path, job_id: str) -> list[Path]:
+    """Temporary outputs that earlier attempts of this job left beside `output`."""
+    return list(output.parent.glob(f".{output.stem}.{job_id}.*.part{output.suffix}"))
+
+
 def run_ffmpeg(
     command: list[str],
     on_progress: Callable[[ProgressSample], None],
@@ -169,6 +207,7 @@ def run_ffmpeg(
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: a cancel kills it and its children
+        preexec_fn=_die_with_parent,  # see _die_with_parent
     )
     assert proc.stdout is not None and proc.stderr is not None
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -199,19 +238,22 @@ def run_ffmpeg(
     for reader in readers:
         reader.start()
     stopped = False
-    while True:
-        try:
-            block = blocks.get(timeout=check_every_s)
-        except queue.Empty:
-            block = {}
-        if block is None:
-            break
-        if block:
-            on_progress(parse_progress_block(block))
-        if should_stop():
-            stopped = True
-            kill_group(proc)
-            break
+    try:
+        while True:
+            try:
+                block = blocks.get(timeout=check_every_s)
+            except queue.Empty:
+                block = {}
+            if block is None:
+                break
+            if block:
+                on_progress(parse_progress_block(block))
+            if should_stop():
+                stopped = True
+                break
+    finally:
+        if stopped or proc.poll() is None:
+            kill_group(proc)  # stopped on request, or our loop raised: never leave ffmpeg behind
     returncode = proc.wait()
     for reader in readers:
         reader.join(timeout=5)
