@@ -18,6 +18,23 @@ TRANSCODE_TASK = "gpujobs.transcode"
 INFERENCE_TASK = "gpujobs.inference_chunk"
 
 
+def node_queue(node: str) -> str:
+    """The transcode queue only the workers of `node` consume (`transcode.node-1`)."""
+    return f"{TRANSCODE_QUEUE}.{node}"
+
+
+def gpu_queue(node: str, gpu: int) -> str:
+    """The transcode queue only the worker pinned to GPU `gpu` of `node` consumes
+    (`transcode.node-1.gpu2`)."""
+    return f"{TRANSCODE_QUEUE}.{node}.gpu{gpu}"
+
+
+def worker_hostname(node: str, gpu: int | None) -> str:
+    """Celery node name of a supervised worker: `gpujobs@node-1.gpu2`, `gpujobs@node-1.cpu`
+    for the one CPU worker of `--gpus none`. Heartbeats list these names."""
+    return f"gpujobs@{node}.{'cpu' if gpu is None else f'gpu{gpu}'}"
+
+
 def broker_priority(priority: int) -> int:
     """Spec priority (0 lowest .. 9 most urgent) as the Redis transport's (0 is served first)."""
     return 9 - priority

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from gpujobs.app import make_app
+from celery import Celery, signals
+from celery.worker import state as worker_state
+
+from gpujobs.app import TRANSCODE_QUEUE, make_app, node_queue
 from gpujobs.config import Settings
 from gpujobs.connection import broker_url
+from workers import heartbeat
+from workers.recovery import Watchdog, drain_on_shutdown
+from workers.runtime import runtime
 from workers.tasks import register_tasks
 
 DEFAULT_QUEUES = ("transcode", "inference")
@@ -26,15 +33,46 @@ def run_worker(
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = make_app(settings, broker_url(settings, start_local=False))
     register_tasks(app)
+    install_recovery(app, settings)
+    name = hostname or f"gpujobs@{settings.node_name}"
+    heartbeat.attach(name)  # the node's heartbeat, or reports to this worker's supervisor
     app.worker_main(
         argv=[
             "worker",
-            "--queues", ",".join(queues),
+            "--queues", ",".join(with_node_queue(queues, settings.node_name)),
             "--concurrency", str(concurrency),
             "--pool", "prefork",
-            "--hostname", hostname or f"gpujobs@{settings.node_name}",
+            "--hostname", name,
             "--loglevel", loglevel,
             "--without-gossip",  # peers learn nothing from gossip we use; it only costs traffic
             "--without-mingle",  # start faster: revoked ids live in our job records instead
         ]
     )  # fmt: skip
+
+
+def with_node_queue(queues: list[str], node: str) -> list[str]:
+    """A transcode worker also consumes its node's queue, so `submit --node` reaches it."""
+    if TRANSCODE_QUEUE not in queues or node_queue(node) in queues:
+        return list(queues)
+    return [*queues, node_queue(node)]
+
+
+def install_recovery(app: Celery, settings: Settings) -> None:
+    """In the worker's main process: the lease watchdog, and requeue-on-shutdown (SIGTERM)."""
+
+    @signals.worker_ready.connect(weak=False)
+    def start_watchdog(**kwargs: Any) -> None:
+        Watchdog(runtime().store, app, settings.watchdog_interval_s, settings.max_attempts).start()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def drain(sender: str, **kwargs: Any) -> None:
+        # Celery's warm shutdown waits for running jobs; we bound that wait by requeueing them
+        # after the grace period, so they restart elsewhere at once instead of being killed
+        # with the pod and waiting out their lease.
+        drain_on_shutdown(
+            runtime().store,
+            app,
+            running_job_ids=lambda: [request.id for request in list(worker_state.active_requests)],
+            worker=sender,
+            grace_s=settings.shutdown_grace_s,
+        )
