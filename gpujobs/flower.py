@@ -1,0 +1,316 @@
+"""Flower for gpujobs: how jobs read in it, and starting it with auth and persistent state.
+
+How a job reads in Flower:
+
+- its task name is its kind (`gpujobs.transcode`, `gpujobs.inference_chunk`);
+- its arguments are a one-line brief of the spec (`task_argsrepr`, sent as Celery's `argsrepr`),
+  not the raw `[job_id, {...}]`;
+- while it runs, its state is PROGRESS and its Result column says how far it is: the worker relays
+  the job's record updates as custom `task-progress` events (`FlowerProgress`). Flower shows a
+  custom event's type as the task's state but none of its custom fields (mher/flower#453), so the
+  text travels in `result`, a field Flower does show; the final result replaces it;
+- a failed job's Exception column is the reason gpujobs recorded (the worker raises it after
+  recording it).
+
+Flower itself runs through its own Celery command (`celery flower`) on the gpujobs app. Settings
+are the one source of its options: FLOWER_* variables are dropped, the credentials reach Flower in
+its process environment (never on the command line, where `ps` shows them), and `--conf` points
+at the null device so that no `flowerconfig.py` in the working directory is executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+
+from gpujobs import keys
+from gpujobs.config import Settings
+from gpujobs.errors import GpujobsError
+from gpujobs.specs import JobRecord, JobState
+
+log = logging.getLogger(__name__)
+
+# The columns of Flower's Tasks page: the brief (args), the progress or result, the reason.
+TASK_COLUMNS = "name,uuid,state,args,result,exception,runtime,worker,received"
+# Custom task event carrying a running job's progress; Flower shows its type as state PROGRESS.
+PROGRESS_EVENT = "task-progress"
+STATE_DB = "flower.db"
+
+
+class FlowerConfigError(GpujobsError):
+    """Flower's settings are unsafe or inconsistent (say, a public address without auth)."""
+
+    exit_code = 2
+
+
+def task_argsrepr(spec: dict[str, Any]) -> str:
+    """A transcode spec in one line, as Flower shows a task's arguments.
+
+    `in/talk.mp4 -> in/talk.480p.mp4 | h264 480p p1 cq28 | audio copy | priority 5 | gpu auto`
+    """
+    size = (
+        f"{spec.get('width')}x{spec.get('height')}"
+        if spec.get("width")
+        else (f"{spec.get('height')}p")
+    )
+    encode = f"{spec.get('codec', '?')} {size} {spec.get('preset', '?')} cq{spec.get('cq', '?')}"
+    return " | ".join(
+        [
+            f"{spec.get('input', '?')} -> {spec.get('output', '?')}",
+            encode,
+            f"audio {spec.get('audio', '?')}",
+            f"priority {spec.get('priority', '?')}",
+            f"gpu {spec.get('gpu', '?')}",
+        ]
+    )
+
+
+def progress_text(record: JobRecord) -> str:
+    """How far a running job is, in one line: `42.0% | 118 fps | 2.10x | eta 12s`."""
+    parts = [f"{record.percent:.1f}%"]
+    if record.fps:
+        parts.append(f"{record.fps:.0f} fps")
+    if record.speed:
+        parts.append(f"{record.speed:.2f}x")
+    if record.eta_s is not None:
+        parts.append(f"eta {record.eta_s:.0f}s")
+    if record.node:
+        where = "cpu" if record.gpu in (None, "cpu") else f"gpu {record.gpu}"
+        parts.append(f"on {record.node} {where}")
+    return " | ".join(parts)
+
+
+class FlowerProgress:
+    """Relays one running job's record updates to Flower as `task-progress` events.
+
+    A context manager around a task body: a thread subscribes to the job's channel (the store
+    publishes every update there) and sends at most one event per `interval_s` seconds (default
+    0.5) on its own broker connection. Leaving the block stops the thread before the task returns,
+    so every progress event is sent before the worker's task-succeeded/failed event. A failure
+    here is logged and never fails the job.
+
+    task: the bound Celery task (its app, request.id and request.hostname are used).
+    """
+
+    def __init__(
+        self, task: Any, client: redis.Redis, job_id: str, interval_s: float = 0.5
+    ) -> None:
+        self.app = task.app
+        # Celery's task.request is thread-local: read it here, in the task's own thread.
+        self.task_id: str = task.request.id
+        self.hostname: str = task.request.hostname
+        self.client = client
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> FlowerProgress:
+        try:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            # Subscribe before the body runs, so no update of this job falls before the relay.
+            pubsub.subscribe(keys.job_events(self.job_id))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("job %s: no progress in Flower: %s", self.job_id, exc)
+            return self
+        self._thread = threading.Thread(
+            target=self._relay, args=(pubsub,), name=f"flower-progress-{self.job_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+
+    def _relay(self, pubsub: Any) -> None:
+        app = self.app
+        try:
+            with app.connection_for_write() as connection:
+                dispatcher = app.events.Dispatcher(connection, hostname=self.hostname, enabled=True)
+                last_sent = 0.0
+                pending: JobRecord | None = None
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message is not None:
+                        record = _record(message.get("data"))
+                        # Nothing to show before the first progress (the claim's 0%), and
+                        # a job that fails before it keeps an empty Result column.
+                        if (
+                            record is not None
+                            and record.state is JobState.RUNNING
+                            and record.percent > 0
+                        ):
+                            pending = record
+                    if pending is not None and time.monotonic() - last_sent >= self.interval_s:
+                        dispatcher.send(
+                            PROGRESS_EVENT,
+                            uuid=self.task_id,
+                            result=progress_text(pending),
+                            percent=pending.percent,
+                        )
+                        last_sent = time.monotonic()
+                        pending = None
+                dispatcher.close()
+        except Exception:  # a monitor's failure never fails the job
+            log.warning("job %s: progress relay to Flower stopped", self.job_id, exc_info=True)
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+
+def _record(data: Any) -> JobRecord | None:
+    try:
+        text = data.decode() if isinstance(data, bytes) else data
+        return JobRecord.from_hash(json.loads(text))
+    except (ValueError, TypeError):
+        return None
+
+
+def is_loopback(address: str) -> bool:
+    """True for addresses only this machine reaches: 127.0.0.0/8, ::1, `localhost`.
+
+    An empty address or 0.0.0.0 means every interface, which is not loopback.
+    """
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def basic_auth(settings: Settings, address: str) -> str | None:
+    """`user:password` for Flower's basic auth, None when none is configured.
+
+    Raises FlowerConfigError (one line) when only one of user and password is set, when either
+    holds a character Flower's option cannot carry, or when `address` is not loopback and no
+    credentials are set: an open Flower can revoke and terminate jobs.
+    """
+    user = settings.flower_user
+    password = settings.flower_password.get_secret_value() if settings.flower_password else None
+    if bool(user) != bool(password):
+        raise FlowerConfigError(
+            "set both GPUJOBS_FLOWER_USER and GPUJOBS_FLOWER_PASSWORD, or neither"
+        )
+    if not user or not password:
+        if not is_loopback(address):
+            raise FlowerConfigError(
+                f"refusing to serve Flower on {address or 'all interfaces'} without auth: "
+                "set GPUJOBS_FLOWER_USER and GPUJOBS_FLOWER_PASSWORD, or listen on 127.0.0.1"
+            )
+        return None
+    # Flower splits its basic-auth option on commas and each entry on the first colon.
+    if ":" in user or "," in user or "," in password:
+        raise FlowerConfigError(
+            "GPUJOBS_FLOWER_USER must not contain ':' or ',', nor the password ','"
+        )
+    return f"{user}:{password}"
+
+
+def state_db(settings: Settings) -> Path:
+    """Where Flower keeps its persistent state: `<state_dir>/flower/flower.db`."""
+    return settings.state_dir / "flower" / STATE_DB
+
+
+def flower_argv(settings: Settings, address: str, port: int) -> list[str]:
+    """The `celery flower` arguments for gpujobs (no secrets: those go in the environment)."""
+    interval_ms = max(1, round(settings.flower_state_save_interval_s * 1000))
+    return [
+        "flower",
+        f"--address={address}",
+        f"--port={port}",
+        "--persistent=True",
+        f"--db={state_db(settings)}",
+        f"--state_save_interval={interval_ms}",
+        f"--tasks_columns={TASK_COLUMNS}",
+        f"--conf={os.devnull}",
+    ]
+
+
+def run_flower(settings: Settings, address: str | None = None, port: int | None = None) -> None:
+    """Run Flower for the gpujobs app in the foreground until SIGTERM/SIGINT. Blocks.
+
+    address: default settings.flower_address (127.0.0.1); port: default settings.flower_port
+    (5555; 0 picks a free one, which Flower logs). The state is saved every
+    settings.flower_state_save_interval_s seconds and on exit.
+    """
+    address = settings.flower_address if address is None else address
+    port = settings.flower_port if port is None else port
+    credentials = basic_auth(settings, address)
+    try:
+        import flower  # noqa: F401  (the monitor extra)
+    except ImportError:
+        raise GpujobsError("Flower is not installed: pip install 'gpujobs[monitor]'") from None
+    from gpujobs.app import make_app
+    from gpujobs.connection import broker_url
+
+    app = make_app(settings, broker_url(settings, start_local=False))
+    state_db(settings).parent.mkdir(parents=True, exist_ok=True)
+    for name in [n for n in os.environ if n.startswith("FLOWER_")]:
+        del os.environ[name]  # settings are the one source of Flower's options
+    if credentials is not None:
+        os.environ["FLOWER_BASIC_AUTH"] = credentials
+    app.start(argv=flower_argv(settings, address, port))
+
+
+def free_port(address: str, wanted: int) -> int:
+    """`wanted` when it can be bound on `address` now, else a free port the system picks."""
+    host = "127.0.0.1" if address in ("", "0.0.0.0") else address  # noqa: S104 (a probe only)
+    for port in (wanted, 0) if wanted else (0,):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            bound: int = probe.getsockname()[1]
+            return bound
+    raise OSError(f"no free port on {host}")
+
+
+def url_for(address: str, port: int) -> str:
+    """The URL a browser on this machine opens for Flower on `address`:`port`."""
+    host = "127.0.0.1" if address in ("", "0.0.0.0", "::") else address  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+def stack_flower(settings: Settings) -> tuple[list[str], str] | None:
+    """How the local stack runs Flower: the command and the URL it will answer on.
+
+    The configured port when it is free, else any free one (a second stack on the machine, a
+    test). None, with the reason logged, when Flower is not installed or its settings are unsafe:
+    the stack then runs without it.
+    """
+    try:
+        basic_auth(settings, settings.flower_address)
+    except FlowerConfigError as exc:
+        log.warning("local stack without Flower: %s", exc)
+        return None
+    try:
+        import flower  # noqa: F401  (the monitor extra)
+    except ImportError:
+        log.warning("local stack without Flower: pip install 'gpujobs[monitor]'")
+        return None
+    port = free_port(settings.flower_address, settings.flower_port)
+    command = [sys.executable, "-m", "gpujobs", "flower", "--port", str(port)]
+    return command, url_for(settings.flower_address, port)
