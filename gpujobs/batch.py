@@ -1,0 +1,464 @@
+"""Batch inference, producer side: read and check an OpenAI batch file, then queue its chunks.
+
+A batch is the JSONL the OpenAI Batch API and `vllm run-batch` take, one request a line:
+`{"custom_id": ..., "method": "POST", "url": "/v1/chat/completions", "body": {...}}`. Every line
+is checked before anything is queued, and the first problem is reported in one line that names
+the line ("line 7: custom_id 'q3' repeats line 2").
+
+What travels to the workers is a checked copy, `batches/<job id>/requests.jsonl` under the media
+root, in which local image paths are rewritten relative to the media root (producers and workers
+may mount it at different places). The batch is split into chunks of `chunk_size` requests, one
+Celery task each on the `inference` queue, carrying the byte offset of its first line so a worker
+reads only its own lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from pydantic import ValidationError
+
+from gpujobs import keys
+from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK, broker_priority
+from gpujobs.config import Settings
+from gpujobs.errors import InvalidSpec
+from gpujobs.specs import INFERENCE_URLS, InferenceSpec, JobKind, JobRecord, JobState
+
+if TYPE_CHECKING:
+    from gpujobs.client import Client
+
+BATCHES = "batches"  # per-job folder under the media root: the checked requests, part files
+REQUESTS_FILE = "requests.jsonl"
+# Leading bytes of the image types a vision model takes inline (WebP: RIFF....WEBP, below);
+# anything else named by an image_url is refused.
+_IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+_PASS_THROUGH_SCHEMES = ("http://", "https://", "data:")
+
+Request = dict[str, Any]
+
+
+def image_mime(path: Path) -> str | None:
+    """The image MIME type of a file from its leading bytes; None if it is none we send.
+
+    The bytes decide, not the name: a `.png` that holds text would only fail on the server.
+    """
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    for magic, mime in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return mime
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+def image_urls(body: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+    """The `image_url` objects of a chat body's messages (`{"url": ...}`), in order.
+
+    A bare string `image_url` (some clients send one) is turned into the object form in place.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            image = part.get("image_url")
+            if isinstance(image, str):
+                part["image_url"] = image = {"url": image}
+            if isinstance(image, dict) and isinstance(image.get("url"), str):
+                yield image
+
+
+def local_image_path(url: str) -> str | None:
+    """The file path an image url names (`file://` or a plain path); None for http(s)/data."""
+    if url.startswith(_PASS_THROUGH_SCHEMES):
+        return None
+    if url.startswith("file://"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"image url {url!r} names another host")
+        return unquote(parts.path)
+    if "://" in url:
+        raise ValueError(f"image url {url!r} has an unsupported scheme (use http(s), data or file)")
+    return url
+
+
+def _describe(value: object) -> str:
+    """A JSON value's kind in words, for messages ("got a list")."""
+    kinds = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    for kind, words in kinds.items():
+        if isinstance(value, kind):
+            return words
+    return "a number" if isinstance(value, int | float) else "an object"
+
+
+class BatchChecker:
+    """Checks requests one by one; remembers custom_ids to catch repeats.
+
+    media: the producer's media root; local image paths must lie under it and are rewritten
+    relative to it.
+    """
+
+    def __init__(self, media: Path) -> None:
+        self.media = media.resolve()
+        self.seen: dict[str, str] = {}  # custom_id -> where it was first seen
+
+    def check(self, raw: object, where: str) -> Request:
+        """A checked, normalised copy of one request; InvalidSpec naming `where` if it is bad."""
+        try:
+            return self._check(raw, where)
+        except ValueError as exc:
+            raise InvalidSpec(f"{where}: {exc}") from None
+
+    def _check(self, raw: object, where: str) -> Request:
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a JSON object, got {_describe(raw)}")
+        custom_id = raw.get("custom_id")
+        if custom_id is None:
+            raise ValueError("custom_id is missing")
+        if not isinstance(custom_id, str) or not custom_id.strip():
+            raise ValueError(f"custom_id must be a non-empty string, got {custom_id!r}")
+        if custom_id in self.seen:
+            raise ValueError(f"custom_id {custom_id!r} repeats {self.seen[custom_id]}")
+        method = raw.get("method")
+        if method is None:
+            raise ValueError("method is missing")
+        if method != "POST":
+            raise ValueError(f"method {method!r} is not supported (only POST)")
+        url = raw.get("url")
+        if url is None:
+            raise ValueError("url is missing")
+        if url not in INFERENCE_URLS:
+            raise ValueError(
+                f"url {url!r} is not supported (use {', '.join(INFERENCE_URLS[:-1])} "
+                f"or {INFERENCE_URLS[-1]})"
+            )
+        body = raw.get("body")
+        if body is None:
+            raise ValueError("body is missing")
+        if not isinstance(body, dict):
+            raise ValueError(f"body must be a JSON object, got {_describe(body)}")
+        for image in image_urls(body):
+            image["url"] = self._image(image["url"])
+        self.seen[custom_id] = where
+        return {"custom_id": custom_id, "method": method, "url": url, "body": body}
+
+    def _image(self, url: str) -> str:
+        """A local image's path relative to the media root (other urls unchanged)."""
+        local = local_image_path(url)
+        if local is None:
+            return url
+        path = Path(local).expanduser()
+        if not path.is_absolute():
+            path = self.media / path
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.media):
+            raise ValueError(f"image {local} is outside the media root {self.media}")
+        if not resolved.exists():
+            raise ValueError(f"image {local} does not exist")
+        if not resolved.is_file():
+            raise ValueError(f"image {local} is not a file")
+        if image_mime(resolved) is None:
+            raise ValueError(f"image {local} is not a PNG, JPEG, GIF, WebP, BMP or TIFF image")
+        return resolved.relative_to(self.media).as_posix()
+
+
+def read_batch_file(path: Path, media: Path) -> list[Request]:
+    """Every request of a batch file, checked (InvalidSpec at the first bad line)."""
+    shown = str(path)
+    if not path.exists():
+        raise InvalidSpec(f"batch file {shown} does not exist")
+    if not path.is_file():
+        raise InvalidSpec(f"batch file {shown} is not a regular file")
+    checker = BatchChecker(media)
+    requests: list[Request] = []
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            where = f"line {number}"
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidSpec(f"{where}: not UTF-8 text") from None
+            if not text.strip():
+                continue  # blank lines carry nothing (vllm run-batch skips them too)
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                message = f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                raise InvalidSpec(message) from None
+            requests.append(checker.check(raw, where))
+    if not requests:
+        raise InvalidSpec(f"batch file {shown} is empty (no requests)")
+    return requests
+
+
+def check_request_list(items: Iterable[object], media: Path) -> list[Request]:
+    """A list of request dicts given to the SDK, checked; `item N` (1-based) names a bad one."""
+    checker = BatchChecker(media)
+    requests: list[Request] = []
+    for number, item in enumerate(items, start=1):
+        where = f"item {number}"
+        try:
+            # A deep copy that is also proof the request can travel as JSON.
+            raw = json.loads(json.dumps(item))
+        except (TypeError, ValueError) as exc:
+            raise InvalidSpec(f"{where}: cannot be written as JSON ({exc})") from None
+        requests.append(checker.check(raw, where))
+    if not requests:
+        raise InvalidSpec("the batch is empty (no requests)")
+    return requests
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk task's share: `count` requests from index `start`, whose line starts at byte
+    `offset` of the requests file."""
+
+    index: int
+    start: int
+    count: int
+    offset: int
+
+
+@dataclass
+class PreparedBatch:
+    """A checked batch, ready to write and queue."""
+
+    job_id: str
+    spec: InferenceSpec
+    requests: list[Request] = field(repr=False)
+
+
+def spec_defaults(settings: Settings) -> dict[str, Any]:
+    """The spec values the settings supply when a caller leaves them out."""
+    return {
+        "endpoint": settings.vllm_endpoint,
+        "max_concurrency": settings.inference_concurrency,
+        "chunk_size": settings.inference_chunk_size,
+        "request_timeout_s": settings.inference_request_timeout_s,
+        "max_retries": settings.inference_max_retries,
+        "server_wait_s": settings.inference_server_wait_s,
+    }
+
+
+def prepare_batch(
+    settings: Settings,
+    input: str | Path | Iterable[Mapping[str, Any]],
+    output: str | Path | None = None,
+    **params: Any,
+) -> PreparedBatch:
+    """Check a batch (a JSONL file, or request dicts) and its parameters; nothing is written.
+
+    input: a path (absolute, or relative to the media root) or an iterable of request dicts.
+    output: where results go (absolute or relative to the media root; must lie under it).
+    Default: `<stem>.results.jsonl` beside an input under the media root, else
+    `batches/<job id>/<stem>.results.jsonl`.
+    params: InferenceSpec fields (endpoint, model, max_concurrency, chunk_size, ...).
+    Raises InvalidSpec with one line saying what is wrong.
+    """
+    job_id = uuid.uuid4().hex[:12]
+    values = {**spec_defaults(settings), **{k: v for k, v in params.items() if v is not None}}
+    stand_in = f"{BATCHES}/{job_id}/{REQUESTS_FILE}"
+    # The parameters first, on stand-in paths: a bad --concurrency is reported before the file.
+    make_spec({**values, "input": stand_in, "output": "out.jsonl", "requests": 1})
+    media = settings.media
+    if isinstance(input, str | os.PathLike):
+        path = Path(input).expanduser()
+        if not path.is_absolute():
+            path = media / path
+        requests = read_batch_file(path, media)
+        source = str(path)
+        source_rel = source_relative(path, media)
+        stem = path.name.removesuffix(".jsonl")
+        resolved = path.resolve()
+        under_media = resolved.is_relative_to(media.resolve())
+        default_dir = (
+            resolved.parent.relative_to(media.resolve()).as_posix()
+            if under_media
+            else f"{BATCHES}/{job_id}"
+        )
+    else:
+        requests = check_request_list(input, media)
+        source = f"{len(requests)} requests"
+        source_rel = None
+        stem, default_dir = "batch", f"{BATCHES}/{job_id}"
+    if output is None:
+        output_rel = (PurePosixPath(default_dir) / f"{stem}.results.jsonl").as_posix()
+    else:
+        output_rel = media_relative(Path(output), media, "output")
+    if output_rel == source_rel:
+        raise InvalidSpec("output must differ from the input")
+    spec = make_spec(
+        {**values, "input": stand_in, "output": output_rel, "source": source,
+         "requests": len(requests)}
+    )  # fmt: skip
+    return PreparedBatch(job_id=job_id, spec=spec, requests=requests)
+
+
+def source_relative(source: Path, media: Path) -> str | None:
+    """The source file's path relative to the media root, if it lies there."""
+    try:
+        return source.resolve().relative_to(media.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def media_relative(given: Path, media: Path, what: str) -> str:
+    """A path given by a user, as a path relative to the media root (InvalidSpec if outside)."""
+    if ".." in given.parts:
+        raise InvalidSpec(f"{what} path {str(given)!r} must not contain '..'")
+    path = given.expanduser()
+    if not path.is_absolute():
+        path = media / path
+    root = media.resolve()
+    resolved = path.parent.resolve() / path.name
+    if not resolved.is_relative_to(root):
+        raise InvalidSpec(f"{what} {given} is outside the media root {root}")
+    if resolved.is_dir():
+        raise InvalidSpec(f"{what} {given} is a directory")
+    return resolved.relative_to(root).as_posix()
+
+
+def make_spec(values: dict[str, Any]) -> InferenceSpec:
+    try:
+        return InferenceSpec.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in ("less_than_equal", "greater_than_equal", "greater_than"):
+            message = f"{message}, got {error['input']!r}"
+        raise InvalidSpec(f"{name}: {message}" if name else message) from None
+
+
+def write_requests(requests: list[Request], path: Path, chunk_size: int) -> list[Chunk]:
+    """Write the checked requests as JSONL (temporary name, then rename); the chunk plan."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.writing")
+    chunks: list[Chunk] = []
+    offset = 0
+    with partial.open("wb") as handle:
+        for index, request in enumerate(requests):
+            if index % chunk_size == 0:
+                count = min(chunk_size, len(requests) - index)
+                chunks.append(Chunk(index=len(chunks), start=index, count=count, offset=offset))
+            line = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+            handle.write(line)
+            offset += len(line)
+    partial.replace(path)
+    return chunks
+
+
+def empty_stats() -> dict[str, int]:
+    return {"completed": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "total_tokens": 0}  # fmt: skip
+
+
+def batch_summary(
+    spec: InferenceSpec,
+    stats: Mapping[str, int],
+    chunks: int,
+    chunks_done: int,
+    elapsed_s: float | None,
+    partial: bool = False,
+) -> dict[str, Any]:
+    """What a batch job's record carries in `result`: counts, rates and where the output goes.
+
+    requests_per_s and tokens_per_s (total tokens, from each response's `usage`) are measured
+    from the job's start; completion_tokens_per_s counts generated tokens only.
+    """
+    done = stats.get("completed", 0) + stats.get("failed", 0)
+    rate = (lambda n: round(n / elapsed_s, 2)) if elapsed_s else (lambda n: 0.0)
+    return {
+        "request_counts": {
+            "total": spec.requests,
+            "completed": stats.get("completed", 0),
+            "failed": stats.get("failed", 0),
+        },
+        "requests_per_s": rate(done),
+        "tokens_per_s": rate(stats.get("total_tokens", 0)),
+        "completion_tokens_per_s": rate(stats.get("completion_tokens", 0)),
+        "tokens": {
+            "prompt": stats.get("prompt_tokens", 0),
+            "completion": stats.get("completion_tokens", 0),
+            "total": stats.get("total_tokens", 0),
+        },
+        "chunks": {"total": chunks, "done": chunks_done},
+        "elapsed_s": round(elapsed_s, 3) if elapsed_s else 0.0,
+        "output": spec.output,
+        "errors_output": spec.errors_output,
+        "partial": partial,
+    }
+
+
+def enqueue_batch(client: Client, prepared: PreparedBatch) -> str:
+    """Write the checked requests into the media root, record the job and queue its chunks."""
+    spec = prepared.spec
+    job_id = prepared.job_id
+    folder = client.settings.media / BATCHES / job_id
+    chunks = write_requests(prepared.requests, client.settings.media / spec.input, spec.chunk_size)
+    ttl = client.settings.record_ttl_s
+    redis_client: redis.Redis = client.redis
+    with redis_client.pipeline() as pipe:
+        stats = {**empty_stats(), "chunks": len(chunks)}
+        pipe.hset(keys.batch_stats(job_id), mapping=stats)  # type: ignore[arg-type]
+        pipe.expire(keys.batch_stats(job_id), ttl)
+        pipe.execute()
+    record = JobRecord(
+        id=job_id,
+        kind=JobKind.INFERENCE,
+        state=JobState.QUEUED,
+        spec=spec.model_dump(mode="json"),
+        output=spec.output,
+        result=batch_summary(spec, empty_stats(), len(chunks), 0, None),
+        created_at=time.time(),
+    )
+    client.store.create(record)
+    try:
+        for chunk in chunks:
+            client.app.send_task(
+                INFERENCE_TASK,
+                args=[job_id, chunk.index, chunk.start, chunk.count, chunk.offset],
+                task_id=f"{job_id}.{chunk.index}",
+                queue=INFERENCE_QUEUE,
+                priority=broker_priority(spec.priority),
+            )
+    except Exception:
+        # Never leave a record for a job no queue holds; chunks already sent find no record
+        # and are skipped.
+        client.store.delete(job_id)
+        redis_client.delete(keys.batch_stats(job_id))
+        (folder / REQUESTS_FILE).unlink(missing_ok=True)
+        raise
+    return job_id
+
+
+def read_stats(client: redis.Redis, job_id: str) -> dict[str, int]:
+    """A batch's counters (completed, failed, token counts, chunks) as integers."""
+    raw: Mapping[str, str] = client.hgetall(keys.batch_stats(job_id))  # type: ignore[assignment]
+    return {str(name): int(value) for name, value in raw.items()}

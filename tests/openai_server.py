@@ -1,0 +1,350 @@
+"""A real HTTP server that speaks the OpenAI routes vLLM serves, for tests and the benchmark.
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/embeddings;
+GET /_stats (requests, peak, violations, rejected) for a client in another process.
+Knobs, settable while it runs:
+
+- latency_s: seconds each successful request takes (a sleep in its own thread);
+- capacity: requests it serves at once (vLLM's --max-num-seqs); one more is answered 429 when
+  `enforce` is set, else served and counted in `violations` (`peak` keeps the highest);
+- faults: per request key, what successive attempts get before one succeeds: an HTTP status
+  (429 carries Retry-After: `retry_after_s`) or "disconnect" (the socket closes, no answer);
+  permanent: per key, what every attempt gets;
+- healthy: False answers /health with 503 (a server still loading its model).
+
+Errors have vLLM's shape: `{"error": {"message", "type", "code"}}`. A request's key is its text:
+the last chat message's text, the prompt, or the embedding input. Every request is logged
+(`log`) with its key, status and outcome, so a test can count what was sent.
+
+Run standalone for the benchmark: `python -m tests.openai_server --latency 0.05 --capacity 10`
+prints `listening <base url>` and serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Fault = int | str  # an HTTP status, or "disconnect"
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+@dataclass
+class LogEntry:
+    """One request as the server saw it. outcome: ok, error, rejected (over capacity),
+    disconnect. images: the image urls of a chat request."""
+
+    path: str
+    key: str
+    model: str | None
+    status: int | None
+    outcome: str
+    started: float
+    images: list[str] = field(default_factory=list)
+
+
+def request_key(path: str, body: dict[str, Any]) -> str:
+    """The text that names a request: last chat message's text, prompt, or embedding input."""
+    if path == "/v1/chat/completions":
+        messages = body.get("messages") or [{}]
+        content = messages[-1].get("content", "")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+        return str(content)
+    value = body.get("prompt") if path == "/v1/completions" else body.get("input")
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    return str(value)
+
+
+def _image_urls(body: dict[str, Any]) -> list[str]:
+    urls = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image_url":
+                    urls.append(part["image_url"]["url"])
+    return urls
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The listen backlog, read when the socket starts listening: the default 5 drops the SYNs
+    # of clients that open 10 connections at once, and each dropped one costs a 1 s resend.
+    request_queue_size = 256
+
+
+class FakeOpenAI:
+    """The server; `start()` binds a free port on 127.0.0.1 and serves from a thread."""
+
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        capacity: int | None = None,
+        enforce: bool = True,
+        models: tuple[str, ...] = ("fake-model",),
+        retry_after_s: float | None = 0.05,
+        embedding_dim: int = 8,
+    ) -> None:
+        self.latency_s = latency_s
+        self.capacity = capacity
+        self.enforce = enforce
+        self.models = models
+        self.retry_after_s = retry_after_s
+        self.embedding_dim = embedding_dim
+        self.healthy = True
+        self.faults: dict[str, list[Fault]] = {}
+        self.permanent: dict[str, Fault] = {}
+        self.log: list[LogEntry] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.violations = 0
+        self._lock = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.on_request: Callable[[LogEntry], None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, port: int = 0) -> FakeOpenAI:
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self._server = _Server(("127.0.0.1", port), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def root(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL (`http://127.0.0.1:PORT/v1`)."""
+        return f"{self.root}/v1"
+
+    # --- what tests read ----------------------------------------------------------------------
+
+    def entries(self, outcome: str | None = None) -> list[LogEntry]:
+        with self._lock:
+            return [e for e in self.log if outcome is None or e.outcome == outcome]
+
+    def served(self) -> dict[str, int]:
+        """Key -> how many times it was answered 200."""
+        counts: dict[str, int] = {}
+        for entry in self.entries("ok"):
+            counts[entry.key] = counts.get(entry.key, 0) + 1
+        return counts
+
+    def wait_for(self, predicate: Callable[[FakeOpenAI], bool], timeout_s: float = 30.0) -> None:
+        """Block until `predicate(self)` holds (checked on every logged request)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"server condition not met in {timeout_s} s")
+                self._lock.wait(left)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def _record(self, entry: LogEntry) -> None:
+        with self._lock:
+            self.log.append(entry)
+            self._lock.notify_all()
+        if self.on_request is not None:
+            self.on_request(entry)
+
+    def _enter(self) -> bool:
+        """Count a request in; False when it is over capacity and must be refused."""
+        with self._lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            if self.capacity is not None and self.in_flight > self.capacity:
+                self.violations += 1
+                if self.enforce:
+                    self.in_flight -= 1
+                    return False
+            return True
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def _next_fault(self, key: str) -> Fault | None:
+        with self._lock:
+            if key in self.permanent:
+                return self.permanent[key]
+            planned = self.faults.get(key)
+            if planned:
+                return planned.pop(0)
+            return None
+
+
+def error_body(message: str, kind: str, code: int) -> dict[str, Any]:
+    """An error as vLLM's OpenAI server writes it."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+ERROR_KINDS = {400: "BadRequestError", 404: "NotFoundError", 429: "TooManyRequests",
+               500: "InternalServerError", 503: "ServiceUnavailable"}  # fmt: skip
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeOpenAI
+    protocol_version = "HTTP/1.1"  # keep-alive, as vLLM (uvicorn) serves
+    # One segment per answer, sent at once: headers and body written separately, with Nagle on,
+    # meet the client's delayed ACK and stall each answer ~40 ms (uvicorn does neither).
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the request log is `fake.log`
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-request-id", f"req-{uuid.uuid4().hex[:16]}")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._send(200 if self.fake.healthy else 503, None)
+        elif self.path == "/_stats":  # for a client in another process (the benchmark)
+            fake = self.fake
+            rejected = len(fake.entries("rejected"))
+            self._send(200, {"requests": len(fake.log), "peak": fake.peak,
+                             "violations": fake.violations, "rejected": rejected})  # fmt: skip
+        elif self.path == "/v1/models":
+            data = [{"id": m, "object": "model", "owned_by": "vllm"} for m in self.fake.models]
+            self._send(200, {"object": "list", "data": data})
+        else:
+            self._send(404, error_body(f"no route {self.path}", "NotFoundError", 404))
+
+    def do_POST(self) -> None:
+        fake = self.fake
+        length = int(self.headers.get("Content-Length", "0"))
+        raw = self.rfile.read(length)
+        started = time.time()
+        if self.path not in ROUTES:
+            self._send(404, error_body(f"no route {self.path}", "NotFoundError", 404))
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            self._send(400, error_body("body is not JSON", "BadRequestError", 400))
+            return
+        key = request_key(self.path, body)
+        entry = LogEntry(self.path, key, body.get("model"), None, "", started,
+                         _image_urls(body))  # fmt: skip
+        if not fake._enter():
+            entry.status, entry.outcome = 429, "rejected"
+            fake._record(entry)
+            self._send(429, error_body("too many concurrent requests", "TooManyRequests", 429))
+            return
+        try:
+            fault = fake._next_fault(key)
+            if fault == "disconnect":
+                entry.outcome = "disconnect"
+                self.close_connection = True
+                return  # the socket closes with no answer
+            if isinstance(fault, int):
+                entry.status, entry.outcome = fault, "error"
+                headers = {}
+                if fault == 429 and fake.retry_after_s is not None:
+                    headers["Retry-After"] = f"{fake.retry_after_s:g}"
+                kind = ERROR_KINDS.get(fault, "Error")
+                status_body = error_body(f"injected {fault} for {key}", kind, fault)
+                fake._leave()
+                self._send(fault, status_body, headers)
+                return
+            if body.get("model") not in fake.models:
+                entry.status, entry.outcome = 404, "error"
+                fake._leave()
+                message = f"The model `{body.get('model')}` does not exist."
+                self._send(404, error_body(message, "NotFoundError", 404))
+                return
+            if fake.latency_s:
+                time.sleep(fake.latency_s)
+            entry.status, entry.outcome = 200, "ok"
+            # Out of the count before the answer leaves: a client that sends its next request
+            # on receipt must never be seen as one over capacity.
+            fake._leave()
+            self._send(200, self._answer(key, body))
+        finally:
+            if entry.outcome == "disconnect":
+                fake._leave()
+            fake._record(entry)
+
+    def _answer(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        created = int(time.time())
+        model = body["model"]
+        prompt_tokens = max(1, len(key.split()))
+        if self.path == "/v1/embeddings":
+            vector = [float((hash(key) >> i) & 0xFF) / 255 for i in range(self.fake.embedding_dim)]
+            usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+            data = [{"object": "embedding", "index": 0, "embedding": vector}]
+            return {"object": "list", "model": model, "data": data, "usage": usage}
+        text = f"echo: {key}"
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 5,
+                 "total_tokens": prompt_tokens + 5}  # fmt: skip
+        if self.path == "/v1/completions":
+            return {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": "text_completion",
+                    "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                    "usage": usage}  # fmt: skip
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion",
+                "created": created, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": usage}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.05, help="seconds per request")
+    parser.add_argument("--capacity", type=int, default=10, help="requests served at once")
+    parser.add_argument("--count-only", action="store_true", help="count, do not refuse, excess")
+    args = parser.parse_args()
+    fake = FakeOpenAI(latency_s=args.latency, capacity=args.capacity, enforce=not args.count_only)
+    fake.start(args.port)
+    print(f"listening {fake.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print(json.dumps({"peak": fake.peak, "violations": fake.violations,
+                          "requests": len(fake.log)}), flush=True)  # fmt: skip
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()
