@@ -3,7 +3,7 @@
 The public SDK; everything else is internal and may change.
 """
 
-from gpujobs.client import Client, Job, get_job, submit_transcode
+from gpujobs.client import Client, Job, get_job, submit_inference, submit_transcode
 from gpujobs.config import Settings
 from gpujobs.errors import (
     BrokerUnreachable,
@@ -12,12 +12,13 @@ from gpujobs.errors import (
     JobFailed,
     JobNotFound,
 )
-from gpujobs.specs import JobRecord, JobState, Progress, TranscodeSpec
+from gpujobs.specs import InferenceSpec, JobRecord, JobState, Progress, TranscodeSpec
 
 __all__ = [
     "BrokerUnreachable",
     "Client",
     "GpujobsError",
+    "InferenceSpec",
     "InvalidSpec",
     "Job",
     "JobFailed",
@@ -28,5 +29,6 @@ __all__ = [
     "Settings",
     "TranscodeSpec",
     "get_job",
+    "submit_inference",
     "submit_transcode",
 ]

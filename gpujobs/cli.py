@@ -5,6 +5,7 @@ Every user-facing error is one line on stderr (`error: ...`) and a non-zero exit
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gpujobs import local
+from gpujobs import cli_gpu, cli_inference, cli_monitor, local
 from gpujobs.client import Client, Job, PreparedJob
 from gpujobs.config import Settings
 from gpujobs.connection import redact
@@ -79,10 +80,19 @@ def submit(
     threads: Annotated[int | None, typer.Option(help="ffmpeg decoder threads.")] = None,
     priority: Annotated[int | None, typer.Option(help="0 (lowest) .. 9 (most urgent).")] = None,
     gpu: Annotated[str | None, typer.Option(help="auto, require or forbid.")] = None,
+    node: Annotated[
+        str | None, typer.Option(help="Run on this node only (it must have a live worker).")
+    ] = None,
+    gpu_index: Annotated[
+        int | None, typer.Option(help="With --node: run on this GPU (nvidia-smi index) only.")
+    ] = None,
     copy: Annotated[
         bool, typer.Option(help="Copy inputs from outside the media root into it first.")
     ] = True,
     wait: Annotated[bool, typer.Option("--wait", help="Draw progress until the jobs end.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Queue even if the same job is queued or running.")
+    ] = False,
     timeout: Annotated[
         float | None, typer.Option(help="With --wait: give up after this many seconds.")
     ] = None,
@@ -95,6 +105,12 @@ def submit(
         "width": width, "height": height, "codec": codec, "preset": preset, "cq": cq,
         "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
     }  # fmt: skip
+    if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
+        batch_only = {"priority": priority}
+        others = {**{k: v for k, v in params.items() if k != "priority"}, "node": node,
+                  "gpu_index": gpu_index, "force": force or None}  # fmt: skip
+        cli_inference.submit_batches(files, output, batch_only, wait, timeout, as_json, others)
+        return
     client = _client()
     prepared: list[PreparedJob] = []
     for file in files:
@@ -103,7 +119,8 @@ def submit(
             raise InvalidSpec(f"input file name {file.name!r} must not start with '-'")
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
-    jobs = [client.enqueue(p) for p in prepared]
+    queue = client.route(node, gpu_index)  # before anything is queued: a dead target fails
+    jobs = [client.enqueue(p, force=force, queue=queue) for p in prepared]
     if not wait:
         for job in jobs:
             if as_json:
@@ -128,12 +145,14 @@ def status(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
-    """Show one job's record."""
-    record = Job(job_id, _client(start_local=False)).status()
+    """Show one job's record and how each attempt ended."""
+    client = _client(start_local=False)
+    record = Job(job_id, client).status()
+    attempts = client.store.attempts(job_id)
     if as_json:
-        console.print_json(_record_json(record))
+        console.print_json(json.dumps({**record.model_dump(mode="json"), "attempts": attempts}))
     else:
-        console.print(job_detail(record))
+        console.print(job_detail(record, attempts))
 
 
 @app.command()
@@ -182,20 +201,49 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids.")]) -> No
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = "transcode,inference",
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated queues [default: transcode,inference; "
+            "with --gpus: transcode, plus the node's and each GPU's]."
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 1,
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="Supervise one worker per GPU, each pinned to it: all, none (one CPU "
+            "worker) or indices like 0,2."
+        ),
+    ] = None,
+    per_gpu: Annotated[int, typer.Option(help="With --gpus: jobs at once on each GPU.")] = 1,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit non-zero when this node's heartbeat is stale.")
+    ] = False,
 ) -> None:
-    """Run a worker in the foreground (needs the worker extra)."""
+    """Run a worker in the foreground (needs the worker extra); --gpus: one per GPU."""
+    if check:
+        cli_gpu.check_heartbeat()  # the liveness probe: no worker extra, no broker start
+        return
+    if per_gpu < 1:
+        raise GpujobsError(f"--per-gpu must be at least 1, got {per_gpu}")
     try:
         from workers.main import run_worker  # the worker extra: producers never import it
+        from workers.supervisor import run_supervisor
     except ImportError as exc:
         raise GpujobsError(
             f"the worker needs the worker extra ({exc.name} is missing): "
             "pip install 'gpujobs[worker]'"
         ) from None
-    run_worker([q for q in queues.split(",") if q], concurrency, hostname, loglevel)
+    if gpus is not None:
+        shared = [q for q in queues.split(",") if q] if queues else None
+        raise typer.Exit(run_supervisor(gpus, per_gpu, shared, loglevel))
+    if per_gpu != 1:
+        raise GpujobsError("--per-gpu goes with --gpus (a single worker takes --concurrency)")
+    names = queues or "transcode,inference"
+    run_worker([q for q in names.split(",") if q], concurrency, hostname, loglevel)
 
 
 @app.command()
@@ -209,6 +257,9 @@ def up() -> None:
         )
     url = local.ensure_running(settings)
     console.print(f"local stack up: broker {url}, media root {settings.media}", markup=False)
+    flower_url = (local.read_stack(settings) or {}).get("flower_url")
+    if flower_url:
+        console.print(f"flower {flower_url}", markup=False)
 
 
 @app.command()
@@ -250,6 +301,11 @@ def demo(
         f"(copied), {result.get('duration_s')} s, encode path {result.get('encode_path')}",
         markup=False,
     )
+
+
+cli_gpu.register(app)  # gpujobs gpus, gpujobs doctor
+cli_monitor.register(app)  # gpujobs flower, gpujobs metrics, gpujobs top
+cli_inference.register(app)  # gpujobs infer, gpujobs results
 
 
 def main() -> None:

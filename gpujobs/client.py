@@ -6,10 +6,12 @@ before anything is queued; a problem raises InvalidSpec with one line that says 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,10 +19,20 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, make_app
+from gpujobs import batch, keys
+from gpujobs.app import (
+    TRANSCODE_QUEUE,
+    TRANSCODE_TASK,
+    broker_priority,
+    gpu_queue,
+    make_app,
+    node_queue,
+    worker_hostname,
+)
 from gpujobs.config import Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import InvalidSpec, JobFailed, JobNotFound
+from gpujobs.flower import task_argsrepr
 from gpujobs.mediacheck import looks_like_video
 from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
 from gpujobs.store import JobStore
@@ -33,6 +45,7 @@ class PreparedJob:
     """A checked spec, and the file to copy into the media root before it is queued."""
 
     spec: TranscodeSpec
+    fingerprint: str
     copy_from: Path | None = None
 
 
@@ -61,6 +74,9 @@ class Client:
         output: str | Path | None = None,
         *,
         copy_outside: bool = False,
+        force: bool = False,
+        node: str | None = None,
+        gpu: int | None = None,
         **params: Any,
     ) -> Job:
         """Queue a transcode of `input` (see TranscodeSpec for params) and return its Job.
@@ -68,8 +84,13 @@ class Client:
         output: default `<input stem>.<height>p.mp4` beside the input.
         copy_outside: copy an input from outside the media root into `<media root>/inbox`
         first (the CLI does); otherwise such an input is an error.
+        force: queue a new job even when one for the same input and spec is queued or running
+        (by default that job is returned).
+        node, gpu: run it on that node, or on GPU `gpu` (nvidia-smi index) of that node; an
+        InvalidSpec when no worker there has a live heartbeat. Default: any transcode worker.
         """
-        return self.enqueue(self.prepare_transcode(input, output, copy_outside, **params))
+        prepared = self.prepare_transcode(input, output, copy_outside, **params)
+        return self.enqueue(prepared, force=force, queue=self.route(node, gpu))
 
     def prepare_transcode(
         self,
@@ -96,7 +117,8 @@ class Client:
         else:
             output_rel = self._media_relative(Path(output), "output")
         spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
-        return PreparedJob(spec=spec, copy_from=copy_from)
+        original = copy_from or self.settings.media / spec.input
+        return PreparedJob(spec=spec, fingerprint=fingerprint(spec, original), copy_from=copy_from)
 
     def _input_path(self, given: Path, copy_outside: bool) -> tuple[PurePosixPath, Path | None]:
         """Check the input file; its path relative to the media root, and the file to copy
@@ -140,8 +162,14 @@ class Client:
             raise InvalidSpec(f"{what} {given} is a directory")
         return resolved.relative_to(media).as_posix()
 
-    def enqueue(self, prepared: PreparedJob) -> Job:
-        """Copy the input in if needed, record the job and queue it."""
+    def enqueue(
+        self, prepared: PreparedJob, force: bool = False, queue: str = TRANSCODE_QUEUE
+    ) -> Job:
+        """Copy the input in if needed, record the job and queue it.
+
+        The same input with the same spec while a job for it is queued or running returns that
+        job instead (an idempotency key), unless `force`.
+        """
         spec = prepared.spec
         if prepared.copy_from is not None:
             _copy_file(prepared.copy_from, self.settings.media / spec.input)
@@ -151,21 +179,85 @@ class Client:
             kind=JobKind.TRANSCODE,
             state=JobState.QUEUED,
             spec=spec.model_dump(mode="json"),
+            queue=queue,
             created_at=time.time(),
         )
         self.store.create(record)
+        if not force:
+            # The same spec sent to another node or GPU is another job.
+            fingerprint = f"{prepared.fingerprint}:{queue}"
+            existing = self.store.claim_fingerprint(fingerprint, job_id)
+            if existing is not None:
+                self.store.delete(job_id)
+                return Job(existing, self)
         try:
             self.app.send_task(
                 TRANSCODE_TASK,
                 args=[job_id, spec.model_dump(mode="json")],
+                # What Flower shows as the arguments: the spec in brief, not the raw dict.
+                argsrepr=task_argsrepr(spec.model_dump(mode="json")),
                 task_id=job_id,
-                queue=TRANSCODE_QUEUE,
+                queue=queue,
                 priority=broker_priority(spec.priority),
             )
         except Exception:
             self.store.delete(job_id)  # never leave a record for a job no queue holds
             raise
         return Job(job_id, self)
+
+    def heartbeats(self) -> dict[str, dict[str, Any]]:
+        """The live heartbeat of every node by name (see workers/heartbeat.py for the shape);
+        nodes whose heartbeat expired are dropped from keys.NODES on the way."""
+        names = sorted(str(name) for name in self.redis.smembers(keys.NODES))
+        beats: dict[str, dict[str, Any]] = {}
+        raws = self.redis.mget([keys.heartbeat(name) for name in names]) if names else []
+        for name, raw in zip(names, raws, strict=True):
+            if raw is None:
+                self.redis.srem(keys.NODES, name)
+            else:
+                beats[name] = json.loads(raw)
+        return beats
+
+    def route(self, node: str | None, gpu: int | None) -> str:
+        """The queue for a job sent to `node` (and GPU `gpu` of it); InvalidSpec when no live
+        worker there would take it. No node and no GPU: the shared transcode queue."""
+        if node is None and gpu is None:
+            return TRANSCODE_QUEUE
+        if node is None:
+            raise InvalidSpec("a GPU index needs a node (--node) to say whose GPU it is")
+        if gpu is not None and gpu < 0:
+            raise InvalidSpec(f"GPU index must be 0 or more, got {gpu}")
+        beats = self.heartbeats()
+        beat = beats.get(node)
+        if beat is None:
+            known = ", ".join(beats) or "none"
+            raise InvalidSpec(f"no worker on node {node!r} (no heartbeat; nodes up: {known})")
+        if gpu is None:
+            return node_queue(node)
+        workers = beat.get("workers", [])
+        if worker_hostname(node, gpu) not in workers:
+            served = sorted(w.rsplit(".gpu", 1)[1] for w in workers if ".gpu" in w)
+            raise InvalidSpec(
+                f"no worker on GPU {gpu} of node {node!r} (GPUs with workers: "
+                f"{', '.join(served) or 'none'})"
+            )
+        return gpu_queue(node, gpu)
+
+    def submit_inference(
+        self,
+        input: str | Path | Iterable[Mapping[str, Any]],
+        output: str | Path | None = None,
+        **params: Any,
+    ) -> Job:
+        """Queue a batch of OpenAI-style requests (see InferenceSpec for params); its Job.
+
+        input: an OpenAI batch JSONL file (absolute, or relative to the media root) or an
+        iterable of request dicts. output: default `<stem>.results.jsonl` beside an input under
+        the media root, else `batches/<job id>/<stem>.results.jsonl`. The checks and the
+        chunking live in gpujobs/batch.py.
+        """
+        prepared = batch.prepare_batch(self.settings, input, output, **params)
+        return Job(batch.enqueue_batch(self, prepared), self)
 
     def list(self, limit: int = 50, states: tuple[JobState, ...] = ()) -> list[JobRecord]:
         return self.store.list(limit=limit, states=states)
@@ -224,6 +316,18 @@ class Job:
         return record.result or {}
 
 
+def fingerprint(spec: TranscodeSpec, source: Path) -> str:
+    """What makes two submits the same job: the spec (but its priority) and the input file's
+    size and modification time."""
+    stat = source.stat()
+    identity = {
+        "kind": JobKind.TRANSCODE.value,
+        "spec": spec.model_dump(mode="json", exclude={"priority"}),
+        "input": [stat.st_size, stat.st_mtime_ns],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def _make_spec(values: dict[str, Any]) -> TranscodeSpec:
     try:
         return TranscodeSpec.model_validate(values)
@@ -265,6 +369,15 @@ def _copy_file(source: Path, target: Path) -> None:
 def submit_transcode(input: str | Path, output: str | Path | None = None, **params: Any) -> Job:
     """Queue a transcode with a new Client (see Client.submit_transcode)."""
     return Client().submit_transcode(input, output, **params)
+
+
+def submit_inference(
+    input: str | Path | Iterable[Mapping[str, Any]],
+    output: str | Path | None = None,
+    **params: Any,
+) -> Job:
+    """Queue a batch inference job with a new Client (see Client.submit_inference)."""
+    return Client().submit_inference(input, output, **params)
 
 
 def get_job(job_id: str) -> Job:

@@ -82,8 +82,132 @@ class Settings(BaseSettings):
         description="Seconds a finished job's record is kept (default 7 days); outputs never "
         "expire.",
     )
+    lease_s: float = Field(
+        default=30.0,
+        description="Seconds a running job's lease lasts without renewal (renewed every third). "
+        "A dead worker's job is requeued about this long after it died. Default 30.",
+    )
+    watchdog_interval_s: float = Field(
+        default=5.0, description="Seconds between two watchdog rounds (one winner per round)."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Attempts before a job that keeps losing its worker fails."
+    )
+    shutdown_grace_s: float = Field(
+        default=25.0,
+        ge=0,
+        description="Seconds a worker told to stop (SIGTERM) lets a running job finish before "
+        "it requeues it; keep it below the pod's terminationGracePeriodSeconds. Default 25.",
+    )
+    retry_backoff_s: float = Field(
+        default=2.0,
+        description="First delay in seconds before a transient failure is retried; doubles "
+        "with each attempt, at most 60 s.",
+    )
     connect_timeout_s: float = Field(
         default=3.0, description="Seconds to wait for the broker before saying it is unreachable."
+    )
+
+    # GPU workers (workers/supervisor.py, nvenc.py, heartbeat.py).
+    nvenc_sessions: int | None = Field(
+        default=8,
+        ge=0,
+        description="Concurrent NVENC encodes per node: GeForce drivers allow 8 sessions per "
+        "system. 0 (or None): unlimited, for datacenter cards (L20) that have no limit. Default 8.",
+    )
+    nvenc_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an NVENC slot is held without renewal (renewed every third while the "
+        "encode runs): a dead worker's slot comes back this long after it died. Default 30.",
+    )
+    nvenc_wait_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a job that found every NVENC slot taken waits before it is tried "
+        "again (it goes back to its queue; not a failure). Default 5.",
+    )
+    heartbeat_interval_s: float = Field(
+        default=5.0, gt=0, description="Seconds between two node heartbeats. Default 5."
+    )
+    heartbeat_ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a node heartbeat lives; `gpujobs worker --check` fails once the "
+        "newest is older (liveness probe). Default 30.",
+    )
+    vllm_endpoint: str = Field(
+        default="http://localhost:9999/v1",
+        description="OpenAI-compatible base URL of the node's vLLM server (checked by doctor).",
+    )
+
+    # Batch inference (gpujobs/batch.py, workers/inference.py). The endpoint is vllm_endpoint.
+    inference_concurrency: int = Field(
+        default=10,
+        ge=1,
+        description="Requests in flight per chunk: the server's --max-num-seqs. Default 10.",
+    )
+    inference_chunk_size: int = Field(
+        default=250,
+        ge=1,
+        description="Requests per chunk task; chunks are what several workers share. Large "
+        "enough that the tail of a chunk (fewer than `concurrency` in flight) costs little. "
+        "Default 250.",
+    )
+    inference_request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Seconds one request may take. Default 600."
+    )
+    inference_max_retries: int = Field(
+        default=5,
+        ge=0,
+        description="Retries of a request after 429, 5xx or a connection error. Default 5.",
+    )
+    inference_server_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds a chunk waits for the server to answer /health (else /v1/models) "
+        "before the job fails. Default 120.",
+    )
+    inference_backoff_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="First retry delay in seconds; doubles per retry, plus up to as much again "
+        "of random jitter, at most inference_backoff_max_s. Retry-After wins when sent.",
+    )
+    inference_backoff_max_s: float = Field(
+        default=30.0, gt=0, description="Longest wait in seconds between two retries. Default 30."
+    )
+    inference_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a chunk's lease lasts without renewal (renewed every third). A "
+        "redelivered chunk waits while a live worker holds it. Default 30.",
+    )
+
+    # Monitoring (gpujobs/flower.py, metrics.py, top.py).
+    flower_address: str = Field(
+        default="127.0.0.1",
+        description="Address Flower listens on. Beyond loopback it refuses to start without "
+        "flower_user and flower_password. Default 127.0.0.1.",
+    )
+    flower_port: int = Field(
+        default=5555, ge=0, le=65535, description="Flower's port; 0: any free one. Default 5555."
+    )
+    flower_user: str | None = Field(default=None, description="Flower basic-auth user name.")
+    flower_password: SecretStr | None = Field(
+        default=None, description="Flower basic-auth password (Kubernetes Secret)."
+    )
+    flower_state_save_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between two saves of Flower's state (and on exit) to "
+        "<state_dir>/flower. Default 60.",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1", description="Address the Prometheus endpoint listens on."
+    )
+    metrics_port: int = Field(
+        default=9808, ge=0, le=65535, description="Port of `gpujobs metrics`. Default 9808."
     )
 
     @model_validator(mode="after")

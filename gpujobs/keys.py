@@ -18,6 +18,8 @@ JOB_INDEX = PREFIX + ":jobs"
 JOB_EVENTS = PREFIX + ":events:{job_id}"
 # Pattern matching every job channel, for `gpujobs top` and the CLI's multi-job progress view.
 ALL_JOB_EVENTS = PREFIX + ":events:*"
+# List per job: one JSON entry per attempt (worker, start, end, outcome, reason), oldest first.
+ATTEMPTS = PREFIX + ":attempts:{job_id}"
 # Idempotency: spec fingerprint -> job id of the live job for it, so a duplicate submit returns it.
 DEDUP = PREFIX + ":dedup:{fingerprint}"
 
@@ -51,6 +53,10 @@ def job_events(job_id: str) -> str:
     return JOB_EVENTS.format(job_id=job_id)
 
 
+def attempts(job_id: str) -> str:
+    return ATTEMPTS.format(job_id=job_id)
+
+
 def dedup(fingerprint: str) -> str:
     return DEDUP.format(fingerprint=fingerprint)
 
@@ -70,3 +76,37 @@ def nvenc_slots(node: str) -> str:
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists that hold one Celery queue: the plain name for step 0, then one per step."""
     return [queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+# --- Batch inference (gpujobs/batch.py, workers/inference_task.py) ---------------------------
+# Every key below expires with the job's record (record_ttl_s); a finished batch deletes them.
+
+# Hash per batch: total, chunks, completed, failed and token counts, incremented atomically with
+# each checkpoint, so progress is exact however many workers share the batch.
+BATCH_STATS = PREFIX + ":batch:{job_id}:stats"
+# Hash per chunk: request index -> its finished output line (JSON). The checkpoint: a retried or
+# restarted chunk sends only the requests missing here. Deleted once the chunk's part file is
+# written.
+BATCH_CHECKPOINT = PREFIX + ":batch:{job_id}:chunk:{chunk}"
+# Set per batch of chunk numbers whose part file is written; when it holds every chunk, the
+# worker that completed it writes the output.
+BATCH_DONE = PREFIX + ":batch:{job_id}:done"
+# Lease of a running chunk (a random token, expiring; renewed while the chunk runs): a redelivered
+# chunk waits while a live worker holds it, so no two workers send the same chunk at once.
+BATCH_LEASE = PREFIX + ":batch:{job_id}:lease:{chunk}"
+
+
+def batch_stats(job_id: str) -> str:
+    return BATCH_STATS.format(job_id=job_id)
+
+
+def batch_checkpoint(job_id: str, chunk: int) -> str:
+    return BATCH_CHECKPOINT.format(job_id=job_id, chunk=chunk)
+
+
+def batch_done(job_id: str) -> str:
+    return BATCH_DONE.format(job_id=job_id)
+
+
+def batch_lease(job_id: str, chunk: int) -> str:
+    return BATCH_LEASE.format(job_id=job_id, chunk=chunk)

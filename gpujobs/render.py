@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
@@ -56,7 +57,7 @@ def jobs_table(records: Iterable[JobRecord]) -> Table:
     return table
 
 
-def job_detail(record: JobRecord) -> Table:
+def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) -> Table:
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -84,8 +85,14 @@ def job_detail(record: JobRecord) -> Table:
         rows.append(("error", f"[red]{record.error}[/]"))
     if record.started_at and record.finished_at:
         rows.append(("took", f"{record.finished_at - record.started_at:.1f}s"))
+    for entry in attempts or []:
+        reason = f": {entry['reason']}" if entry.get("reason") else ""
+        rows.append(
+            (f"attempt {entry.get('attempt')}", f"{entry.get('outcome')} on {entry.get('worker')}"
+             f"{reason}")
+        )  # fmt: skip
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, value, end_section=False)
     return table
 
 
@@ -126,5 +133,6 @@ class JobBars:
             )
             task = self._tasks[record.id]
         # rich keeps extra keyword arguments as the task's fields, read by the columns above.
-        self.progress.update(task, completed=record.percent, fps=fps, speed=speed, eta=eta,
-                             state=state)
+        self.progress.update(
+            task, completed=record.percent, fps=fps, speed=speed, eta=eta, state=state
+        )

@@ -114,6 +114,90 @@ class TranscodeSpec(BaseModel):
         return self
 
 
+# The OpenAI routes a batch line may name (`url`), as the OpenAI Batch API and vllm run-batch.
+InferenceUrl = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+INFERENCE_URLS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+class InferenceSpec(BaseModel):
+    """One batch of OpenAI-style requests sent to an OpenAI-compatible server (vLLM).
+
+    input: the checked requests file workers read (JSONL, relative to the media root; the SDK
+    writes it); source: what the producer submitted, for display; requests: how many lines.
+    output: the results file (JSONL, one line per request, input order); failed lines also go to
+    `errors_output` beside it.
+    endpoint: the server's base URL, with or without the trailing /v1 (default: the node's
+    vLLM, http://localhost:9999/v1, as seen from the worker).
+    model: overrides every request's model; None keeps each body's, and a body without one gets
+    the server's only model (from /v1/models).
+    max_concurrency: requests in flight per chunk (the server's --max-num-seqs), default 10.
+    chunk_size: requests per chunk task (default 250); chunks are shared between workers.
+    request_timeout_s: seconds one request may take (default 600).
+    max_retries: retries after 429, 5xx or a connection error (default 5).
+    deadline_s: seconds after submission after which requests not yet done are failed as
+    `deadline_exceeded` (None: no deadline).
+    server_wait_s: seconds a chunk waits for the server to come up before the job fails (120).
+    priority: 0 (lowest) .. 9 (most urgent), default 5.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    output: str
+    source: str | None = None
+    requests: int = Field(ge=1)
+    endpoint: str = "http://localhost:9999/v1"
+    model: str | None = None
+    max_concurrency: int = Field(default=10, ge=1, le=1024)
+    chunk_size: int = Field(default=250, ge=1, le=1_000_000)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_retries: int = Field(default=5, ge=0, le=100)
+    deadline_s: float | None = Field(default=None, gt=0)
+    server_wait_s: float = Field(default=120.0, ge=0)
+    priority: int = Field(default=5, ge=0, le=9)
+
+    @field_validator("input")
+    @classmethod
+    def _input_path(cls, value: str) -> str:
+        return check_media_path(value, "input")
+
+    @field_validator("output")
+    @classmethod
+    def _output_path(cls, value: str) -> str:
+        value = check_media_path(value, "output")
+        if PurePosixPath(value).suffix.lower() != ".jsonl":
+            raise ValueError(f"output must end in .jsonl, got {PurePosixPath(value).name!r}")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
+            raise ValueError(f"must be an http(s) URL (http://host:9999/v1), got {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _output_differs(self) -> InferenceSpec:
+        if PurePosixPath(self.output) == PurePosixPath(self.input):
+            raise ValueError("output must differ from the input")
+        return self
+
+    @property
+    def errors_output(self) -> str:
+        """The errors file: the output's name with `.errors` before `.jsonl`."""
+        path = PurePosixPath(self.output)
+        return path.with_name(f"{path.stem}.errors{path.suffix}").as_posix()
+
+
 class Progress(BaseModel):
     """A live snapshot of a running job, as published on its channel.
 
@@ -149,6 +233,8 @@ class JobRecord(BaseModel):
     node: str | None = None
     gpu: str | None = None
     encode_path: str | None = None
+    # The Celery queue the job was sent to (shared, per node or per GPU): a requeue goes back there.
+    queue: str | None = None
     attempt: int = 0
     error: str | None = None
     output: str | None = None

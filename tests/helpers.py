@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,11 +24,28 @@ def make_clip(
 ) -> Path:
     """Generate a test clip (testsrc2 video, a sine tone as AAC audio) with the real ffmpeg."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}"]
+    args = [
+        ffmpeg,
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={size}:rate={rate}:duration={seconds}",
+    ]
     if audio:
-        args += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}",
-                 "-c:a", "aac", "-shortest"]
+        args += [
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:sample_rate=48000:duration={seconds}",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ]
     args += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)]
     subprocess.run(args, check=True)
     return path
@@ -85,10 +103,8 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (pool children and ffmpeg too)."""
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(timeout=10)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:

@@ -20,8 +20,9 @@ from gpujobs.config import Settings
 from tests.helpers import WorkerProcess
 
 
-def gpujobs(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def gpujobs(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gpujobs", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
@@ -51,8 +52,9 @@ BAD_PARAMETERS = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_PARAMETERS)
-def test_bad_parameters(settings: Settings, video: Path, broker_url: str, args: list[str],
-                        message: str) -> None:
+def test_bad_parameters(
+    settings: Settings, video: Path, broker_url: str, args: list[str], message: str
+) -> None:
     result = gpujobs("submit", str(video), *args)
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -83,7 +85,9 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0, args
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
-            args, result.stderr)
+            args,
+            result.stderr,
+        )
         assert "Traceback" not in result.stdout + result.stderr
     assert_nothing_queued(broker_url)
 
@@ -99,11 +103,15 @@ def test_unknown_job(settings: Settings) -> None:
     for command in (["status", "nope"], ["cancel", "nope"], ["watch", "nope"]):
         result = gpujobs(*command)
         assert result.returncode == 4
-        assert result.stderr.strip() == "error: no job 'nope' (never submitted, or its record expired)"
+        assert result.stderr.strip() == (
+            "error: no job 'nope' (never submitted, or its record expired)"
+        )
 
 
 def test_submit_wait_status_ls_json(
-    settings: Settings, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    settings: Settings,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
     tmp_path: Path,
 ) -> None:
     a = media_clip("a.mp4", seconds=1, size="320x240")

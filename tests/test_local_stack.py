@@ -25,12 +25,22 @@ def embedded_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gpujobs", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "gpujobs", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_submit_starts_the_local_stack_and_down_stops_it(
-    embedded_env: dict[str, str], clip_cache: Callable[..., Path], tmp_path: Path, ffmpeg: str,
+    embedded_env: dict[str, str],
+    clip_cache: Callable[..., Path],
+    tmp_path: Path,
+    ffmpeg: str,
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -42,8 +52,12 @@ def test_submit_starts_the_local_stack_and_down_stops_it(
     assert psutil.pid_exists(stack["pid"])
     output = state / "media" / "inbox" / "movie.480p.mp4"
     info = probe(ffmpeg, output)
-    assert (info.video_codec, info.width, info.height, info.audio_codec) == ("h264", 854, 480,
-                                                                             "aac")
+    assert (info.video_codec, info.width, info.height, info.audio_codec) == (
+        "h264",
+        854,
+        480,
+        "aac",
+    )
     # A second command finds the running stack instead of starting another.
     listed = run(embedded_env, "ls", "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout)["state"] == "succeeded"
@@ -53,7 +67,7 @@ def test_submit_starts_the_local_stack_and_down_stops_it(
     children = stack_proc.children(recursive=True)
     down = run(embedded_env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
-    gone, alive = psutil.wait_procs([stack_proc, *children], timeout=10)
+    _, alive = psutil.wait_procs([stack_proc, *children], timeout=10)
     assert not alive, "the stack, Valkey and the worker must all be gone"
     assert not (state / "stack.json").exists()
     assert "not running" in run(embedded_env, "down").stdout

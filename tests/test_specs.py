@@ -16,7 +16,12 @@ def spec(**overrides: object) -> TranscodeSpec:
 def test_defaults_are_the_seed_command() -> None:
     s = spec()
     assert (s.height, s.codec, s.preset, s.cq, s.audio, s.threads) == (
-        480, "h264", "p1", 28, "copy", 2
+        480,
+        "h264",
+        "p1",
+        28,
+        "copy",
+        2,
     )
 
 
@@ -59,5 +64,7 @@ def test_record_round_trips_through_a_redis_hash() -> None:
 
 def test_terminal_states() -> None:
     assert {s for s in JobState if s.terminal} == {
-        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.CANCELLED,
     }

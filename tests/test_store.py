@@ -19,15 +19,21 @@ def store(broker_url: str) -> JobStore:
 
 
 def new_record(job_id: str, created_at: float) -> JobRecord:
-    return JobRecord(id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED,
-                     spec={"input": f"{job_id}.mp4"}, created_at=created_at)
+    return JobRecord(
+        id=job_id,
+        kind=JobKind.TRANSCODE,
+        state=JobState.QUEUED,
+        spec={"input": f"{job_id}.mp4"},
+        created_at=created_at,
+    )
 
 
 def test_update_only_from_allowed_states(store: JobStore) -> None:
     store.create(new_record("a", 1.0))
     assert store.update("a", only_from=(JobState.QUEUED,), state=JobState.RUNNING, worker="w1")
-    assert store.update("a", only_from=(JobState.QUEUED, JobState.RUNNING),
-                        state=JobState.CANCELLED)
+    assert store.update(
+        "a", only_from=(JobState.QUEUED, JobState.RUNNING), state=JobState.CANCELLED
+    )
     # A late progress update from the worker must not touch a cancelled job.
     assert not store.update("a", only_from=(JobState.RUNNING,), percent=50.0)
     record = store.get("a")

@@ -14,7 +14,9 @@ from workers.probe import probe
 
 
 def test_transcode_end_to_end_with_live_progress(
-    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    client: Client,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
     ffmpeg: str,
 ) -> None:
     source = media_clip("in/talk.mp4", seconds=6, size="1280x720")
@@ -32,8 +34,12 @@ def test_transcode_end_to_end_with_live_progress(
     assert final.worker and final.node and final.attempt == 1 and final.encode_path == "cpu"
     output = client.settings.media / "in" / "talk.360p.mp4"
     info = probe(ffmpeg, output)
-    assert (info.video_codec, info.width, info.height, info.audio_codec) == ("h264", 640, 360,
-                                                                             "aac")
+    assert (info.video_codec, info.width, info.height, info.audio_codec) == (
+        "h264",
+        640,
+        360,
+        "aac",
+    )
     assert abs(info.duration_s - 6.0) < 0.1
     assert job.result() == final.result
     assert not list(output.parent.glob(".*part*")), "no temporary output may remain"
@@ -54,7 +60,9 @@ def test_a_broken_input_fails_with_ffmpegs_reason(
 
 
 def test_cancel_a_running_job_kills_ffmpeg_and_removes_the_temp_file(
-    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    client: Client,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
 ) -> None:
     source = media_clip("long.mp4", seconds=30, size="1920x1080")
     worker = start_worker()
@@ -62,11 +70,12 @@ def test_cancel_a_running_job_kills_ffmpeg_and_removes_the_temp_file(
     for record in job.watch(timeout=60):
         if record.state is JobState.RUNNING and record.percent > 0:
             break
-    ffmpegs = [p for p in psutil.Process(worker.pid).children(recursive=True)
-               if "ffmpeg" in p.name()]
+    ffmpegs = [
+        p for p in psutil.Process(worker.pid).children(recursive=True) if "ffmpeg" in p.name()
+    ]
     assert ffmpegs, "ffmpeg should be running"
     assert job.cancel()
-    gone, alive = psutil.wait_procs(ffmpegs, timeout=2.0)
+    _, alive = psutil.wait_procs(ffmpegs, timeout=2.0)
     assert not alive, "ffmpeg must be gone within 2 s of the cancel"
     assert job.status().state is JobState.CANCELLED
     wait_for(lambda: not list(source.parent.glob(".*part*")), timeout_s=5)
@@ -74,7 +83,9 @@ def test_cancel_a_running_job_kills_ffmpeg_and_removes_the_temp_file(
 
 
 def test_cancel_a_queued_job_never_starts_it(
-    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    client: Client,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
 ) -> None:
     source = media_clip("q.mp4", seconds=2)
     job = client.submit_transcode(source)
@@ -89,11 +100,12 @@ def test_cancel_a_queued_job_never_starts_it(
 
 
 def test_priority_serves_urgent_jobs_first(
-    client: Client, media_clip: Callable[..., Path], start_worker: Callable[..., WorkerProcess],
+    client: Client,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
 ) -> None:
     source = media_clip("p.mp4", seconds=1, size="320x240")
-    low = [client.submit_transcode(source, f"low{i}.mp4", height=120, priority=1)
-           for i in range(3)]
+    low = [client.submit_transcode(source, f"low{i}.mp4", height=120, priority=1) for i in range(3)]
     urgent = client.submit_transcode(source, "urgent.mp4", height=120, priority=9)
     start_worker()
     records = [job.wait(timeout=60) for job in [*low, urgent]]
