@@ -94,6 +94,11 @@ BATCH_DONE = PREFIX + ":batch:{job_id}:done"
 # Lease of a running chunk (a random token, expiring; renewed while the chunk runs): a redelivered
 # chunk waits while a live worker holds it, so no two workers send the same chunk at once.
 BATCH_LEASE = PREFIX + ":batch:{job_id}:lease:{chunk}"
+# Sorted set of every live chunk lease (member: the chunk's task arguments as JSON; score: lease
+# expiry by the server's clock): the watchdog resends a chunk whose lease expired.
+CHUNK_LEASES = PREFIX + ":chunk-leases"
+# Hash per batch: chunk index -> how often the watchdog resent it (a poison chunk fails the job).
+BATCH_REQUEUES = PREFIX + ":batch:{job_id}:requeues"
 
 
 def batch_stats(job_id: str) -> str:
@@ -106,6 +111,10 @@ def batch_checkpoint(job_id: str, chunk: int) -> str:
 
 def batch_done(job_id: str) -> str:
     return BATCH_DONE.format(job_id=job_id)
+
+
+def batch_requeues(job_id: str) -> str:
+    return BATCH_REQUEUES.format(job_id=job_id)
 
 
 def batch_lease(job_id: str, chunk: int) -> str:

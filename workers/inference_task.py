@@ -35,7 +35,7 @@ import redis
 from celery import Celery, Task
 
 from gpujobs import keys
-from gpujobs.app import INFERENCE_TASK
+from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK
 from gpujobs.batch import BATCHES, batch_summary
 from gpujobs.specs import InferenceSpec, JobRecord, JobState
 from gpujobs.store import JobStore
@@ -75,15 +75,30 @@ local total = tonumber(redis.call('HGET', KEYS[2], 'chunks') or '0')
 return {added, redis.call('SCARD', KEYS[1]), total}
 """
 
-# KEYS: lease. ARGV: token, lease ms. Renews the lease if `token` holds it (1), else 0.
+# Chunk leases are also kept in keys.CHUNK_LEASES (member: the chunk's task arguments as JSON,
+# score: expiry by the server's clock), so the watchdog can resend a dead worker's chunk.
+# KEYS: lease, chunk leases. ARGV: token, lease ms, member. Takes a free lease (1), else 0.
+_TAKE_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000 + ARGV[2] / 1000, ARGV[3])
+return 1
+"""
+
+# KEYS: lease, chunk leases. ARGV: token, lease ms, member. Renews if `token` holds it (1), else 0.
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000 + ARGV[2] / 1000, ARGV[3])
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
-# KEYS: lease. ARGV: token. Drops the lease if `token` holds it.
+# KEYS: lease, chunk leases. ARGV: token, member. Drops the lease if `token` holds it.
 _RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
@@ -102,6 +117,15 @@ class ChunkRef:
     count: int
     offset: int
 
+    def task_args(self) -> list[Any]:
+        """The arguments of the chunk's Celery task (gpujobs.inference_chunk)."""
+        return [self.job_id, self.index, self.start, self.count, self.offset]
+
+    @property
+    def lease_member(self) -> str:
+        """The chunk as a member of keys.CHUNK_LEASES: its task arguments as JSON."""
+        return json.dumps(self.task_args(), separators=(",", ":"))
+
 
 class BatchState:
     """A batch's Redis state: checkpoints, counters, finished chunks, chunk leases.
@@ -115,6 +139,7 @@ class BatchState:
         self.ttl_s = ttl_s
         self._checkpoint = client.register_script(_CHECKPOINT_LUA)
         self._mark_done = client.register_script(_MARK_DONE_LUA)
+        self._take = client.register_script(_TAKE_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._release = client.register_script(_RELEASE_LUA)
 
@@ -158,25 +183,30 @@ class BatchState:
         )
         return bool(added), int(done), int(total)
 
-    def take_lease(self, chunk: int, token: str, lease_s: float) -> bool:
-        key = keys.batch_lease(self.job_id, chunk)
-        return bool(self.redis.set(key, token, nx=True, px=int(lease_s * 1000)))
+    def take_lease(self, ref: ChunkRef, token: str, lease_s: float) -> bool:
+        lease_keys = [keys.batch_lease(self.job_id, ref.index), keys.CHUNK_LEASES]
+        return bool(
+            self._take(keys=lease_keys, args=[token, int(lease_s * 1000), ref.lease_member])
+        )
 
-    def renew_lease(self, chunk: int, token: str, lease_s: float) -> bool:
-        key = keys.batch_lease(self.job_id, chunk)
-        return bool(self._renew(keys=[key], args=[token, int(lease_s * 1000)]))
+    def renew_lease(self, ref: ChunkRef, token: str, lease_s: float) -> bool:
+        lease_keys = [keys.batch_lease(self.job_id, ref.index), keys.CHUNK_LEASES]
+        return bool(
+            self._renew(keys=lease_keys, args=[token, int(lease_s * 1000), ref.lease_member])
+        )
 
-    def release_lease(self, chunk: int, token: str) -> None:
-        self._release(keys=[keys.batch_lease(self.job_id, chunk)], args=[token])
+    def release_lease(self, ref: ChunkRef, token: str) -> None:
+        lease_keys = [keys.batch_lease(self.job_id, ref.index), keys.CHUNK_LEASES]
+        self._release(keys=lease_keys, args=[token, ref.lease_member])
 
 
 class ChunkLease:
     """Holds one chunk's lease while the chunk runs, renewing it every third of `lease_s` from
     a thread; `lost` is set when another holder took it (ours expired while we stalled)."""
 
-    def __init__(self, state: BatchState, chunk: int, lease_s: float) -> None:
+    def __init__(self, state: BatchState, ref: ChunkRef, lease_s: float) -> None:
         self.state = state
-        self.chunk = chunk
+        self.ref = ref
         self.lease_s = lease_s
         self.token = uuid.uuid4().hex
         self.lost = threading.Event()
@@ -186,7 +216,7 @@ class ChunkLease:
     def acquire(self, give_up: Any) -> bool:
         """Take the lease, waiting while a live holder has it; False when `give_up()` says so
         first (the chunk got done, the job ended)."""
-        while not self.state.take_lease(self.chunk, self.token, self.lease_s):
+        while not self.state.take_lease(self.ref, self.token, self.lease_s):
             if give_up():
                 return False
             # A holder renews its lease while it lives; no event marks its death, so we look.
@@ -197,7 +227,7 @@ class ChunkLease:
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
             try:
-                if not self.state.renew_lease(self.chunk, self.token, self.lease_s):
+                if not self.state.renew_lease(self.ref, self.token, self.lease_s):
                     self.lost.set()
                     return
             except redis.RedisError:
@@ -208,7 +238,7 @@ class ChunkLease:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError):  # else it expires by itself
-            self.state.release_lease(self.chunk, self.token)
+            self.state.release_lease(self.ref, self.token)
 
 
 def register_inference_task(app: Celery) -> None:
@@ -235,7 +265,7 @@ def run_chunk(rt: WorkerRuntime, ref: ChunkRef, worker: str) -> dict[str, Any]:
         # the live holder or, once a dead one's lease expires, by this delivery.
         return record is None or record.state in (JobState.SUCCEEDED, JobState.FAILED)
 
-    lease = ChunkLease(state, ref.index, rt.settings.inference_lease_s)
+    lease = ChunkLease(state, ref, rt.settings.inference_lease_s)
     if not lease.acquire(give_up):
         return {"skipped": "done elsewhere"}
     try:
@@ -532,3 +562,43 @@ def _write_atomic(path: Path, lines: Iterator[str] | list[str]) -> None:
         temp.replace(path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def requeue_expired_chunks(store: JobStore, app: Celery, max_attempts: int) -> list[str]:
+    """Resend the chunks whose lease expired (their worker died) to the inference queue.
+
+    Called from the watchdog's round (one winner per round). A chunk of a finished job, or one
+    already done, is dropped; a chunk that lost its worker `max_attempts` times fails its job.
+    Returns "job.chunk" for each chunk resent.
+    """
+    seconds, micros = store.redis.time()
+    now = seconds + micros / 1_000_000
+    resent = []
+    for raw in store.redis.zrangebyscore(keys.CHUNK_LEASES, "-inf", now):
+        member = str(raw)
+        job_id, index, start, count, offset = json.loads(member)
+        ref = ChunkRef(job_id=job_id, index=index, start=start, count=count, offset=offset)
+        if store.redis.exists(keys.batch_lease(job_id, index)):
+            continue  # renewed since the scan began
+        store.redis.zrem(keys.CHUNK_LEASES, member)
+        record = store.get(job_id)
+        # A cancelled batch's chunks still settle into its partial output, so they go on too.
+        if record is None or record.state in (JobState.SUCCEEDED, JobState.FAILED):
+            continue
+        state = BatchState(store.redis, job_id, store.record_ttl_s)
+        if index in state.done_chunks():
+            continue
+        lost = int(store.redis.hincrby(keys.batch_requeues(job_id), str(index), 1))
+        store.redis.expire(keys.batch_requeues(job_id), store.record_ttl_s)
+        if lost >= max_attempts:
+            store.update(job_id, only_from=(JobState.QUEUED, JobState.RUNNING),
+                         state=JobState.FAILED, error=f"chunk {index} lost its worker {lost} "
+                         "times")  # fmt: skip
+            continue
+        app.send_task(INFERENCE_TASK, args=ref.task_args(), task_id=f"{job_id}.{index}",
+                      queue=INFERENCE_QUEUE)  # fmt: skip
+        log.warning(
+            "batch %s chunk %d: its worker stopped renewing the lease; resent", *ref_ids(ref)
+        )
+        resent.append(f"{job_id}.{index}")
+    return resent

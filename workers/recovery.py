@@ -25,6 +25,7 @@ from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority
 from gpujobs.flower import task_argsrepr
 from gpujobs.specs import JobKind, JobState
 from gpujobs.store import JobStore
+from workers.inference_task import requeue_expired_chunks
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
@@ -123,7 +124,8 @@ class Watchdog:
                 log.exception("watchdog round failed")
 
     def run_round(self) -> list[str]:
-        """One round; the ids of the jobs it requeued or failed (empty when it lost the lock)."""
+        """One round; the ids of the jobs it requeued or failed, and "job.chunk" for each batch
+        chunk it resent (empty when it lost the lock)."""
         lock_ms = max(1, int(self.interval_s * 1000 * 0.9))
         if not self.store.redis.set(keys.WATCHDOG_LOCK, self.token, nx=True, px=lock_ms):
             return []
@@ -137,6 +139,7 @@ class Watchdog:
             if requeue(self.store, self.app, job_id, record.attempt, reason, self.max_attempts):
                 moved.append(job_id)
             self.store.redis.zrem(keys.LEASES, job_id)
+        moved += requeue_expired_chunks(self.store, self.app, self.max_attempts)
         return moved
 
 
