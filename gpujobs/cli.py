@@ -309,9 +309,18 @@ cli_inference.register(app)  # gpujobs infer, gpujobs results
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning gpujobs errors into one line and an exit code."""
+    """Entry point: run the CLI, turning every user error into one line and an exit code."""
+    args = sys.argv[1:] or ["--help"]  # no command: the help, and exit 0
     try:
-        app()
+        # Not standalone: a usage error reaches us here instead of being drawn as a panel.
+        code = app(args, prog_name="gpujobs", standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as exc:  # a bad option or argument, as Click words it
+        format_message = getattr(exc, "format_message", None)  # names the option at fault
+        message = format_message() if callable(format_message) else str(exc)
+        err_console.print(f"error: {message}", markup=False, highlight=False)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
     except GpujobsError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(exc.exit_code)
@@ -320,6 +329,7 @@ def main() -> None:
         sys.exit(124)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,19 @@ def test_submit_wait_status_ls_json(
     assert "succeeded" in human.stdout and "worker" in human.stdout
     table = gpujobs("ls", "--state", "succeeded")
     assert all(r["id"] in table.stdout for r in records)
+
+
+def test_usage_errors_are_one_line_too(settings: Settings) -> None:
+    cases = [
+        (["submit"], "error: Missing argument 'files'."),
+        (["submit", "x.mp4", "--height", "abc"], "error: Invalid value for '--height'"),
+        (["submit", "x.mp4", "--bogus"], "error: No such option: --bogus"),
+        (["nosuch"], "error: No such command 'nosuch'."),
+        (["ls", "--limit", "0"], "error: Invalid value for '--limit'"),
+    ]
+    for args, message in cases:
+        result = gpujobs(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith(message), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert gpujobs().returncode == 0  # no command: the help
