@@ -232,3 +232,29 @@ def test_broker_restart_with_200_jobs_queued_loses_none(
         assert not list((local.media / "out").glob(".*part*"))
     finally:
         server.stop()
+
+
+def test_a_requeued_job_goes_back_to_the_queue_it_was_sent_to(
+    client: Client, settings: Settings, media_clip: Callable[..., Path]
+) -> None:
+    from gpujobs import keys
+    from workers.lease import Leases
+    from workers.recovery import Watchdog
+
+    source = media_clip("pinned.mp4", seconds=1, size="320x240")
+    target = "transcode.node-7.gpu3"
+    job = client.enqueue(client.prepare_transcode(source), queue=target)
+    assert job.status().queue == target
+
+    def waiting() -> int:
+        return sum(int(client.redis.llen(name)) for name in keys.queue_lists(target))
+
+    assert waiting() == 1
+    client.redis.delete(*keys.queue_lists(target))  # a worker took the message...
+    leases = Leases(client.redis, lease_s=0.05)
+    assert leases.claim(job.id, "gpu3@node-7", "node-7", "3").claimed  # ...and died running it
+    wait_for(lambda: not client.redis.exists(keys.lease(job.id)), timeout_s=2)
+    app = make_app(settings, client.broker_url)
+    assert Watchdog(client.store, app, interval_s=0.05, max_attempts=3).run_round() == [job.id]
+    assert waiting() == 1 and job.status().state is JobState.QUEUED
+    assert sum(int(client.redis.llen(n)) for n in keys.queue_lists("transcode")) == 0
