@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -59,6 +61,33 @@ def test_a_broken_input_fails_with_ffmpegs_reason(
     assert not (settings.media / "bogus.480p.mp4").exists()
 
 
+class EventSeen(threading.Event):
+    uuid: str | None = None
+
+
+def watch_task_events(client: Client, event_type: str) -> EventSeen:
+    """Listen to Celery's task events from a thread; the returned event is set on the first
+    `event_type` (its task id in `.uuid`)."""
+    seen = EventSeen()
+    ready = threading.Event()
+
+    def listen() -> None:
+        with client.app.connection() as connection:
+
+            def on_event(event: dict[str, Any]) -> None:
+                seen.uuid = event.get("uuid")
+                seen.set()
+                receiver.should_stop = True
+
+            receiver = client.app.events.Receiver(connection, handlers={event_type: on_event})
+            ready.set()
+            receiver.capture(limit=None, timeout=30, wakeup=False)
+
+    threading.Thread(target=listen, daemon=True).start()
+    ready.wait(10)
+    return seen
+
+
 def test_cancel_a_running_job_kills_ffmpeg_and_removes_the_temp_file(
     client: Client,
     media_clip: Callable[..., Path],
@@ -74,12 +103,15 @@ def test_cancel_a_running_job_kills_ffmpeg_and_removes_the_temp_file(
         p for p in psutil.Process(worker.pid).children(recursive=True) if "ffmpeg" in p.name()
     ]
     assert ffmpegs, "ffmpeg should be running"
+    revoked = watch_task_events(client, "task-revoked")
     assert job.cancel()
     _, alive = psutil.wait_procs(ffmpegs, timeout=2.0)
     assert not alive, "ffmpeg must be gone within 2 s of the cancel"
     assert job.status().state is JobState.CANCELLED
     wait_for(lambda: not list(source.parent.glob(".*part*")), timeout_s=5)
     assert not (source.parent / "long.1080p.mp4").exists()
+    # Flower learns it from the worker's events: the task is REVOKED, not SUCCESS.
+    assert revoked.wait(10) and revoked.uuid == job.id
 
 
 def test_cancel_a_queued_job_never_starts_it(

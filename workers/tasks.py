@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Ignore
 
 from gpujobs.app import TRANSCODE_TASK
 from gpujobs.flower import FlowerProgress
+from gpujobs.specs import JobState
 from workers import nvenc
 from workers.inference_task import register_inference_task
 from workers.runtime import runtime
@@ -24,4 +26,10 @@ def register_tasks(app: Celery) -> None:
         # Flower shows the job's progress (state PROGRESS, the Result column) while it runs.
         # An NVENC job holds one of the node's NVENC sessions, or waits in its queue for one.
         with nvenc.job_slot(self, rt, job_id, spec), FlowerProgress(self, rt.store.redis, job_id):
-            return run_transcode(rt, self.app, job_id, worker=self.request.hostname or "worker")
+            result = run_transcode(rt, self.app, job_id, worker=self.request.hostname or "worker")
+        cancelled = JobState.CANCELLED.value
+        if cancelled in (result.get("stopped"), result.get("skipped")):
+            # Flower shows the job REVOKED rather than SUCCESS; Ignore acks without an event.
+            self.send_event("task-revoked", terminated=True, signum=None, expired=False)
+            raise Ignore()
+        return result
