@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -39,6 +38,7 @@ from gpujobs import keys
 from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
 from gpujobs.specs import JobRecord, JobState
+from gpujobs.store import parse_published
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class FlowerProgress:
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.2)
                     if message is not None:
-                        record = _record(message.get("data"))
+                        record = parse_published(message.get("data"))
                         # Nothing to show before the first progress (the claim's 0%), and
                         # a job that fails before it keeps an empty Result column.
                         if (
@@ -175,14 +175,6 @@ class FlowerProgress:
         finally:
             with contextlib.suppress(Exception):
                 pubsub.close()
-
-
-def _record(data: Any) -> JobRecord | None:
-    try:
-        text = data.decode() if isinstance(data, bytes) else data
-        return JobRecord.from_hash(json.loads(text))
-    except (ValueError, TypeError):
-        return None
 
 
 def is_loopback(address: str) -> bool:

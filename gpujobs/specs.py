@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,29 +57,16 @@ def check_media_path(value: str, what: str) -> str:
     return path.as_posix()
 
 
-class TranscodeSpec(BaseModel):
-    """One transcode. Units: pixels for width/height; cq is the constant-quality level (0..51,
-    lower is better; libx264's crf on the CPU paths); threads are ffmpeg decoder threads.
-
-    width: None keeps the input's aspect ratio, rounded to an even number (1920x1080 -> 854x480).
-    priority: 0 (lowest) .. 9 (most urgent), default 5.
-    gpu: "auto" uses the fastest path the worker's card supports; "require" fails where no GPU
-    path exists; "forbid" always encodes on the CPU.
-    """
+class MediaJobSpec(BaseModel):
+    """What every job spec shares: an input and an output, both paths under the media root
+    (see `check_media_path`), and not the same file. `output_suffixes`: the output's allowed
+    extensions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    output_suffixes: ClassVar[tuple[str, ...]] = ()
 
     input: str
     output: str
-    width: int | None = None
-    height: int = 480
-    codec: Codec = "h264"
-    preset: Preset = "p1"
-    cq: int = Field(default=28, ge=0, le=51)
-    audio: AudioMode = "copy"
-    threads: int = Field(default=2, ge=1, le=64)
-    priority: int = Field(default=5, ge=0, le=9)
-    gpu: GpuPolicy = "auto"
 
     @field_validator("input")
     @classmethod
@@ -89,7 +76,41 @@ class TranscodeSpec(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_path(cls, value: str) -> str:
-        return check_media_path(value, "output")
+        value = check_media_path(value, "output")
+        suffix = PurePosixPath(value).suffix.lower()
+        if cls.output_suffixes and suffix not in cls.output_suffixes:
+            *first, last = cls.output_suffixes
+            allowed = f"{', '.join(first)} or {last}" if first else last
+            raise ValueError(f"output must end in {allowed}, got {PurePosixPath(value).name!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _output_differs(self) -> Self:
+        if PurePosixPath(self.output) == PurePosixPath(self.input):
+            raise ValueError("output must differ from the input")
+        return self
+
+
+class TranscodeSpec(MediaJobSpec):
+    """One transcode. Units: pixels for width/height; cq is the constant-quality level (0..51,
+    lower is better; libx264's crf on the CPU paths); threads are ffmpeg decoder threads.
+
+    width: None keeps the input's aspect ratio, rounded to an even number (1920x1080 -> 854x480).
+    priority: 0 (lowest) .. 9 (most urgent), default 5.
+    gpu: "auto" uses the fastest path the worker's card supports; "require" fails where no GPU
+    path exists; "forbid" always encodes on the CPU.
+    """
+
+    output_suffixes = (".mp4", ".mkv", ".mov", ".m4v", ".ts")
+    width: int | None = None
+    height: int = 480
+    codec: Codec = "h264"
+    preset: Preset = "p1"
+    cq: int = Field(default=28, ge=0, le=51)
+    audio: AudioMode = "copy"
+    threads: int = Field(default=2, ge=1, le=64)
+    priority: int = Field(default=5, ge=0, le=9)
+    gpu: GpuPolicy = "auto"
 
     @field_validator("width", "height")
     @classmethod
@@ -104,22 +125,13 @@ class TranscodeSpec(BaseModel):
             raise ValueError(f"must be at most 8192, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _output_differs(self) -> TranscodeSpec:
-        if PurePosixPath(self.output) == PurePosixPath(self.input):
-            raise ValueError("output must differ from the input")
-        suffix = PurePosixPath(self.output).suffix.lower()
-        if suffix not in {".mp4", ".mkv", ".mov", ".m4v", ".ts"}:
-            raise ValueError(f"output must end in .mp4, .mkv, .mov, .m4v or .ts, got {suffix!r}")
-        return self
-
 
 # The OpenAI routes a batch line may name (`url`), as the OpenAI Batch API and vllm run-batch.
 InferenceUrl = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 INFERENCE_URLS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
-class InferenceSpec(BaseModel):
+class InferenceSpec(MediaJobSpec):
     """One batch of OpenAI-style requests sent to an OpenAI-compatible server (vLLM).
 
     input: the checked requests file workers read (JSONL, relative to the media root; the SDK
@@ -140,10 +152,7 @@ class InferenceSpec(BaseModel):
     priority: 0 (lowest) .. 9 (most urgent), default 5.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: str
-    output: str
+    output_suffixes = (".jsonl",)
     source: str | None = None
     requests: int = Field(ge=1)
     endpoint: str = "http://localhost:9999/v1"
@@ -155,19 +164,6 @@ class InferenceSpec(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)
     server_wait_s: float = Field(default=120.0, ge=0)
     priority: int = Field(default=5, ge=0, le=9)
-
-    @field_validator("input")
-    @classmethod
-    def _input_path(cls, value: str) -> str:
-        return check_media_path(value, "input")
-
-    @field_validator("output")
-    @classmethod
-    def _output_path(cls, value: str) -> str:
-        value = check_media_path(value, "output")
-        if PurePosixPath(value).suffix.lower() != ".jsonl":
-            raise ValueError(f"output must end in .jsonl, got {PurePosixPath(value).name!r}")
-        return value
 
     @field_validator("endpoint")
     @classmethod
@@ -184,12 +180,6 @@ class InferenceSpec(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
-
-    @model_validator(mode="after")
-    def _output_differs(self) -> InferenceSpec:
-        if PurePosixPath(self.output) == PurePosixPath(self.input):
-            raise ValueError("output must differ from the input")
-        return self
 
     @property
     def errors_output(self) -> str:

@@ -219,7 +219,9 @@ class JobStore:
                 message = pubsub.get_message(timeout=wait)
                 if message is None:
                     continue
-                record = JobRecord.from_hash(json.loads(message["data"]))
+                record = parse_published(message["data"])
+                if record is None:
+                    continue
                 if record.id not in pending:
                     continue
                 yield record
@@ -227,6 +229,15 @@ class JobStore:
                     pending.discard(record.id)
         finally:
             pubsub.close()
+
+
+def parse_published(data: Any) -> JobRecord | None:
+    """A record as the store publishes it on a job's channel; None for anything else."""
+    try:
+        text = data.decode() if isinstance(data, bytes) else data
+        return JobRecord.from_hash(json.loads(text))
+    except (ValueError, TypeError):
+        return None
 
 
 def _str(value: bytes | str) -> str:

@@ -11,12 +11,10 @@ are keys with a TTL and no channel, so they (and the queue depths) are re-read e
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis
 from rich.console import Console, Group, RenderableType
@@ -29,7 +27,7 @@ from gpujobs import keys
 from gpujobs.metrics import ClusterSnapshot, NodeStat, read_snapshot
 from gpujobs.render import STATE_STYLES, job_subject, short_duration
 from gpujobs.specs import JobRecord, JobState
-from gpujobs.store import JobStore
+from gpujobs.store import JobStore, parse_published
 
 ACTIVE = (JobState.RUNNING, JobState.QUEUED)
 RECENT_KEPT = 5  # finished jobs shown under the active ones
@@ -190,7 +188,7 @@ def follow(
                 wait = min(wait, deadline - time.monotonic())
             message = pubsub.get_message(timeout=max(0.0, wait))
             if message is not None:
-                update = _record(message.get("data"))
+                update = parse_published(message.get("data"))
                 if update is not None:
                     view.apply(update)
                     yield view
@@ -200,14 +198,6 @@ def follow(
                 yield view
     finally:
         pubsub.close()
-
-
-def _record(data: Any) -> JobRecord | None:
-    try:
-        text = data.decode() if isinstance(data, bytes) else data
-        return JobRecord.from_hash(json.loads(text))
-    except (ValueError, TypeError):
-        return None
 
 
 def run_top(
