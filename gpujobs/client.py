@@ -31,7 +31,7 @@ from gpujobs.app import (
 )
 from gpujobs.config import Settings
 from gpujobs.connection import broker_url, connect
-from gpujobs.errors import InvalidSpec, JobFailed, JobNotFound
+from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.flower import task_argsrepr
 from gpujobs.mediacheck import looks_like_video
 from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
@@ -137,7 +137,11 @@ class Client:
             raise InvalidSpec(f"input {shown} is not a regular file")
         if path.stat().st_size == 0:
             raise InvalidSpec(f"input {shown} is empty")
-        if not looks_like_video(path):
+        try:
+            is_video = looks_like_video(path)
+        except OSError as exc:
+            raise InvalidSpec(f"input {shown} cannot be read: {exc.strerror or exc}") from None
+        if not is_video:
             raise InvalidSpec(f"input {shown} is not a video file (unrecognised container)")
         media = self.settings.media.resolve()
         resolved = path.resolve()
@@ -172,7 +176,12 @@ class Client:
         """
         spec = prepared.spec
         if prepared.copy_from is not None:
-            _copy_file(prepared.copy_from, self.settings.media / spec.input)
+            try:
+                _copy_file(prepared.copy_from, self.settings.media / spec.input)
+            except OSError as exc:
+                raise GpujobsError(
+                    f"cannot copy {prepared.copy_from} into the media root: {exc.strerror or exc}"
+                ) from None
         job_id = uuid.uuid4().hex[:12]
         record = JobRecord(
             id=job_id,
