@@ -32,7 +32,7 @@ def _yes(value: object) -> str:
 
 
 def _mb(value: object) -> str:
-    return "?" if value is None else f"{int(str(value)) / 1024:.1f}"
+    return "?" if not isinstance(value, int | float) else f"{value / 1024:.1f}"
 
 
 def gpus_table(beats: dict[str, dict[str, Any]], now: float | None = None) -> Table:
@@ -42,9 +42,10 @@ def gpus_table(beats: dict[str, dict[str, Any]], now: float | None = None) -> Ta
     for column in ("node", "gpu", "name", "memory GiB", "util %", "nvenc", "nvdec", "scale_cuda",
                    "workers", "nvenc slots", "running jobs", "seen"):  # fmt: skip
         table.add_column(column, overflow="fold")
-    for node, beat in sorted(beats.items()):
-        workers = beat.get("workers", [])
-        running = beat.get("running_jobs", [])
+    for name, beat in sorted(beats.items()):
+        node = escape(name)  # names from other processes are text, not rich markup
+        workers = [escape(str(w)) for w in beat.get("workers", [])]
+        running = [escape(str(j)) for j in beat.get("running_jobs", [])]
         age = f"{max(0.0, now - float(beat.get('ts', now))):.0f} s ago"
         slots = str(beat.get("nvenc_slots_in_use", 0))
         gpus = beat.get("gpus", [])
@@ -58,7 +59,8 @@ def gpus_table(beats: dict[str, dict[str, Any]], now: float | None = None) -> Ta
             used, total = gpu.get("memory_used_mb"), gpu.get("memory_total_mb")
             util = gpu.get("utilization_pct")
             table.add_row(
-                node, str(gpu.get("index")), str(gpu.get("name")), f"{_mb(used)} / {_mb(total)}",
+                node, str(gpu.get("index")), escape(str(gpu.get("name"))),
+                f"{_mb(used)} / {_mb(total)}",
                 "?" if util is None else str(util), _yes(caps.get("nvenc")),
                 _yes(caps.get("cuda_decode")), _yes(caps.get("scale_cuda")),
                 "\n".join(mine) or "[red]none[/]", slots, "\n".join(running) or "-", age,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rich.console import Console
 
 from gpujobs.config import Settings
@@ -44,6 +46,9 @@ def metrics(
 
     settings = Settings()
     client = connect(broker_url(settings, start_local=False), settings)
+    # No retries with backoff (about 15 s) inside a scrape: Prometheus gives up after 10 s and
+    # would never see `gpujobs_redis_up 0`. The next scrape is the retry.
+    client.set_retry(Retry(NoBackoff(), retries=0))
     host = settings.metrics_address if address is None else address
     console = Console(soft_wrap=True)
 

@@ -261,7 +261,12 @@ def run_flower(settings: Settings, address: str | None = None, port: int | None 
         del os.environ[name]  # settings are the one source of Flower's options
     if credentials is not None:
         os.environ["FLOWER_BASIC_AUTH"] = credentials
-    app.start(argv=flower_argv(settings, address, port))
+    try:
+        app.start(argv=flower_argv(settings, address, port))
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        raise GpujobsError(
+            f"cannot serve Flower on {address}:{port}: {exc.strerror or exc}"
+        ) from None
 
 
 def free_port(address: str, wanted: int) -> int:
@@ -303,6 +308,11 @@ def stack_flower(settings: Settings) -> tuple[list[str], str] | None:
     except ImportError:
         log.warning("local stack without Flower: pip install 'gpujobs[monitor]'")
         return None
-    port = free_port(settings.flower_address, settings.flower_port)
+    try:
+        port = free_port(settings.flower_address, settings.flower_port)
+    except OSError as exc:  # an address this machine does not have: no reason to fail the stack
+        log.warning("local stack without Flower: cannot listen on %s: %s",
+                    settings.flower_address, exc)  # fmt: skip
+        return None
     command = [sys.executable, "-m", "gpujobs", "flower", "--port", str(port)]
     return command, url_for(settings.flower_address, port)

@@ -36,6 +36,7 @@ WORKER_STOP_TIMEOUT_S = 60.0
 FLOWER_STOP_TIMEOUT_S = 10.0
 # Seconds between worker restarts: doubles from the first to the last while it keeps dying.
 RESTART_BACKOFF_S = (1.0, 30.0)
+STABLE_AFTER_S = 60.0  # a child that ran this long before dying restarts after the first pause
 
 
 def _stack_path(settings: Settings) -> Path:
@@ -48,7 +49,7 @@ def read_stack(settings: Settings) -> dict[str, Any] | None:
         info: dict[str, Any] = json.loads(_stack_path(settings).read_text())
     except (OSError, ValueError):
         return None
-    if not _alive(int(info.get("pid", 0))):
+    if not _is_stack(int(info.get("pid", 0))):
         return None
     return info
 
@@ -60,7 +61,8 @@ def running_url(settings: Settings) -> str | None:
         return None
     url = str(info["broker_url"])
     try:
-        redis.Redis.from_url(url, socket_connect_timeout=1.0).ping()
+        with redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0) as probe:
+            probe.ping()
     except (redis.RedisError, OSError):
         return None
     media = info.get("media_root")
@@ -91,7 +93,8 @@ def stop(settings: Settings, timeout_s: float = WORKER_STOP_TIMEOUT_S + 15) -> b
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     if not _wait_exit(pid, timeout_s):
-        os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it exited just now
+            os.killpg(pid, signal.SIGKILL)
         raise LocalStackError(f"the local stack (pid {pid}) did not stop in {timeout_s:.0f} s")
     return True
 
@@ -123,6 +126,7 @@ def _start(settings: Settings) -> str:
     if not line.startswith("ready "):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()  # no zombie left in a long-lived caller (an SDK client)
         raise LocalStackError(f"the local stack did not start; see {log_dir / 'stack.log'}")
     return line.split(" ", 1)[1]
 
@@ -154,6 +158,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _is_stack(pid: int) -> bool:
+    """True when `pid` is alive and is a stack process (`python -m gpujobs.local`).
+
+    The stack file outlives a crash or a reboot, and its pid may by then be another program's:
+    `gpujobs down` must not send that one SIGTERM, nor SIGKILL its process group.
+    """
+    if not _alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone meanwhile, or not ours to read
+    return b"gpujobs.local" in argv
 
 
 def _wait_exit(pid: int, timeout_s: float) -> bool:
@@ -241,6 +260,7 @@ def serve(settings: Settings) -> None:
     os.dup2(devnull, 1)
     backoff = dict.fromkeys(starters, RESTART_BACKOFF_S[0])
     restart_at: dict[str, float] = {}
+    started_at = dict.fromkeys(starters, time.monotonic())
     try:
         while not stopping.is_set():
             due = min(restart_at.values(), default=None)
@@ -254,8 +274,11 @@ def serve(settings: Settings) -> None:
                     if now >= restart_at[name]:
                         del restart_at[name]
                         children[name] = starters[name]()
+                        started_at[name] = now
                 elif child.poll() is not None:
                     # A child died: restart it after a pause that grows while it keeps dying.
+                    if now - started_at[name] >= STABLE_AFTER_S:
+                        backoff[name] = RESTART_BACKOFF_S[0]  # it ran well: not "keeps dying"
                     restart_at[name] = now + backoff[name]
                     backoff[name] = min(backoff[name] * 2, RESTART_BACKOFF_S[1])
     finally:
@@ -276,6 +299,8 @@ def serve(settings: Settings) -> None:
                 worker.kill()
                 worker.wait()
         server.stop()
+        worker_log.close()
+        flower_log.close()
         with contextlib.suppress(FileNotFoundError):
             _stack_path(settings).unlink()
 

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from gpujobs import keys
 from gpujobs.app import INFERENCE_QUEUE, TRANSCODE_QUEUE
+from gpujobs.errors import GpujobsError
 from gpujobs.specs import JobKind, JobState
 
 log = logging.getLogger(__name__)
@@ -393,7 +394,12 @@ def serve_metrics(client: redis.Redis, address: str, port: int, ready: Any = Non
     """
     from prometheus_client import start_http_server
 
-    server, thread = start_http_server(port, addr=address, registry=registry_for(client))
+    try:
+        server, thread = start_http_server(port, addr=address, registry=registry_for(client))
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        raise GpujobsError(
+            f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}"
+        ) from None
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

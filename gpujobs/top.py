@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import redis
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from gpujobs import keys
+from gpujobs.errors import BrokerUnreachable
 from gpujobs.metrics import ClusterSnapshot, NodeStat, read_snapshot
 from gpujobs.render import STATE_STYLES, job_subject, short_duration
 from gpujobs.specs import JobRecord, JobState
@@ -91,14 +93,16 @@ def nodes_table(nodes: list[NodeStat], nvenc: dict[str, int]) -> Table:
         slots = nvenc.get(node.node) or node.nvenc_slots_in_use or 0
         common = [str(slots), str(len(node.workers)), str(len(node.running_jobs)),
                   short_duration(node.age_s) + " ago"]  # fmt: skip
+        # Names come from other processes: escaped, so a `[` in one is text, not markup.
+        name = escape(node.node)
         if not node.gpus:
-            table.add_row(node.node, "-", "[dim]cpu only[/]", "", "", "-", *common)
+            table.add_row(name, "-", "[dim]cpu only[/]", "", "", "-", *common)
         for gpu in node.gpus:
             util = gpu.utilization_pct
             table.add_row(
-                node.node,
+                name,
                 str(gpu.index),
-                gpu.name or "-",
+                escape(gpu.name or "-"),
                 _bar(util or 0.0, "magenta") if util is not None else "",
                 "-" if util is None else f"{util:3.0f}%",
                 f"{_gib(gpu.memory_used_mb)}/{_gib(gpu.memory_total_mb)}",
@@ -120,9 +124,10 @@ def jobs_table(view: TopView, now: float) -> Table:
     for record in [*order[:ACTIVE_SHOWN], *view.recent]:
         style = STATE_STYLES[record.state]
         where = f"{record.node}/{record.gpu}" if record.node else (record.worker or "-")
-        detail = job_subject(record)
+        # Paths and ffmpeg's errors (`[h264_nvenc @ 0x...]`) are text, not rich markup.
+        detail = escape(job_subject(record))
         if record.state is JobState.FAILED and record.error:
-            detail = f"{detail}  [red]{record.error}[/]"
+            detail = f"{detail}  [red]{escape(record.error)}[/]"
         table.add_row(
             record.id,
             record.kind.value,
@@ -132,7 +137,7 @@ def jobs_table(view: TopView, now: float) -> Table:
             f"{record.fps:.0f}" if record.fps else "-",
             f"{record.speed:.2f}x" if record.speed else "-",
             short_duration(record.eta_s) if record.state is JobState.RUNNING else "-",
-            where
+            escape(where)
             if record.state is not JobState.QUEUED
             else short_duration(now - record.created_at),
             detail,
@@ -234,5 +239,7 @@ def run_top(
             shown += 1
             if frames is not None and shown >= frames:
                 break
+    except redis.RedisError as exc:  # the broker went away while top ran: one line, no traceback
+        raise BrokerUnreachable(f"lost the broker: {exc}") from None
     finally:
         views.close()

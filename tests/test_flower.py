@@ -158,6 +158,31 @@ def test_flower_refuses_a_public_address_without_auth(settings: Settings) -> Non
     ]
 
 
+def test_flower_on_a_taken_port_is_one_line(settings: Settings) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("flower", "--port", str(port))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: cannot serve Flower on 127.0.0.1:{port}: "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_stack_runs_without_flower_it_cannot_bind(settings: Settings) -> None:
+    from pydantic import SecretStr
+
+    from gpujobs.flower import stack_flower
+
+    # 192.0.2.1 (TEST-NET-1): an address this machine does not have.
+    update = {"flower_address": "192.0.2.1", "flower_user": USER, "flower_password": SecretStr("p")}
+    secured = settings.model_copy(update=update)
+    assert stack_flower(secured) is None
+
+
 def test_flower_pages_answer_401_without_credentials(
     password: str, start_flower: Callable[..., FlowerProcess]
 ) -> None:

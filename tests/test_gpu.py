@@ -121,6 +121,26 @@ def test_doctor_reports_each_check_with_a_fix(
         assert by_name["nvidia-smi"].startswith("FAIL") and result.returncode == 1
 
 
+def test_doctor_without_a_runnable_ffmpeg_reports_it_and_goes_on(tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-ffmpeg")
+    [check] = doctor.check_paths(missing)
+    assert check.name == "test clip" and not check.ok and "does not run" in check.detail
+
+
+def test_a_garbled_capabilities_hand_over_is_measured_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from workers.gpu import detect_capabilities
+
+    monkeypatch.setenv(MEASURED_ENV, "[1, 2]")  # JSON, but not an object
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: measuring again gives NO_GPU
+    detect_capabilities.cache_clear()
+    try:
+        assert detect_capabilities(str(tmp_path / "no-ffmpeg")) == NO_GPU
+    finally:
+        detect_capabilities.cache_clear()
+
+
 def test_swap_and_library_checks(tmp_path: Path) -> None:
     swaps = tmp_path / "swaps"
     swaps.write_text("Filename\tType\tSize\tUsed\tPriority\n")

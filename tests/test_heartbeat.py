@@ -91,6 +91,19 @@ def test_gpus_table_marks_a_gpu_without_a_worker() -> None:
     assert table.row_count == 1
 
 
+def test_gpus_table_shows_names_as_text_not_markup() -> None:
+    import io
+
+    from rich.console import Console
+
+    gpu = {"index": 0, "name": "[/bold]odd", "memory_used_mb": 1200.0, "capabilities": {}}
+    table = gpus_table({"n[/x]": beat("n[/x]", gpus=[gpu], workers=[])})
+    console = Console(width=300, record=True, color_system=None, file=io.StringIO())
+    console.print(table)  # a `[/x]` read as markup would raise MarkupError
+    text = console.export_text()
+    assert "n[/x]" in text and "[/bold]odd" in text and "1.2 / ?" in text
+
+
 def test_submit_to_a_node_or_gpu_without_a_worker_is_refused(
     settings: Settings, broker_url: str, media_clip: Callable[..., object]
 ) -> None:

@@ -86,6 +86,20 @@ def test_a_scrape_without_redis_says_so() -> None:
     assert [(f.name, f.samples[0].value) for f in families] == [("gpujobs_redis_up", 0)]
 
 
+def test_a_taken_port_is_one_line_not_a_traceback() -> None:
+    import socket
+
+    from gpujobs.errors import GpujobsError
+    from gpujobs.metrics import serve_metrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(GpujobsError, match=f"cannot serve metrics on 127.0.0.1:{port}: "):
+            serve_metrics(redis.Redis(port=1), "127.0.0.1", port)
+
+
 @pytest.fixture
 def metrics_url(settings: object, tmp_path: Path) -> Iterator[str]:
     """A real `gpujobs metrics --port 0`; its URL once it listens."""

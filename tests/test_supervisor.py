@@ -134,6 +134,7 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         (["--gpus", "0,0"], 4, "error: --gpus '0,0': GPU 0 is named twice"),
         (["--gpus", "all", "--per-gpu", "0"], 4, "error: --per-gpu must be at least 1, got 0"),
         (["--gpus", "all"], 0, "error: --gpus all: nvidia-smi finds no GPU on this node"),
+        (["--gpus", "none", "--loglevel", "loud"], 4, "error: --loglevel 'LOUD': expected DEBUG"),
     ],
 )
 def test_bad_worker_options_get_one_line(

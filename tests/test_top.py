@@ -52,6 +52,19 @@ def test_the_view_renders_nodes_gpus_and_jobs_with_bars() -> None:
     assert text.index("aaaaaaaaaaaa") < text.index("bbbbbbbbbbbb") < text.index("cccccccccccc")
 
 
+def test_names_paths_and_errors_are_text_not_markup() -> None:
+    now = time.time()
+    node = parse_heartbeat("n[/x]", heartbeat("n[/x]"), now)
+    assert node is not None
+    view = TopView(snapshot=ClusterSnapshot(at=now, queues={}, jobs=JobCounts(), nodes=[node],
+                                            nvenc_in_use={}))  # fmt: skip
+    view.apply(record("dddddddddddd", JobState.FAILED, error="[h264_nvenc @ 0x5] [/x] no device"))
+    view.apply(record("eeeeeeeeeeee", JobState.QUEUED, spec={"input": "in/[red]a[/].mp4"}))
+    text = render_text(view)  # markup would raise MarkupError on `[/x]` or swallow `[h264...]`
+    assert "n[/x]" in text and "[h264_nvenc @ 0x5] [/x] no device" in text
+    assert "in/[red]a[/].mp4" in text
+
+
 def test_top_follows_a_running_job_live(
     client: Client,
     media_clip: Callable[..., Path],

@@ -138,11 +138,15 @@ def check_paths(ffmpeg: str, seconds: float = 1.0) -> Iterator[Check]:
     }
     with tempfile.TemporaryDirectory(prefix="gpujobs-doctor-") as folder:
         clip = Path(folder) / "in.mp4"
-        made = _run([
-            ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
-            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(clip),
-        ])  # fmt: skip
+        try:
+            made = _run([
+                ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
+                "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
+                "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(clip),
+            ])  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            yield Check("test clip", False, f"{ffmpeg} does not run: {exc}", fixes[EncodePath.CPU])
+            return
         if made.returncode != 0:
             yield Check("test clip", False, made.stderr.strip()[-200:], fixes[EncodePath.CPU])
             return
@@ -179,7 +183,7 @@ def check_broker(settings: Settings) -> Check:
 
     try:
         url = broker_url(settings, start_local=False)
-        connect(url, settings)
+        connect(url, settings).close()
     except GpujobsError as exc:
         fix = "set GPUJOBS_BROKER_URL (and GPUJOBS_REDIS_PASSWORD), or `gpujobs up`"
         return Check("broker", False, str(exc), fix)
@@ -198,7 +202,7 @@ def check_vllm(endpoint: str, timeout_s: float = 3.0) -> Check:
                      "check the server's logs and API key")  # fmt: skip
     try:
         models = [m.get("id") for m in response.json().get("data", [])]
-    except ValueError:
+    except (ValueError, AttributeError, TypeError):  # not JSON, or not the OpenAI list shape
         models = []
     return Check("vLLM endpoint", True, f"{url}: {', '.join(map(str, models)) or 'no models'}")
 

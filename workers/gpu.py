@@ -293,7 +293,7 @@ def detect_capabilities(ffmpeg: str) -> Capabilities:
     if handed:
         try:
             return Capabilities.from_json(handed)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, AttributeError):  # AttributeError: JSON but no object
             pass  # a garbled hand-over: measure ourselves
     gpu = pinned_gpu(list_gpus())
     if gpu is None:

@@ -174,7 +174,7 @@ class SupervisorReporter:
                 log.warning("supervisor gone; stopping this worker")
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            except OSError as exc:
+            except Exception as exc:  # a dead reporter would drop this worker from the heartbeat
                 log.warning("report to the supervisor failed: %s", exc)
             self._stop.wait(self.interval_s)
 

@@ -234,11 +234,9 @@ class Supervisor:
     def live_workers(self) -> dict[str, Report]:
         """Children that are running and reported within the heartbeat TTL."""
         now = time.monotonic()
-        alive = {
-            child.hostname: child.proc.pid
-            for child in self.children
-            if child.proc is not None and child.proc.poll() is None
-        }
+        # Read each child's process once: the main loop sets it to None when the child dies.
+        procs = [(child.hostname, child.proc) for child in self.children]
+        alive = {name: proc.pid for name, proc in procs if proc is not None and proc.poll() is None}
         with self._lock:
             return {
                 name: report
@@ -276,10 +274,11 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, self._on_signal)
         threading.Thread(target=self._read_reports, name="reports", daemon=True).start()
-        for child in self.children:
-            self.start(child)
-        self.heartbeat.start()
         try:
+            # Inside the try: a child that cannot start stops the ones already started.
+            for child in self.children:
+                self.start(child)
+            self.heartbeat.start()
             while not self._stopping.is_set():
                 # Woken by SIGCHLD; the timeout bounds a missed wake-up and times restarts.
                 self._wake.wait(timeout=0.5)
@@ -326,6 +325,9 @@ def run_supervisor(
     """
     if per_gpu < 1:
         raise BadWorkerOptions(f"--per-gpu must be at least 1, got {per_gpu}")
+    loglevel = loglevel.strip().upper()  # Celery takes `info`; logging wants `INFO`
+    if not isinstance(logging.getLevelName(loglevel), int):
+        raise BadWorkerOptions(f"--loglevel {loglevel!r}: expected DEBUG, INFO, WARNING or ERROR")
     chosen = select_gpus(gpus, list_gpus())
     settings = Settings()
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
