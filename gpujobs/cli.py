@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+class LogLevel(StrEnum):
+    """Log levels both Celery and Python's logging understand."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
 console = Console()
 # Errors stay on one line whatever the terminal's width.
 err_console = Console(stderr=True, soft_wrap=True)
@@ -210,7 +222,7 @@ def worker(
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 1,
     hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
-    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING...")] = "INFO",
+    loglevel: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.INFO,
     gpus: Annotated[
         str | None,
         typer.Option(
@@ -239,11 +251,11 @@ def worker(
         ) from None
     if gpus is not None:
         shared = [q for q in queues.split(",") if q] if queues else None
-        raise typer.Exit(run_supervisor(gpus, per_gpu, shared, loglevel))
+        raise typer.Exit(run_supervisor(gpus, per_gpu, shared, loglevel.value))
     if per_gpu != 1:
         raise GpujobsError("--per-gpu goes with --gpus (a single worker takes --concurrency)")
     names = queues or "transcode,inference"
-    run_worker([q for q in names.split(",") if q], concurrency, hostname, loglevel)
+    run_worker([q for q in names.split(",") if q], concurrency, hostname, loglevel.value)
 
 
 @app.command()

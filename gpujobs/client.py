@@ -223,8 +223,13 @@ class Client:
         for name, raw in zip(names, raws, strict=True):
             if raw is None:
                 self.redis.srem(keys.NODES, name)
-            else:
-                beats[name] = json.loads(raw)
+                continue
+            try:
+                beat = json.loads(raw)
+            except ValueError:
+                continue  # a garbled heartbeat names no live worker
+            if isinstance(beat, dict):
+                beats[name] = beat
         return beats
 
     def route(self, node: str | None, gpu: int | None) -> str:

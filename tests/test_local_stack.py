@@ -79,3 +79,22 @@ def test_commands_that_only_read_do_not_start_the_stack(embedded_env: dict[str, 
     assert result.stderr.strip() == (
         "error: the local stack is not running (start it with `gpujobs up`)"
     )
+
+
+def test_down_never_signals_a_process_that_is_not_the_stack(tmp_path: Path) -> None:
+    """After a crash or reboot the pid in stack.json may belong to another program."""
+    from gpujobs import local
+    from gpujobs.config import Settings
+
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        settings = Settings(state_dir=tmp_path / "state", broker_url=None)
+        settings.state_dir.mkdir(parents=True)
+        (settings.state_dir / "stack.json").write_text(
+            json.dumps({"pid": bystander.pid, "broker_url": "redis://127.0.0.1:1"})
+        )
+        assert local.stop(settings) is False
+        assert bystander.poll() is None, "the bystander must survive"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -134,7 +134,8 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
         (["--gpus", "0,0"], 4, "error: --gpus '0,0': GPU 0 is named twice"),
         (["--gpus", "all", "--per-gpu", "0"], 4, "error: --per-gpu must be at least 1, got 0"),
         (["--gpus", "all"], 0, "error: --gpus all: nvidia-smi finds no GPU on this node"),
-        (["--gpus", "none", "--loglevel", "loud"], 4, "error: --loglevel 'LOUD': expected DEBUG"),
+        (["--gpus", "none", "--loglevel", "loud"], 4, "error: Invalid value for '--loglevel'"),
+        (["--loglevel", "loud"], 0, "error: Invalid value for '--loglevel'"),
     ],
 )
 def test_bad_worker_options_get_one_line(

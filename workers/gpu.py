@@ -280,12 +280,6 @@ def measure(ffmpeg: str, gpu: GpuInfo) -> Capabilities:
 
 
 @functools.cache
-def measure_all(ffmpeg: str) -> dict[int, Capabilities]:
-    """Capabilities of every GPU on the machine by index, measured once per process."""
-    return {gpu.index: measure(ffmpeg, gpu) for gpu in list_gpus()}
-
-
-@functools.cache
 def detect_capabilities(ffmpeg: str) -> Capabilities:
     """This worker's GPU, measured once: the supervisor's measurement when it passed one,
     else a test NVENC encode, CUDA decode and scale_cuda run on the pinned GPU."""

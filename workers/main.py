@@ -11,6 +11,7 @@ from celery.worker import state as worker_state
 from gpujobs.app import TRANSCODE_QUEUE, make_app, node_queue
 from gpujobs.config import Settings
 from gpujobs.connection import broker_url
+from gpujobs.errors import GpujobsError
 from workers import heartbeat
 from workers.recovery import Watchdog, drain_on_shutdown
 from workers.runtime import runtime
@@ -62,15 +63,25 @@ def install_recovery(app: Celery, settings: Settings) -> None:
 
     @signals.worker_ready.connect(weak=False)
     def start_watchdog(**kwargs: Any) -> None:
-        Watchdog(runtime().store, app, settings.watchdog_interval_s, settings.max_attempts).start()
+        try:
+            store = runtime().store
+        except GpujobsError as exc:  # Celery got through but we did not: say so, run on
+            logging.getLogger(__name__).error("no lease watchdog in this worker: %s", exc)
+            return
+        Watchdog(store, app, settings.watchdog_interval_s, settings.max_attempts).start()
 
     @signals.worker_shutting_down.connect(weak=False)
     def drain(sender: str, **kwargs: Any) -> None:
         # Celery's warm shutdown waits for running jobs; we bound that wait by requeueing them
         # after the grace period, so they restart elsewhere at once instead of being killed
         # with the pod and waiting out their lease.
+        try:
+            store = runtime().store
+        except GpujobsError as exc:  # never connected: nothing of ours can be running
+            logging.getLogger(__name__).warning("no requeue on shutdown: %s", exc)
+            return
         drain_on_shutdown(
-            runtime().store,
+            store,
             app,
             running_job_ids=lambda: [request.id for request in list(worker_state.active_requests)],
             worker=sender,
