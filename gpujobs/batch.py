@@ -14,11 +14,12 @@ reads only its own lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -188,16 +189,20 @@ class BatchChecker:
         return resolved.relative_to(self.media).as_posix()
 
 
-def read_batch_file(path: Path, media: Path) -> list[Request]:
-    """Every request of a batch file, checked (InvalidSpec at the first bad line)."""
+def iter_batch_file(path: Path, media: Path) -> Iterator[Request]:
+    """The requests of a batch file, each checked as it is read (InvalidSpec at the first bad
+    line). One line is in memory at a time, besides the custom_ids seen so far."""
     shown = str(path)
     if not path.exists():
         raise InvalidSpec(f"batch file {shown} does not exist")
     if not path.is_file():
         raise InvalidSpec(f"batch file {shown} is not a regular file")
     checker = BatchChecker(media)
-    requests: list[Request] = []
-    with path.open("rb") as handle:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise InvalidSpec(f"batch file {shown} cannot be read: {exc.strerror or exc}") from None
+    with handle:
         for number, raw_line in enumerate(handle, start=1):
             where = f"line {number}"
             try:
@@ -211,10 +216,34 @@ def read_batch_file(path: Path, media: Path) -> list[Request]:
             except json.JSONDecodeError as exc:
                 message = f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
                 raise InvalidSpec(message) from None
-            requests.append(checker.check(raw, where))
+            yield checker.check(raw, where)
+
+
+def read_batch_file(path: Path, media: Path) -> list[Request]:
+    """Every request of a batch file, checked (InvalidSpec at the first bad line)."""
+    requests = list(iter_batch_file(path, media))
     if not requests:
-        raise InvalidSpec(f"batch file {shown} is empty (no requests)")
+        raise InvalidSpec(f"batch file {path} is empty (no requests)")
     return requests
+
+
+class BatchFile:
+    """A batch file's checked requests, read again from the file each time they are iterated,
+    so that a batch of any size is checked and written without being held in memory."""
+
+    def __init__(self, path: Path, media: Path) -> None:
+        self.path = path
+        self.media = media
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter_batch_file(self.path, self.media)
+
+    def count(self) -> int:
+        """How many requests the file holds, every one checked (InvalidSpec if one is bad)."""
+        count = sum(1 for _ in self)
+        if not count:
+            raise InvalidSpec(f"batch file {self.path} is empty (no requests)")
+        return count
 
 
 def check_request_list(items: Iterable[object], media: Path) -> list[Request]:
@@ -251,7 +280,9 @@ class PreparedBatch:
 
     job_id: str
     spec: InferenceSpec
-    requests: list[Request] = field(repr=False)
+    # A list (the SDK's dicts) or a BatchFile, which reads and checks the file again when the
+    # batch is written: spec.requests is the count.
+    requests: Iterable[Request] = field(repr=False)
 
 
 def spec_defaults(settings: Settings) -> dict[str, Any]:
@@ -291,7 +322,9 @@ def prepare_batch(
         path = Path(input).expanduser()
         if not path.is_absolute():
             path = media / path
-        requests = read_batch_file(path, media)
+        batch_file = BatchFile(path, media)
+        count = batch_file.count()
+        requests: Iterable[Request] = batch_file
         source = str(path)
         source_rel = source_relative(path, media)
         stem = path.name.removesuffix(".jsonl")
@@ -304,7 +337,8 @@ def prepare_batch(
         )
     else:
         requests = check_request_list(input, media)
-        source = f"{len(requests)} requests"
+        count = len(requests)
+        source = f"{count} requests"
         source_rel = None
         stem, default_dir = "batch", f"{BATCHES}/{job_id}"
     if output is None:
@@ -314,9 +348,10 @@ def prepare_batch(
     if output_rel == source_rel:
         raise InvalidSpec("output must differ from the input")
     spec = make_spec(
-        {**values, "input": stand_in, "output": output_rel, "source": source,
-         "requests": len(requests)}
-    )  # fmt: skip
+        {**values, "input": stand_in, "output": output_rel, "source": source, "requests": count}
+    )
+    if spec.errors_output == source_rel:  # rerunning the failed lines into the same output
+        raise InvalidSpec(f"the errors file of output {output_rel} would overwrite the input")
     return PreparedBatch(job_id=job_id, spec=spec, requests=requests)
 
 
@@ -356,21 +391,33 @@ def make_spec(values: dict[str, Any]) -> InferenceSpec:
         raise InvalidSpec(f"{name}: {message}" if name else message) from None
 
 
-def write_requests(requests: list[Request], path: Path, chunk_size: int) -> list[Chunk]:
-    """Write the checked requests as JSONL (temporary name, then rename); the chunk plan."""
+def write_requests(
+    requests: Iterable[Request], path: Path, chunk_size: int, total: int
+) -> list[Chunk]:
+    """Write the `total` checked requests as JSONL (temporary name, then rename); the chunk
+    plan. InvalidSpec, and nothing left behind, when a file no longer holds what was checked."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.writing")
     chunks: list[Chunk] = []
-    offset = 0
-    with partial.open("wb") as handle:
-        for index, request in enumerate(requests):
-            if index % chunk_size == 0:
-                count = min(chunk_size, len(requests) - index)
-                chunks.append(Chunk(index=len(chunks), start=index, count=count, offset=offset))
-            line = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-            handle.write(line)
-            offset += len(line)
-    partial.replace(path)
+    offset = written = 0
+    try:
+        with partial.open("wb") as handle:
+            for index, request in enumerate(requests):
+                if index % chunk_size == 0:
+                    count = max(0, min(chunk_size, total - index))
+                    chunks.append(Chunk(index=len(chunks), start=index, count=count, offset=offset))
+                line = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
+                handle.write(line + b"\n")
+                offset += len(line) + 1
+                written = index + 1
+        if written != total:
+            raise InvalidSpec(
+                f"the batch changed while it was queued ({written} requests, {total} checked); "
+                "submit it again"
+            )
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return chunks
 
 
@@ -421,7 +468,14 @@ def enqueue_batch(client: Client, prepared: PreparedBatch) -> str:
     spec = prepared.spec
     job_id = prepared.job_id
     folder = client.settings.media / BATCHES / job_id
-    chunks = write_requests(prepared.requests, client.settings.media / spec.input, spec.chunk_size)
+    try:
+        chunks = write_requests(
+            prepared.requests, client.settings.media / spec.input, spec.chunk_size, spec.requests
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        raise
     ttl = client.settings.record_ttl_s
     redis_client: redis.Redis = client.redis
     with redis_client.pipeline() as pipe:
@@ -454,6 +508,8 @@ def enqueue_batch(client: Client, prepared: PreparedBatch) -> str:
         client.store.delete(job_id)
         redis_client.delete(keys.batch_stats(job_id))
         (folder / REQUESTS_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()
         raise
     return job_id
 

@@ -79,7 +79,11 @@ def queue_lists(queue: str) -> list[str]:
 
 
 # --- Batch inference (gpujobs/batch.py, workers/inference_task.py) ---------------------------
-# Every key below expires with the job's record (record_ttl_s); a finished batch deletes them.
+# Every per-batch key below expires, so a batch abandoned half-way leaves nothing: the counters,
+# checkpoints, done set and requeue counts record_ttl_s after their last write, leases and the
+# merge lock after their own timeout. A chunk deletes its checkpoint once its part is written.
+# CHUNK_LEASES is one set for all batches: a chunk removes its member when it lets go of its
+# lease, the watchdog when it finds the lease expired.
 
 # Hash per batch: total, chunks, completed, failed and token counts, incremented atomically with
 # each checkpoint, so progress is exact however many workers share the batch.
@@ -99,6 +103,9 @@ BATCH_LEASE = PREFIX + ":batch:{job_id}:lease:{chunk}"
 CHUNK_LEASES = PREFIX + ":chunk-leases"
 # Hash per batch: chunk index -> how often the watchdog resent it (a poison chunk fails the job).
 BATCH_REQUEUES = PREFIX + ":batch:{job_id}:requeues"
+# Lock (a random token, expiring) held while a worker writes the batch's output from the part
+# files: the last chunk's merge and the partial output of a cancelled batch never run at once.
+BATCH_MERGE = PREFIX + ":batch:{job_id}:merge"
 
 
 def batch_stats(job_id: str) -> str:
@@ -119,3 +126,7 @@ def batch_requeues(job_id: str) -> str:
 
 def batch_lease(job_id: str, chunk: int) -> str:
     return BATCH_LEASE.format(job_id=job_id, chunk=chunk)
+
+
+def batch_merge(job_id: str) -> str:
+    return BATCH_MERGE.format(job_id=job_id)

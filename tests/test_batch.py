@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import redis
 
 from gpujobs import InvalidSpec, keys
 from gpujobs.app import INFERENCE_QUEUE
-from gpujobs.batch import BATCHES, read_batch_file
+from gpujobs.batch import BATCHES, enqueue_batch, prepare_batch, read_batch_file
 from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobKind, JobState
@@ -190,3 +191,43 @@ def test_sdk_takes_a_list_and_names_the_bad_item(client: Client, settings: Setti
         client.submit_inference([line("a", body={"x": object()})])
     with pytest.raises(InvalidSpec, match="chunk_size: Input should be greater than or equal"):
         client.submit_inference([line("a")], chunk_size=0)
+
+
+def test_a_large_batch_is_checked_without_being_held_in_memory(
+    settings: Settings, tmp_path: Path
+) -> None:
+    prompt = "x" * 4000
+    rows = [line(f"r{i}", url="/v1/completions", body={"model": "m", "prompt": prompt})
+            for i in range(1500)]  # fmt: skip
+    source = write_jsonl(tmp_path / "large.jsonl", rows)  # 6 MB
+    tracemalloc.start()
+    try:
+        prepared = prepare_batch(settings, source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert prepared.spec.requests == 1500
+    assert peak < 2_000_000, peak  # a line at a time, and the custom_ids seen
+
+
+def test_a_batch_file_changed_after_its_check_is_refused(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    source = write_jsonl(tmp_path / "b.jsonl", [line("a"), line("b")])
+    prepared = prepare_batch(settings, source)
+    with source.open("a") as handle:
+        handle.write(json.dumps(line("c")) + "\n")
+    with pytest.raises(InvalidSpec, match=r"changed while it was queued \(3 requests, 2 checked"):
+        enqueue_batch(client, prepared)
+    write_jsonl(source, [line("a"), "{oops"])
+    with pytest.raises(InvalidSpec, match="line 2: not valid JSON"):
+        enqueue_batch(client, prepared)
+    assert client.redis.zcard(keys.JOB_INDEX) == 0
+    assert not (settings.media / BATCHES / prepared.job_id).exists()
+
+
+def test_the_errors_file_may_not_overwrite_the_input(client: Client, settings: Settings) -> None:
+    # Rerunning the failed lines of a batch into its own output would replace them.
+    source = write_jsonl(settings.media / "in" / "x.results.errors.jsonl", [line("a")])
+    with pytest.raises(InvalidSpec, match=r"errors file of output in/x\.results\.jsonl would"):
+        client.submit_inference(source, output=settings.media / "in" / "x.results.jsonl")

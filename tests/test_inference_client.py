@@ -222,3 +222,39 @@ def test_stop_abandons_what_is_in_flight(server: FakeOpenAI) -> None:
     started = time.monotonic()
     assert asyncio.run(go()) == "cancelled"
     assert time.monotonic() - started < 2 and 1 <= len(seen) < 40
+
+
+def test_retry_after_as_a_gmt_date_written_minus_0000(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    # RFC 5322's "-0000" is GMT too; Python parses it as a naive time, which is not local time.
+    later = time.strftime("%a, %d %b %Y %H:%M:%S -0000", time.gmtime(time.time() + 30))
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert 25 <= (retry_after_s(httpx.Headers({"Retry-After": later})) or 0) <= 31
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_requests_are_taken_as_slots_free_not_all_at_once(server: FakeOpenAI) -> None:
+    # A chunk of 100 vision requests must not read and inline 100 images before sending one.
+    taken: list[int] = []
+    taken_at_first_outcome: list[int] = []
+
+    def requests() -> Iterator[BatchRequest]:
+        for i in range(100):
+            taken.append(i)
+            yield chat(i, f"q{i}")
+
+    def on_outcome(outcome: Outcome) -> None:
+        taken_at_first_outcome.append(len(taken))
+
+    async def go() -> None:
+        async with InferenceClient(server.url, concurrency=4, retry=FAST_RETRY) as client:
+            await client.run(requests(), on_outcome)
+
+    asyncio.run(go())
+    assert len(taken_at_first_outcome) == 100 and taken_at_first_outcome[0] <= 8
+    assert server.entries("rejected") == [] and server.peak <= 4

@@ -5,15 +5,19 @@
 - A worker SIGKILLed mid-batch: another finishes it without sending a finished request again.
 - Cancel keeps what finished and writes a partial output; a deadline fails what is left.
 - The CLI: infer/submit --wait, results, and an endpoint that refuses connections.
+- In-process: the last chunk's merge runs once, a dead finisher's chunk is resent, an image
+  swapped for a symlink out of the media root fails alone, a job failed elsewhere gets no output.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +32,16 @@ from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobState
 from tests.helpers import WorkerProcess, wait_for
 from tests.openai_server import FakeOpenAI
+from workers.inference import BatchRequest, InferenceClient, Outcome, output_line
+from workers.inference_task import (
+    BatchOutput,
+    BatchState,
+    ChunkRef,
+    image_resolver,
+    requeue_expired_chunks,
+    run_chunk,
+)
+from workers.runtime import WorkerRuntime
 
 # Workers retry fast here: the backoff is not what these tests measure.
 FAST = {"GPUJOBS_INFERENCE_BACKOFF_S": "0.02", "GPUJOBS_INFERENCE_BACKOFF_MAX_S": "0.2"}
@@ -287,3 +301,88 @@ def test_embedded_default_runs_a_batch_with_nothing_else_running(
             f"req-{i:04d}" for i in range(20)]  # fmt: skip
     finally:
         assert run("down").returncode == 0
+
+
+def stale_lease(client: Client, job_id: str, chunk: int, start: int, count: int) -> None:
+    """Chunk `chunk`'s lease as a worker that died leaves it: expired, its key gone."""
+    member = json.dumps([job_id, chunk, start, count, 0], separators=(",", ":"))
+    client.redis.zadd(keys.CHUNK_LEASES, {member: 0})
+
+
+def test_the_last_merge_runs_once_and_a_dead_finishers_chunk_is_resent(
+    client: Client, settings: Settings
+) -> None:
+    job = client.submit_inference(batch_rows(4), endpoint="http://127.0.0.1:9/v1", chunk_size=2)
+    rt = WorkerRuntime(settings=settings, pid=os.getpid())
+    spec = InferenceSpec.model_validate(job.status().spec)
+    state = BatchState(rt.store.redis, job.id, settings.record_ttl_s)
+    output = BatchOutput(rt, spec, job.id)
+    rt.store.update(job.id, state=JobState.RUNNING, started_at=time.time())
+    for chunk in (0, 1):
+        for index in (2 * chunk, 2 * chunk + 1):
+            cid = f"req-{index:04d}"
+            response = {"status_code": 200, "request_id": "r", "body": {}}
+            state.checkpoint(chunk, Outcome(index, cid, output_line(cid, response=response), False))
+        output.write_part(chunk, state.finished(chunk))
+        state.mark_done(chunk)
+        state.drop_checkpoint(chunk)
+        # Its worker died after marking it done: resent only when it may have been the one to
+        # write the output (every chunk done, the job still running).
+        stale_lease(client, job.id, chunk, 2 * chunk, 2)
+        resent = requeue_expired_chunks(rt.store, client.app, max_attempts=3)
+        assert resent == ([] if chunk == 0 else [f"{job.id}.1"])
+
+    output.finish(state, rt.store)
+    record = job.status()
+    written = (settings.media / spec.output).read_text()
+    assert record.state is JobState.SUCCEEDED and len(written.splitlines()) == 4
+    output.finish(state, rt.store)  # a second delivery that also saw the last chunk done
+    assert (settings.media / spec.output).read_text() == written
+    assert job.status().finished_at == record.finished_at
+
+
+def test_an_image_that_now_leads_out_of_the_media_root_fails_alone(
+    settings: Settings, server: FakeOpenAI, tmp_path: Path
+) -> None:
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    (settings.media / "img").mkdir()
+    (settings.media / "img" / "cat.png").symlink_to(outside)  # swapped in after the check
+    content = [{"type": "text", "text": "q0"},
+               {"type": "image_url", "image_url": {"url": "img/cat.png"}}]  # fmt: skip
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": content}]}
+    requests = [BatchRequest(0, "v0", "/v1/chat/completions", body),
+                BatchRequest(1, "t1", "/v1/embeddings", {"input": "q1"})]  # fmt: skip
+    outcomes: dict[str, Outcome] = {}
+    rt = WorkerRuntime(settings=settings, pid=os.getpid())
+
+    async def go() -> None:
+        async with InferenceClient(server.url, resolve_image=image_resolver(rt)) as http:
+            await http.run(requests, lambda o: outcomes.__setitem__(o.custom_id, o))
+
+    asyncio.run(go())
+    error = outcomes["v0"].line["error"]
+    assert error["code"] == "invalid_image" and "outside the media root" in error["message"]
+    assert not outcomes["t1"].failed
+    assert all(entry.key != "q0" for entry in server.entries())  # never sent
+
+
+def test_a_chunk_whose_server_never_came_up_writes_nothing_for_a_job_failed_elsewhere(
+    client: Client, settings: Settings, server: FakeOpenAI
+) -> None:
+    server.healthy = False
+    job = client.submit_inference(batch_rows(4), endpoint=server.url, chunk_size=2,
+                                  server_wait_s=1.0)  # fmt: skip
+    rt = WorkerRuntime(settings=settings, pid=os.getpid())
+    # Another chunk gives up on the server first and fails the job while this one waits.
+    other = threading.Timer(0.3, rt.store.update, args=(job.id,),
+                            kwargs={"state": JobState.FAILED, "error": "server down"})  # fmt: skip
+    other.start()
+    try:
+        result = run_chunk(rt, ChunkRef(job.id, 1, 2, 2, 0), worker="w@test")
+    finally:
+        other.join()
+    assert result == {"stopped": "job ended"}
+    spec = InferenceSpec.model_validate(job.status().spec)
+    assert job.status().state is JobState.FAILED
+    assert not (settings.media / spec.output).exists()

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import email.utils
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,6 +100,14 @@ def server_root(endpoint: str) -> str:
     return endpoint.removesuffix("/v1")
 
 
+def shown_url(url: str) -> str:
+    """A URL fit for a message or a log: credentials in it (`user:password@`) left out."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
 def new_line_id() -> str:
     return f"batch_req_{uuid.uuid4().hex[:24]}"
 
@@ -145,6 +156,8 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:  # "-0000": still GMT, but Python leaves it naive (local time)
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - time.time())
 
 
@@ -183,9 +196,9 @@ def _json_or_text(response: httpx.Response) -> Any:
 def inline_images(body: dict[str, Any], resolve: Callable[[str], Path]) -> dict[str, Any]:
     """A copy of `body` whose local images (media-relative paths, `file://`) are `data:` URLs.
 
-    resolve: turns a media-relative or absolute path into the file to read, refusing paths
-    outside the media root (ValueError/OSError propagate: the request fails alone).
-    http(s) and data: urls pass through untouched.
+    resolve: turns a media-relative or absolute path into the file to read, raising ValueError
+    or OSError for a path outside the media root or unreadable: that becomes ImageError, and
+    the request fails alone. http(s) and data: urls pass through untouched.
     """
     urls = [image for image in image_urls(body) if local_image_path(image["url"]) is not None]
     if not urls:
@@ -301,7 +314,8 @@ class InferenceClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ServerUnavailable(
-                    f"inference server {self.endpoint} did not come up in {wait_s:g} s: {problem}"
+                    f"inference server {shown_url(self.endpoint)} did not come up in "
+                    f"{wait_s:g} s: {problem}"
                 )
             await asyncio.sleep(min(poll_s, left))
 
@@ -339,17 +353,28 @@ class InferenceClient:
 
         should_stop: asked every `stop_poll_s` seconds; when it returns a reason, requests still
         in flight are abandoned (not reported) and run() returns that reason. None: all done.
+        Requests are taken in order and at most twice `concurrency` are under way at once (in
+        flight, backing off, or with their images read and waiting for a slot), so memory stays
+        bounded however many are given.
         """
-        tasks = [asyncio.create_task(self.send(request)) for request in requests]
-        pending: set[asyncio.Task[Outcome]] = set(tasks)
+        queued = iter(requests)
+        window = 2 * self.concurrency
+        pending: set[asyncio.Task[Outcome]] = set()
+
+        def top_up() -> None:
+            for request in itertools.islice(queued, max(0, window - len(pending))):
+                pending.add(asyncio.create_task(self.send(request)))
+
         last_check = time.monotonic()
         try:
+            top_up()
             while pending:
                 done, pending = await asyncio.wait(
                     pending, timeout=stop_poll_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     on_outcome(task.result())
+                top_up()
                 if should_stop is not None and time.monotonic() - last_check >= stop_poll_s:
                     last_check = time.monotonic()
                     reason = should_stop()
@@ -388,6 +413,8 @@ class InferenceClient:
                 return self._answered(request, exc.response)
             assert exc.error is not None
             return self._failure(request, "connection_error", transport_reason(exc.error))
+        except httpx.HTTPError as exc:  # not worth a retry (an undecodable body, say)
+            return self._failure(request, "http_error", str(exc) or type(exc).__name__)
 
     async def _post(self, url: str, body: dict[str, Any]) -> httpx.Response:
         async with self._slots:

@@ -26,7 +26,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,18 @@ log = logging.getLogger(__name__)
 
 STOP_POLL_S = 0.5  # how often a running chunk looks for a cancel, a deadline or a lost lease
 LEASE_POLL_S = 0.5  # how often a redelivered chunk looks whether the live holder let go
+# The merge lock's expiry: longer than writing any batch's output takes, so that only a dead
+# writer's lock is ever taken over.
+MERGE_LOCK_S = 900
 
 # KEYS: checkpoint hash, stats hash. ARGV: index, line, "completed"|"failed", prompt tokens,
 # completion tokens, total tokens, ttl seconds. 1 when new; 0 when already checkpointed (and
-# then nothing is counted: a request counts once however often its chunk runs).
+# then nothing is counted: a request counts once however often its chunk runs). Both keys live
+# ttl seconds from the latest checkpoint (a counter re-made by HINCRBY would never expire).
 _CHECKPOINT_LUA = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[5])
@@ -299,15 +304,7 @@ def _run_leased(
         if done == total:
             output.finish(state, store)
         return {"skipped": "done"}
-    # The first chunk to start moves the job to running (and stamps its start); the record
-    # shows the worker of the latest chunk to start.
-    store.update(
-        ref.job_id, only_from=(JobState.QUEUED,), state=JobState.RUNNING,
-        started_at=time.time(), percent=0.0,
-    )  # fmt: skip
-    store.update(ref.job_id, only_from=(JobState.RUNNING,), worker=worker,
-                 node=rt.settings.node_name)  # fmt: skip
-    record = store.get(ref.job_id)
+    record = _mark_running(rt, store, ref, worker)
     if record is None or record.state is not JobState.RUNNING:  # cancelled or ended meanwhile
         if record is not None and record.state is JobState.CANCELLED:
             output.settle_cancelled(state, ref)
@@ -322,6 +319,50 @@ def _run_leased(
     finished = state.finished_indexes(ref.index)
     pending = [request for request in requests if request.index not in finished]
     reporter = Reporter(store, state, spec, record, rt.settings.progress_interval_s)
+    log.info("batch %s chunk %d: %d requests, %d to send", ref.job_id, ref.index,
+             len(requests), len(pending))  # fmt: skip
+    reason = _send_chunk(rt, state, ref, spec, record, lease, reporter, pending)
+    if reason in (None, "deadline") and not state.renew_lease(ref, lease.token, lease.lease_s):
+        reason = "lease lost"  # it lapsed unnoticed: the new holder's checkpoint must stay
+    if reason == "lease lost":
+        log.warning("batch %s chunk %d: lease lost; another delivery goes on", *ref_ids(ref))
+        return {"stopped": "lease lost"}
+    if reason == "ended":  # another chunk failed the job (its server never came up)
+        return {"stopped": "job ended"}
+    if reason == "cancelled":
+        output.settle_cancelled(state, ref)
+        return {"stopped": "cancelled"}
+    if reason == "deadline":
+        _fail_unfinished(state, ref, spec, requests)
+    lines = state.finished(ref.index)
+    missing = [r.custom_id for r in requests if r.index not in lines]
+    if missing:  # cannot happen while the checkpoint lives; say so loudly rather than lose them
+        raise RuntimeError(f"chunk {ref.index} lost {len(missing)} requests: {missing[:3]}")
+    output.write_part(ref.index, lines)
+    _, done, total = state.mark_done(ref.index)
+    state.drop_checkpoint(ref.index)
+    reporter.report()
+    if done == total:
+        output.finish(state, store)
+    return {"chunk": ref.index, "sent": len(pending), "requests": len(requests)}
+
+
+def _send_chunk(
+    rt: WorkerRuntime,
+    state: BatchState,
+    ref: ChunkRef,
+    spec: InferenceSpec,
+    record: JobRecord,
+    lease: ChunkLease,
+    reporter: Reporter,
+    pending: list[BatchRequest],
+) -> str | None:
+    """Send the chunk's pending requests, checkpointing each as it finishes; why sending
+    stopped early (lease lost, deadline, cancelled, ended), or None when all are done.
+
+    A server that never comes up fails the job (ChunkFailed), unless it had ended already.
+    """
+    store = rt.store
     deadline = record.created_at + spec.deadline_s if spec.deadline_s else None
 
     def on_outcome(outcome: Outcome) -> None:
@@ -339,10 +380,8 @@ def _run_leased(
         reporter.maybe_report()
         return None
 
-    log.info("batch %s chunk %d: %d requests, %d to send", ref.job_id, ref.index,
-             len(requests), len(pending))  # fmt: skip
     try:
-        reason = asyncio.run(_send_all(rt, spec, pending, on_outcome, should_stop, deadline))
+        return asyncio.run(_send_all(rt, spec, pending, on_outcome, should_stop, deadline))
     except ServerUnavailable as exc:
         failed = store.update(
             ref.job_id, only_from=(JobState.RUNNING,), state=JobState.FAILED, error=str(exc),
@@ -350,33 +389,38 @@ def _run_leased(
         )  # fmt: skip
         if failed:
             raise ChunkFailed(str(exc)) from None
-        reason = "cancelled"
-    if reason == "lease lost":
-        log.warning("batch %s chunk %d: lease lost; another delivery goes on", *ref_ids(ref))
-        return {"stopped": "lease lost"}
-    if reason == "ended":  # another chunk failed the job (its server never came up)
-        return {"stopped": "job ended"}
-    if reason == "cancelled":
-        output.settle_cancelled(state, ref)
-        return {"stopped": "cancelled"}
-    if reason == "deadline":
-        finished = state.finished_indexes(ref.index)
-        for request in requests:
-            if request.index not in finished:
-                message = f"the batch's deadline ({spec.deadline_s:g} s) passed before it finished"
-                line = failure_line(request.custom_id, "deadline_exceeded", message)
-                state.checkpoint(ref.index, Outcome(request.index, request.custom_id, line, True))
-    lines = state.finished(ref.index)
-    missing = [r.custom_id for r in requests if r.index not in lines]
-    if missing:  # cannot happen while the checkpoint lives; say so loudly rather than lose them
-        raise RuntimeError(f"chunk {ref.index} lost {len(missing)} requests: {missing[:3]}")
-    output.write_part(ref.index, lines)
-    _, done, total = state.mark_done(ref.index)
-    state.drop_checkpoint(ref.index)
-    reporter.report()
-    if done == total:
-        output.finish(state, store)
-    return {"chunk": ref.index, "sent": len(pending), "requests": len(requests)}
+        current = store.get(ref.job_id)  # another chunk failed it first, or it was cancelled
+        cancelled = current is not None and current.state is JobState.CANCELLED
+        return "cancelled" if cancelled else "ended"
+
+
+def _mark_running(
+    rt: WorkerRuntime, store: JobStore, ref: ChunkRef, worker: str
+) -> JobRecord | None:
+    """Move the job to running; its record, read again (it may be cancelled or ended by now).
+
+    The first chunk to start moves the job to running (and stamps its start); the record shows
+    the worker of the latest chunk to start.
+    """
+    store.update(
+        ref.job_id, only_from=(JobState.QUEUED,), state=JobState.RUNNING,
+        started_at=time.time(), percent=0.0,
+    )  # fmt: skip
+    store.update(ref.job_id, only_from=(JobState.RUNNING,), worker=worker,
+                 node=rt.settings.node_name)  # fmt: skip
+    return store.get(ref.job_id)
+
+
+def _fail_unfinished(
+    state: BatchState, ref: ChunkRef, spec: InferenceSpec, requests: list[BatchRequest]
+) -> None:
+    """The deadline passed: checkpoint every request of the chunk not finished as failed."""
+    finished = state.finished_indexes(ref.index)
+    message = f"the batch's deadline ({spec.deadline_s:g} s) passed before it finished"
+    for request in requests:
+        if request.index not in finished:
+            line = failure_line(request.custom_id, "deadline_exceeded", message)
+            state.checkpoint(ref.index, Outcome(request.index, request.custom_id, line, True))
 
 
 def ref_ids(ref: ChunkRef) -> tuple[str, int]:
@@ -400,7 +444,7 @@ async def _send_all(
     )
     async with InferenceClient(
         spec.endpoint, concurrency=spec.max_concurrency, timeout_s=spec.request_timeout_s,
-        retry=retry, model=spec.model, resolve_image=rt.media_path,
+        retry=retry, model=spec.model, resolve_image=image_resolver(rt),
     ) as client:  # fmt: skip
         if deadline is not None and time.time() >= deadline:
             return "deadline"
@@ -408,6 +452,19 @@ async def _send_all(
             return None
         await client.wait_for_server(spec.server_wait_s)
         return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
+
+
+def image_resolver(rt: WorkerRuntime) -> Callable[[str], Path]:
+    """rt.media_path for a request's local images, with a path that escapes the media root (a
+    symlink put in since the batch was checked, say) a ValueError: that request fails alone."""
+
+    def resolve(path: str) -> Path:
+        try:
+            return rt.media_path(path)
+        except PathOutsideMediaRoot as exc:
+            raise ValueError(f"image {exc}") from None
+
+    return resolve
 
 
 def read_chunk(path: Path, ref: ChunkRef) -> list[BatchRequest]:
@@ -500,13 +557,46 @@ class BatchOutput:
         _write_atomic(self.rt.media_path(self.spec.output), self._lines(state, chunks, False))
         _write_atomic(self.rt.media_path(self.spec.errors_output), self._lines(state, chunks, True))
 
+    @contextlib.contextmanager
+    def merging(self) -> Iterator[None]:
+        """Hold the batch's merge lock: one worker at a time writes the output from the parts."""
+        lock = self.rt.store.redis.lock(
+            keys.batch_merge(self.job_id), timeout=MERGE_LOCK_S, blocking_timeout=MERGE_LOCK_S
+        )
+        if not lock.acquire():
+            raise RuntimeError(f"batch {self.job_id}: merge lock held for {MERGE_LOCK_S} s")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.RedisError):  # else it expires by itself
+                lock.release()
+
     def finish(self, state: BatchState, store: JobStore) -> None:
-        """Every chunk is done: write the output and errors files, then finish the job."""
+        """Every chunk is done: write the output and errors files, then finish the job.
+
+        Under the merge lock, and only once: a second delivery that saw the last chunk done
+        (a redelivery, or the watchdog's resend after the first finisher died) finds the job
+        finished and writes nothing, so the parts are never read after they are removed.
+        """
+        with self.merging():
+            record = store.get(self.job_id)
+            if record is None or record.state in (JobState.SUCCEEDED, JobState.FAILED):
+                return
+            if record.state is JobState.CANCELLED and not self.parts.exists():
+                return  # the cancelled batch's output was written whole already
+            self._finish(state, store, record)
+
+    def _finish(self, state: BatchState, store: JobStore, record: JobRecord) -> None:
         stats = state.stats()
         chunks = stats.get("chunks", 0)
-        self.write_outputs(state, chunks)
-        record = store.get(self.job_id)
-        started = (record.started_at if record else None) or time.time()
+        try:
+            self.write_outputs(state, chunks)
+        except (OSError, PathOutsideMediaRoot) as exc:  # else the job would stay running
+            problem = f"cannot write the batch's output {self.spec.output}: {exc}"
+            store.update(self.job_id, only_from=(JobState.RUNNING,), state=JobState.FAILED,
+                         error=problem, eta_s=None)  # fmt: skip
+            raise ChunkFailed(problem) from None
+        started = record.started_at or time.time()
         elapsed = max(1e-6, time.time() - started)
         summary = batch_summary(self.spec, stats, chunks, chunks, elapsed)
         completed, failed = stats.get("completed", 0), stats.get("failed", 0)
@@ -523,31 +613,37 @@ class BatchOutput:
             self.job_id, only_from=(JobState.RUNNING,), percent=100.0, eta_s=0,
             output=self.spec.output, result=summary, **fields,
         )  # fmt: skip
-        if not finished:  # cancelled at the last instant: the output is whole all the same
+        if not finished:  # cancelled: the output holds everything that finished
+            summary["partial"] = completed + failed < self.spec.requests
             store.update(self.job_id, only_from=(JobState.CANCELLED,), result=summary)
         shutil.rmtree(self.parts, ignore_errors=True)
         log.info("batch %s finished: %s", self.job_id, summary["request_counts"])
 
     def settle_cancelled(self, state: BatchState, ref: ChunkRef) -> None:
         """The job was cancelled: keep what this chunk finished as its part, and rewrite the
-        partial output from everything finished so far (every settling chunk does, so the
-        last one leaves the fullest)."""
+        partial output from everything finished so far. Every settling chunk does, one at a
+        time under the merge lock and each after its part is marked, so the last to write has
+        every part; the one that finds every chunk settled removes the parts."""
         if ref.index in state.done_chunks():
             return
         self.write_part(ref.index, state.finished(ref.index))
-        added, done, total = state.mark_done(ref.index)
+        added, _, total = state.mark_done(ref.index)
         if not added:
             return
         state.drop_checkpoint(ref.index)
-        self.write_outputs(state, total)
-        stats = state.stats()
-        record = self.rt.store.get(self.job_id)
-        started = (record.started_at if record else None) or None
-        elapsed = time.time() - started if started else None
-        summary = batch_summary(self.spec, stats, total, done, elapsed, partial=True)
-        self.rt.store.update(self.job_id, only_from=(JobState.CANCELLED,), result=summary)
-        if done == total:
-            shutil.rmtree(self.parts, ignore_errors=True)
+        with self.merging():
+            if not self.parts.exists():
+                return  # every chunk was settled and the output written whole already
+            done = len(state.done_chunks())
+            self.write_outputs(state, total)
+            stats = state.stats()
+            record = self.rt.store.get(self.job_id)
+            started = record.started_at if record else None
+            elapsed = time.time() - started if started else None
+            summary = batch_summary(self.spec, stats, total, done, elapsed, partial=True)
+            self.rt.store.update(self.job_id, only_from=(JobState.CANCELLED,), result=summary)
+            if done == total:
+                shutil.rmtree(self.parts, ignore_errors=True)
 
 
 def _write_atomic(path: Path, lines: Iterator[str] | list[str]) -> None:
@@ -586,7 +682,12 @@ def requeue_expired_chunks(store: JobStore, app: Celery, max_attempts: int) -> l
         if record is None or record.state in (JobState.SUCCEEDED, JobState.FAILED):
             continue
         state = BatchState(store.redis, job_id, store.record_ttl_s)
-        if index in state.done_chunks():
+        done = state.done_chunks()
+        # A done chunk's worker died after writing its part. Once every chunk is done and the
+        # job still runs, that worker was the one to write the output: resend it to do so.
+        if index in done and (
+            record.state is JobState.CANCELLED or len(done) < state.stats().get("chunks", 0)
+        ):
             continue
         lost = int(store.redis.hincrby(keys.batch_requeues(job_id), str(index), 1))
         store.redis.expire(keys.batch_requeues(job_id), store.record_ttl_s)
