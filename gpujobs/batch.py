@@ -32,6 +32,7 @@ from gpujobs import keys
 from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK, broker_priority
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
+from gpujobs.paths import media_relative
 from gpujobs.specs import INFERENCE_URLS, InferenceSpec, JobKind, JobRecord, JobState
 
 if TYPE_CHECKING:
@@ -363,32 +364,11 @@ def source_relative(source: Path, media: Path) -> str | None:
         return None
 
 
-def media_relative(given: Path, media: Path, what: str) -> str:
-    """A path given by a user, as a path relative to the media root (InvalidSpec if outside)."""
-    if ".." in given.parts:
-        raise InvalidSpec(f"{what} path {str(given)!r} must not contain '..'")
-    path = given.expanduser()
-    if not path.is_absolute():
-        path = media / path
-    root = media.resolve()
-    resolved = path.parent.resolve() / path.name
-    if not resolved.is_relative_to(root):
-        raise InvalidSpec(f"{what} {given} is outside the media root {root}")
-    if resolved.is_dir():
-        raise InvalidSpec(f"{what} {given} is a directory")
-    return resolved.relative_to(root).as_posix()
-
-
 def make_spec(values: dict[str, Any]) -> InferenceSpec:
     try:
         return InferenceSpec.model_validate(values)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        name = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] in ("less_than_equal", "greater_than_equal", "greater_than"):
-            message = f"{message}, got {error['input']!r}"
-        raise InvalidSpec(f"{name}: {message}" if name else message) from None
+        raise InvalidSpec.from_validation(exc) from None
 
 
 def write_requests(

@@ -34,6 +34,7 @@ from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.flower import task_argsrepr
 from gpujobs.mediacheck import looks_like_video
+from gpujobs.paths import media_relative
 from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
 from gpujobs.store import JobStore
 
@@ -115,7 +116,7 @@ class Client:
         if output is None:
             output_rel = source.with_name(f"{source.stem}.{values['height']}p.mp4").as_posix()
         else:
-            output_rel = self._media_relative(Path(output), "output")
+            output_rel = media_relative(Path(output), self.settings.media, "output")
         spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
         original = copy_from or self.settings.media / spec.input
         return PreparedJob(spec=spec, fingerprint=fingerprint(spec, original), copy_from=copy_from)
@@ -151,20 +152,6 @@ class Client:
             raise InvalidSpec(f"input {shown} is outside the media root {media}")
         target = _inbox_target(resolved, media / INBOX)
         return PurePosixPath(target.relative_to(media).as_posix()), resolved
-
-    def _media_relative(self, given: Path, what: str) -> str:
-        if ".." in given.parts:
-            raise InvalidSpec(f"{what} path {str(given)!r} must not contain '..'")
-        path = given.expanduser()
-        if not path.is_absolute():
-            path = self.settings.media / path
-        media = self.settings.media.resolve()
-        resolved = path.parent.resolve() / path.name
-        if not resolved.is_relative_to(media):
-            raise InvalidSpec(f"{what} {given} is outside the media root {media}")
-        if resolved.is_dir():
-            raise InvalidSpec(f"{what} {given} is a directory")
-        return resolved.relative_to(media).as_posix()
 
     def enqueue(
         self, prepared: PreparedJob, force: bool = False, queue: str = TRANSCODE_QUEUE
@@ -346,17 +333,7 @@ def _make_spec(values: dict[str, Any]) -> TranscodeSpec:
     try:
         return TranscodeSpec.model_validate(values)
     except ValidationError as exc:
-        raise InvalidSpec(_first_error(exc)) from None
-
-
-def _first_error(exc: ValidationError) -> str:
-    """One line from pydantic's errors: `field: what is wrong`."""
-    error = exc.errors()[0]
-    field = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("literal_error", "less_than_equal", "greater_than_equal"):
-        message = f"{message}, got {error['input']!r}"
-    return f"{field}: {message}" if field else message
+        raise InvalidSpec.from_validation(exc) from None
 
 
 def _inbox_target(source: Path, inbox: Path) -> Path:

@@ -3,6 +3,8 @@ the CLI prints it as `error: <message>` and exits non-zero, without a traceback.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class GpujobsError(Exception):
     """Base of every error gpujobs reports to a user."""
@@ -14,6 +16,26 @@ class InvalidSpec(GpujobsError, ValueError):
     """A job's input or parameters are wrong; nothing was queued."""
 
     exit_code = 2
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> InvalidSpec:
+        """The first of pydantic's errors as one line: `field: what is wrong, got X`."""
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in _SHOW_INPUT:
+            message = f"{message}, got {error['input']!r}"
+        return cls(f"{field}: {message}" if field else message)
+
+
+# Pydantic error types whose message does not say what the user gave.
+_SHOW_INPUT = (
+    "literal_error",
+    "less_than",
+    "less_than_equal",
+    "greater_than",
+    "greater_than_equal",
+)
 
 
 class BrokerUnreachable(GpujobsError):
