@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,7 +57,9 @@ def test_check_fails_without_a_fresh_heartbeat(settings: Settings, broker_url: s
     assert missing.stderr.strip() == f"error: node {node} has no heartbeat (is its worker running?)"
     heartbeat.publish(r, beat(node, age_s=120), ttl_s=300)  # a writer that hung
     stale = gpujobs("worker", "--check")
-    assert stale.returncode == 1 and "heartbeat is 120 s old (limit 30 s)" in stale.stderr
+    # 120 s old when written; a second or two more by the time the check runs on a busy machine.
+    assert stale.returncode == 1
+    assert re.search(r"heartbeat is 12[0-9] s old \(limit 30 s\)", stale.stderr), stale.stderr
     heartbeat.publish(r, beat(node), ttl_s=30)
     fresh = gpujobs("worker", "--check")
     assert fresh.returncode == 0, fresh.stderr
