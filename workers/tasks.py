@@ -8,9 +8,9 @@ from celery import Celery, Task
 from celery.exceptions import Ignore
 
 from gpujobs.app import TRANSCODE_TASK
-from gpujobs.flower import FlowerProgress
 from gpujobs.specs import JobState
 from workers import nvenc
+from workers.flower_progress import FlowerProgress
 from workers.inference_task import register_inference_task
 from workers.runtime import runtime
 from workers.transcode_job import run_transcode
