@@ -1,5 +1,5 @@
 """`python -m gpujobs`: the same CLI as the `gpujobs` command."""
 
-from gpujobs.cli import main
+from gpujobs.cli.main import main
 
 main()

@@ -6,6 +6,8 @@ Producers use it only to send tasks by name (`send_task`); workers register the 
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -82,3 +84,25 @@ def make_app(settings: Settings, broker_url: str) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def task_argsrepr(spec: dict[str, Any]) -> str:
+    """A transcode spec in one line, as Flower shows a task's arguments.
+
+    `in/talk.mp4 -> in/talk.480p.mp4 | h264 480p p1 cq28 | audio copy | priority 5 | gpu auto`
+    """
+    size = (
+        f"{spec.get('width')}x{spec.get('height')}"
+        if spec.get("width")
+        else (f"{spec.get('height')}p")
+    )
+    encode = f"{spec.get('codec', '?')} {size} {spec.get('preset', '?')} cq{spec.get('cq', '?')}"
+    return " | ".join(
+        [
+            f"{spec.get('input', '?')} -> {spec.get('output', '?')}",
+            encode,
+            f"audio {spec.get('audio', '?')}",
+            f"priority {spec.get('priority', '?')}",
+            f"gpu {spec.get('gpu', '?')}",
+        ]
+    )

@@ -36,7 +36,9 @@ from gpujobs.paths import media_relative
 from gpujobs.specs import INFERENCE_URLS, InferenceSpec, JobKind, JobRecord, JobState
 
 if TYPE_CHECKING:
-    from gpujobs.client import Client
+    from celery import Celery
+
+    from gpujobs.store import JobStore
 
 BATCHES = "batches"  # per-job folder under the media root: the checked requests, part files
 REQUESTS_FILE = "requests.jsonl"
@@ -443,21 +445,28 @@ def batch_summary(
     }
 
 
-def enqueue_batch(client: Client, prepared: PreparedBatch) -> str:
-    """Write the checked requests into the media root, record the job and queue its chunks."""
+def enqueue_batch(
+    prepared: PreparedBatch, *, settings: Settings, store: JobStore, app: Celery
+) -> str:
+    """Write the checked requests into the media root, record the job and queue its chunks.
+
+    The caller hands over what it holds (a Client's settings, store and app), so this module
+    needs nothing from the client. Returns the job id; InvalidSpec when the file changed since
+    its check; nothing is left behind when queueing fails.
+    """
     spec = prepared.spec
     job_id = prepared.job_id
-    folder = client.settings.media / BATCHES / job_id
+    folder = settings.media / BATCHES / job_id
     try:
         chunks = write_requests(
-            prepared.requests, client.settings.media / spec.input, spec.chunk_size, spec.requests
+            prepared.requests, settings.media / spec.input, spec.chunk_size, spec.requests
         )
     except BaseException:
         with contextlib.suppress(OSError):
             folder.rmdir()
         raise
-    ttl = client.settings.record_ttl_s
-    redis_client: redis.Redis = client.redis
+    ttl = settings.record_ttl_s
+    redis_client: redis.Redis = store.redis
     with redis_client.pipeline() as pipe:
         stats = {**empty_stats(), "chunks": len(chunks)}
         pipe.hset(keys.batch_stats(job_id), mapping=stats)  # type: ignore[arg-type]
@@ -472,10 +481,10 @@ def enqueue_batch(client: Client, prepared: PreparedBatch) -> str:
         result=batch_summary(spec, empty_stats(), len(chunks), 0, None),
         created_at=time.time(),
     )
-    client.store.create(record)
+    store.create(record)
     try:
         for chunk in chunks:
-            client.app.send_task(
+            app.send_task(
                 INFERENCE_TASK,
                 args=[job_id, chunk.index, chunk.start, chunk.count, chunk.offset],
                 task_id=f"{job_id}.{chunk.index}",
@@ -485,7 +494,7 @@ def enqueue_batch(client: Client, prepared: PreparedBatch) -> str:
     except Exception:
         # Never leave a record for a job no queue holds; chunks already sent find no record
         # and are skipped.
-        client.store.delete(job_id)
+        store.delete(job_id)
         redis_client.delete(keys.batch_stats(job_id))
         (folder / REQUESTS_FILE).unlink(missing_ok=True)
         with contextlib.suppress(OSError):

@@ -27,15 +27,15 @@ from gpujobs.app import (
     gpu_queue,
     make_app,
     node_queue,
+    task_argsrepr,
     worker_hostname,
 )
-from gpujobs.config import Settings
+from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
-from gpujobs.flower import task_argsrepr
-from gpujobs.mediacheck import looks_like_video
+from gpujobs.media import looks_like_video
 from gpujobs.paths import media_relative
-from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
+from gpujobs.specs import GpuPolicy, JobKind, JobRecord, JobState, TranscodeSpec
 from gpujobs.store import JobStore
 
 INBOX = "inbox"  # where files from outside the media root are copied, under the media root
@@ -74,24 +74,43 @@ class Client:
         input: str | Path,
         output: str | Path | None = None,
         *,
+        width: int | None = None,
+        height: int | None = None,
+        codec: Codec | None = None,
+        preset: Preset | None = None,
+        cq: int | None = None,
+        audio: AudioMode | None = None,
+        threads: int | None = None,
+        priority: int | None = None,
+        gpu: GpuPolicy | None = None,
+        node: str | None = None,
+        gpu_index: int | None = None,
         copy_outside: bool = False,
         force: bool = False,
-        node: str | None = None,
-        gpu: int | None = None,
-        **params: Any,
     ) -> Job:
-        """Queue a transcode of `input` (see TranscodeSpec for params) and return its Job.
+        """Queue a transcode of `input` and return its Job. None means the setting's default.
 
-        output: default `<input stem>.<height>p.mp4` beside the input.
+        input: a file under the media root (absolute, or relative to it).
+        output: default `<input stem>.<height>p.mp4` beside the input; must lie under the root.
+        width, height: pixels (even); height default 480 (GPUJOBS_DEFAULT_HEIGHT), width from
+        the aspect ratio. codec: h264|hevc. preset: NVENC's p1 (fastest)..p7, mapped to x264's
+        presets on the CPU. cq: constant quality 0..51 (crf on the CPU), default 28.
+        audio: copy|aac|none. threads: decoder threads, default 2. priority: 0..9, 9 first,
+        default 5. gpu: auto (GPU when the worker has one), require, forbid.
+        node, gpu_index: run it on that node, or on GPU `gpu_index` (nvidia-smi index) of that
+        node; an InvalidSpec when no worker there has a live heartbeat. Default: any worker.
         copy_outside: copy an input from outside the media root into `<media root>/inbox`
-        first (the CLI does); otherwise such an input is an error.
+        first (the CLI does); otherwise such an input is an InvalidSpec.
         force: queue a new job even when one for the same input and spec is queued or running
         (by default that job is returned).
-        node, gpu: run it on that node, or on GPU `gpu` (nvidia-smi index) of that node; an
-        InvalidSpec when no worker there has a live heartbeat. Default: any transcode worker.
+        Raises InvalidSpec (one line: what is wrong), BrokerUnreachable.
         """
+        params = {
+            "width": width, "height": height, "codec": codec, "preset": preset, "cq": cq,
+            "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
+        }  # fmt: skip
         prepared = self.prepare_transcode(input, output, copy_outside, **params)
-        return self.enqueue(prepared, force=force, queue=self.route(node, gpu))
+        return self.enqueue(prepared, force=force, queue=self.route(node, gpu_index))
 
     def prepare_transcode(
         self,
@@ -248,17 +267,47 @@ class Client:
         self,
         input: str | Path | Iterable[Mapping[str, Any]],
         output: str | Path | None = None,
-        **params: Any,
+        *,
+        endpoint: str | None = None,
+        model: str | None = None,
+        max_concurrency: int | None = None,
+        chunk_size: int | None = None,
+        request_timeout_s: float | None = None,
+        max_retries: int | None = None,
+        deadline_s: float | None = None,
+        server_wait_s: float | None = None,
+        priority: int | None = None,
     ) -> Job:
-        """Queue a batch of OpenAI-style requests (see InferenceSpec for params); its Job.
+        """Queue a batch of OpenAI-style requests; its Job. None means the setting's default.
 
         input: an OpenAI batch JSONL file (absolute, or relative to the media root) or an
-        iterable of request dicts. output: default `<stem>.results.jsonl` beside an input under
-        the media root, else `batches/<job id>/<stem>.results.jsonl`. The checks and the
-        chunking live in gpujobs/batch.py.
+        iterable of request dicts (`custom_id`, `method`, `url`, `body`).
+        output: default `<stem>.results.jsonl` beside an input under the media root, else
+        `batches/<job id>/<stem>.results.jsonl`.
+        endpoint: the server's base URL, default GPUJOBS_VLLM_ENDPOINT
+        (http://localhost:9999/v1). model: put into bodies that name none.
+        max_concurrency: requests in flight per chunk, default 10 (vLLM's `--max-num-seqs`).
+        chunk_size: requests per chunk task, default 250. request_timeout_s: seconds per
+        request, default 600. max_retries: per request on 429/5xx/connection errors, default 5.
+        deadline_s: seconds for the whole batch, default none. server_wait_s: how long a chunk
+        waits for the server to come up, default 120. priority: 0..9, 9 first, default 5.
+        The checks and the chunking live in gpujobs/batch.py. Raises InvalidSpec (one line
+        naming the line and field at fault), BrokerUnreachable.
         """
-        prepared = batch.prepare_batch(self.settings, input, output, **params)
-        return Job(batch.enqueue_batch(self, prepared), self)
+        params = {
+            "endpoint": endpoint, "model": model, "max_concurrency": max_concurrency,
+            "chunk_size": chunk_size, "request_timeout_s": request_timeout_s,
+            "max_retries": max_retries, "deadline_s": deadline_s, "server_wait_s": server_wait_s,
+            "priority": priority,
+        }  # fmt: skip
+        return self.enqueue_batch(batch.prepare_batch(self.settings, input, output, **params))
+
+    def enqueue_batch(self, prepared: batch.PreparedBatch) -> Job:
+        """Queue a batch checked by `gpujobs.batch.prepare_batch`; its Job."""
+        job_id = batch.enqueue_batch(
+            prepared, settings=self.settings, store=self.store, app=self.app
+        )
+        return Job(job_id, self)
 
     def list(self, limit: int = 50, states: tuple[JobState, ...] = ()) -> list[JobRecord]:
         return self.store.list(limit=limit, states=states)
@@ -357,18 +406,54 @@ def _copy_file(source: Path, target: Path) -> None:
     partial.replace(target)
 
 
-def submit_transcode(input: str | Path, output: str | Path | None = None, **params: Any) -> Job:
-    """Queue a transcode with a new Client (see Client.submit_transcode)."""
-    return Client().submit_transcode(input, output, **params)
+def submit_transcode(
+    input: str | Path,
+    output: str | Path | None = None,
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    codec: Codec | None = None,
+    preset: Preset | None = None,
+    cq: int | None = None,
+    audio: AudioMode | None = None,
+    threads: int | None = None,
+    priority: int | None = None,
+    gpu: GpuPolicy | None = None,
+    node: str | None = None,
+    gpu_index: int | None = None,
+    copy_outside: bool = False,
+    force: bool = False,
+) -> Job:
+    """Queue a transcode with a new Client (settings from GPUJOBS_*); see
+    Client.submit_transcode for every parameter."""
+    return Client().submit_transcode(
+        input, output, width=width, height=height, codec=codec, preset=preset, cq=cq,
+        audio=audio, threads=threads, priority=priority, gpu=gpu, node=node,
+        gpu_index=gpu_index, copy_outside=copy_outside, force=force,
+    )  # fmt: skip
 
 
 def submit_inference(
     input: str | Path | Iterable[Mapping[str, Any]],
     output: str | Path | None = None,
-    **params: Any,
+    *,
+    endpoint: str | None = None,
+    model: str | None = None,
+    max_concurrency: int | None = None,
+    chunk_size: int | None = None,
+    request_timeout_s: float | None = None,
+    max_retries: int | None = None,
+    deadline_s: float | None = None,
+    server_wait_s: float | None = None,
+    priority: int | None = None,
 ) -> Job:
-    """Queue a batch inference job with a new Client (see Client.submit_inference)."""
-    return Client().submit_inference(input, output, **params)
+    """Queue a batch inference job with a new Client (settings from GPUJOBS_*); see
+    Client.submit_inference for every parameter."""
+    return Client().submit_inference(
+        input, output, endpoint=endpoint, model=model, max_concurrency=max_concurrency,
+        chunk_size=chunk_size, request_timeout_s=request_timeout_s, max_retries=max_retries,
+        deadline_s=deadline_s, server_wait_s=server_wait_s, priority=priority,
+    )  # fmt: skip
 
 
 def get_job(job_id: str) -> Job:

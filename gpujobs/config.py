@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         description="OpenAI-compatible base URL of the node's vLLM server (checked by doctor).",
     )
 
-    # Batch inference (gpujobs/batch.py, workers/inference.py). The endpoint is vllm_endpoint.
+    # Batch inference (gpujobs/batch.py, workers/inference/). The endpoint is vllm_endpoint.
     inference_concurrency: int = Field(
         default=10,
         ge=1,
@@ -184,7 +184,7 @@ class Settings(BaseSettings):
         "redelivered chunk waits while a live worker holds it. Default 30.",
     )
 
-    # Monitoring (gpujobs/flower.py, metrics.py, top.py).
+    # Monitoring (gpujobs/monitor/).
     flower_address: str = Field(
         default="127.0.0.1",
         description="Address Flower listens on. Beyond loopback it refuses to start without "

@@ -78,7 +78,7 @@ def queue_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
-# --- Batch inference (gpujobs/batch.py, workers/inference_task.py) ---------------------------
+# --- Batch inference (gpujobs/batch.py, workers/inference/chunk.py) ---------------------------
 # Every per-batch key below expires, so a batch abandoned half-way leaves nothing: the counters,
 # checkpoints, done set and requeue counts record_ttl_s after their last write, leases and the
 # merge lock after their own timeout. A chunk deletes its checkpoint once its part is written.

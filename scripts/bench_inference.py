@@ -5,7 +5,7 @@ A fake OpenAI server (tests/openai_server.py, in its own process) answers each r
 latency L and serves at most C at once (one more gets a 429). Its ceiling is C/L requests/s.
 Measured, each run alternating so machine noise hits all alike:
 
-- gpujobs: workers/inference.py's client at concurrency C (what a chunk task runs);
+- gpujobs: workers/inference/client.py's client at concurrency C (what a chunk task runs);
 - gpujobs job: the same through the whole queue, submit to finished output (Valkey, one worker
   process, per-request checkpoints; timed from the job's start to its end);
 - openai: the `openai` package's AsyncOpenAI at the same concurrency (an asyncio.Semaphore);
@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 from benchkit import spawn_ready
 
-from workers.inference import BatchRequest, InferenceClient, Outcome, RetryPolicy
+from workers.inference.client import BatchRequest, InferenceClient, Outcome, RetryPolicy
 
 MODEL = "fake-model"
 

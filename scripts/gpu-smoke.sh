@@ -30,10 +30,10 @@ from pathlib import Path
 
 from gpujobs.config import Settings
 from gpujobs.specs import TranscodeSpec
-from workers.doctor import first_error
-from workers.gpu import list_gpus, measure
-from workers.probe import probe
-from workers.transcode import EncodePath, build_command
+from workers.gpu.doctor import first_error
+from workers.gpu.discovery import list_gpus, measure
+from gpujobs.media import probe
+from workers.transcode.command import EncodePath, build_command
 
 NO_NVENC = ("A100", "H100", "H200", "H800", "B200", "A30")  # datacenter cards without NVENC
 index = int(os.environ["GPU"])

@@ -20,7 +20,7 @@ import redis
 
 from gpujobs import InvalidSpec, keys
 from gpujobs.app import INFERENCE_QUEUE
-from gpujobs.batch import BATCHES, enqueue_batch, prepare_batch, read_batch_file
+from gpujobs.batch import BATCHES, prepare_batch, read_batch_file
 from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobKind, JobState
@@ -218,10 +218,10 @@ def test_a_batch_file_changed_after_its_check_is_refused(
     with source.open("a") as handle:
         handle.write(json.dumps(line("c")) + "\n")
     with pytest.raises(InvalidSpec, match=r"changed while it was queued \(3 requests, 2 checked"):
-        enqueue_batch(client, prepared)
+        client.enqueue_batch(prepared)
     write_jsonl(source, [line("a"), "{oops"])
     with pytest.raises(InvalidSpec, match="line 2: not valid JSON"):
-        enqueue_batch(client, prepared)
+        client.enqueue_batch(prepared)
     assert client.redis.zcard(keys.JOB_INDEX) == 0
     assert not (settings.media / BATCHES / prepared.job_id).exists()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from gpujobs.media import MediaInfo, ProbeError, parse_probe
 from gpujobs.specs import TranscodeSpec
-from workers.gpu import NO_GPU, Capabilities
-from workers.probe import MediaInfo, ProbeError, parse_probe
-from workers.transcode import (
+from workers.gpu.discovery import NO_GPU, Capabilities
+from workers.transcode.command import (
     EncodePath,
     NoGpuPath,
     build_command,

@@ -18,9 +18,10 @@ import httpx
 import psutil
 import pytest
 
+from gpujobs.app import task_argsrepr
 from gpujobs.client import Client
 from gpujobs.config import Settings
-from gpujobs.flower import basic_auth, flower_argv, is_loopback, state_db, task_argsrepr
+from gpujobs.monitor.flower import basic_auth, flower_argv, is_loopback, state_db
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess, wait_for
 
@@ -175,7 +176,7 @@ def test_flower_on_a_taken_port_is_one_line(settings: Settings) -> None:
 def test_the_stack_runs_without_flower_it_cannot_bind(settings: Settings) -> None:
     from pydantic import SecretStr
 
-    from gpujobs.flower import stack_flower
+    from gpujobs.monitor.flower import stack_flower
 
     # 192.0.2.1 (TEST-NET-1): an address this machine does not have.
     update = {"flower_address": "192.0.2.1", "flower_user": USER, "flower_password": SecretStr("p")}

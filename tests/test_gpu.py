@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from gpujobs.media import probe
 from gpujobs.specs import TranscodeSpec
-from workers import doctor
-from workers.gpu import (
+from workers.gpu import doctor
+from workers.gpu.discovery import (
     MEASURED_ENV,
     NO_GPU,
     Capabilities,
@@ -24,9 +25,8 @@ from workers.gpu import (
     parse_smi_csv,
     pinned_gpu,
 )
-from workers.probe import probe
 from workers.supervisor import select_gpus
-from workers.transcode import EncodePath, build_command, choose_path
+from workers.transcode.command import EncodePath, build_command, choose_path
 
 FAKE_BIN = Path(__file__).parent / "fake_bin"
 SMI_OUTPUT = """\
@@ -82,7 +82,7 @@ def test_the_stand_in_gpu_measures_as_unable(monkeypatch: pytest.MonkeyPatch, ff
 def test_capabilities_travel_from_supervisor_to_worker(tmp_path: Path) -> None:
     caps = Capabilities("NVIDIA H200", nvenc=False, cuda_decode=True, scale_cuda=True)
     code = (
-        "from workers.gpu import detect_capabilities;"
+        "from workers.gpu.discovery import detect_capabilities;"
         "print(detect_capabilities('/no/ffmpeg').to_json())"
     )
     env = {**os.environ, MEASURED_ENV: caps.to_json(), "PATH": str(tmp_path)}
@@ -130,7 +130,7 @@ def test_doctor_without_a_runnable_ffmpeg_reports_it_and_goes_on(tmp_path: Path)
 def test_a_garbled_capabilities_hand_over_is_measured_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from workers.gpu import detect_capabilities
+    from workers.gpu.discovery import detect_capabilities
 
     monkeypatch.setenv(MEASURED_ENV, "[1, 2]")  # JSON, but not an object
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: measuring again gives NO_GPU

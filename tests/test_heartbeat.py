@@ -13,7 +13,7 @@ from collections.abc import Callable
 import redis
 
 from gpujobs import keys
-from gpujobs.cli_gpu import gpus_table
+from gpujobs.cli.gpu import gpus_table
 from gpujobs.config import Settings
 from tests.helpers import WorkerProcess, wait_for
 from workers import heartbeat

@@ -1,7 +1,7 @@
 """The batch HTTP client against a real HTTP server that speaks the OpenAI routes.
 
-No Redis, no Celery: workers/inference.py alone, with its retries, its concurrency bound, errors
-as vLLM writes them, the server check and local images sent inline.
+No Redis, no Celery: workers/inference/client.py alone, with its retries, its concurrency bound,
+errors as vLLM writes them, the server check and local images sent inline.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.openai_server import FakeOpenAI
-from workers.inference import (
+from workers.inference.client import (
     BatchRequest,
     InferenceClient,
     Outcome,

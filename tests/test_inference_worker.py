@@ -32,8 +32,7 @@ from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobState
 from tests.helpers import WorkerProcess, wait_for
 from tests.openai_server import FakeOpenAI
-from workers.inference import BatchRequest, InferenceClient, Outcome, output_line
-from workers.inference_task import (
+from workers.inference.chunk import (
     BatchOutput,
     BatchState,
     ChunkRef,
@@ -41,6 +40,7 @@ from workers.inference_task import (
     requeue_expired_chunks,
     run_chunk,
 )
+from workers.inference.client import BatchRequest, InferenceClient, Outcome, output_line
 from workers.runtime import WorkerRuntime
 
 # Workers retry fast here: the backoff is not what these tests measure.

@@ -31,7 +31,7 @@ kubernetes_validate = pytest.importorskip(
 from typer.testing import CliRunner  # noqa: E402
 
 from gpujobs import keys  # noqa: E402
-from gpujobs.cli import app as cli_app  # noqa: E402
+from gpujobs.cli.main import app as cli_app  # noqa: E402
 from gpujobs.config import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from subprocess import CompletedProcess
 import psutil
 import pytest
 
-from workers.probe import probe
+from gpujobs.media import probe
 
 
 @pytest.fixture

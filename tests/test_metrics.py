@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpujobs import keys
 from gpujobs.client import Client
-from gpujobs.metrics import GpujobsCollector, parse_heartbeat, queue_depths
+from gpujobs.monitor.metrics import GpujobsCollector, parse_heartbeat, queue_depths
 from gpujobs.specs import JobKind, JobRecord, JobState
 from tests.helpers import WorkerProcess
 
@@ -90,7 +90,7 @@ def test_a_taken_port_is_one_line_not_a_traceback() -> None:
     import socket
 
     from gpujobs.errors import GpujobsError
-    from gpujobs.metrics import serve_metrics
+    from gpujobs.monitor.metrics import serve_metrics
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from gpujobs import keys
 from gpujobs.client import Client
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess, wait_for
-from workers.nvenc import NoNvencSlot, NvencSemaphore
+from workers.gpu.nvenc import NoNvencSlot, NvencSemaphore
 
 FAKE_BIN = Path(__file__).parent / "fake_bin"
 NODE = "node-nvenc"

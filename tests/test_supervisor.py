@@ -89,14 +89,14 @@ def test_one_pinned_worker_per_gpu_each_on_its_own_queue(
 
     # A job sent to GPU 2 runs in the process pinned to GPU 2 (on the CPU path: see above).
     source = media_clip("g2.mp4", seconds=1, size="320x240")
-    record = client.submit_transcode(source, node=NODE, gpu=2, height=120).wait(timeout=60)
+    record = client.submit_transcode(source, node=NODE, gpu_index=2, height=120).wait(timeout=60)
     assert record.state is JobState.SUCCEEDED, record.error
     assert (record.worker, record.node, record.gpu) == (f"gpujobs@{NODE}.gpu2", NODE, "2")
     assert record.encode_path == "cpu"
     # Sent to the node: any of its workers; to a GPU or node with no worker: refused at submit.
     assert client.submit_transcode(source, node=NODE, height=240).wait(timeout=60).node == NODE
     with pytest.raises(InvalidSpec, match="no worker on GPU 7 of node 'node-1'"):
-        client.submit_transcode(source, node=NODE, gpu=7)
+        client.submit_transcode(source, node=NODE, gpu_index=7)
     with pytest.raises(InvalidSpec, match="no worker on node 'gpu-node-9'"):
         client.submit_transcode(source, node="gpu-node-9")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from gpujobs import keys
 from gpujobs.client import Client
-from gpujobs.metrics import ClusterSnapshot, JobCounts, parse_heartbeat
+from gpujobs.monitor.metrics import ClusterSnapshot, JobCounts, parse_heartbeat
+from gpujobs.monitor.top import TopView, render_text
 from gpujobs.specs import JobKind, JobRecord, JobState
-from gpujobs.top import TopView, render_text
 from tests.helpers import WorkerProcess
 from tests.test_metrics import NODE, heartbeat
 

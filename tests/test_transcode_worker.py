@@ -10,9 +10,9 @@ from typing import Any
 import psutil
 
 from gpujobs.client import Client
+from gpujobs.media import probe
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess, wait_for
-from workers.probe import probe
 
 
 def test_transcode_end_to_end_with_live_progress(

@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from gpujobs import keys
-from workers.gpu import Capabilities, GpuInfo, detect_capabilities, list_gpus, pinned_gpu
+from workers.gpu.discovery import Capabilities, GpuInfo, detect_capabilities, list_gpus, pinned_gpu
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def attach(hostname: str) -> None:
 
     from gpujobs.config import Settings
     from gpujobs.connection import broker_url, connect
-    from workers.nvenc import NvencSemaphore
+    from workers.gpu.nvenc import NvencSemaphore
 
     settings = Settings()
     beat: HeartbeatWriter | SupervisorReporter

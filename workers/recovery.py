@@ -21,11 +21,10 @@ import redis
 from celery import Celery
 
 from gpujobs import keys
-from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority
-from gpujobs.flower import task_argsrepr
+from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_argsrepr
 from gpujobs.specs import JobKind, JobState
 from gpujobs.store import JobStore
-from workers.inference_task import requeue_expired_chunks
+from workers.inference.chunk import requeue_expired_chunks
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0

@@ -14,7 +14,7 @@ from pathlib import Path
 from gpujobs.config import Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.store import JobStore
-from workers.gpu import Capabilities, detect_capabilities
+from workers.gpu.discovery import Capabilities, detect_capabilities
 from workers.lease import Leases
 
 

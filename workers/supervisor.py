@@ -30,8 +30,8 @@ from gpujobs.app import TRANSCODE_QUEUE, gpu_queue, node_queue, worker_hostname
 from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
 from workers import heartbeat
-from workers.gpu import MEASURED_ENV, NO_GPU, Capabilities, GpuInfo, list_gpus, measure
-from workers.nvenc import NvencSemaphore
+from workers.gpu.discovery import MEASURED_ENV, NO_GPU, Capabilities, GpuInfo, list_gpus, measure
+from workers.gpu.nvenc import NvencSemaphore
 
 log = logging.getLogger("gpujobs.supervisor")
 

@@ -9,11 +9,11 @@ from celery.exceptions import Ignore
 
 from gpujobs.app import TRANSCODE_TASK
 from gpujobs.specs import JobState
-from workers import nvenc
 from workers.flower_progress import FlowerProgress
-from workers.inference_task import register_inference_task
+from workers.gpu import nvenc
+from workers.inference.chunk import register_inference_task
 from workers.runtime import runtime
-from workers.transcode_job import run_transcode
+from workers.transcode.job import run_transcode
 
 
 def register_tasks(app: Celery) -> None:

@@ -3,7 +3,8 @@
 How a job reads in Flower:
 
 - its task name is its kind (`gpujobs.transcode`, `gpujobs.inference_chunk`);
-- its arguments are a one-line brief of the spec (`task_argsrepr`, sent as Celery's `argsrepr`),
+- its arguments are a one-line brief of the spec (`gpujobs.app.task_argsrepr`, sent as Celery's
+  `argsrepr`),
   not the raw `[job_id, {...}]`;
 - while it runs, its state is PROGRESS and its Result column says how far it is: the worker
   relays the job's record updates as custom `task-progress` events (workers/flower_progress.py);
@@ -24,7 +25,6 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
@@ -40,28 +40,6 @@ class FlowerConfigError(GpujobsError):
     """Flower's settings are unsafe or inconsistent (say, a public address without auth)."""
 
     exit_code = 2
-
-
-def task_argsrepr(spec: dict[str, Any]) -> str:
-    """A transcode spec in one line, as Flower shows a task's arguments.
-
-    `in/talk.mp4 -> in/talk.480p.mp4 | h264 480p p1 cq28 | audio copy | priority 5 | gpu auto`
-    """
-    size = (
-        f"{spec.get('width')}x{spec.get('height')}"
-        if spec.get("width")
-        else (f"{spec.get('height')}p")
-    )
-    encode = f"{spec.get('codec', '?')} {size} {spec.get('preset', '?')} cq{spec.get('cq', '?')}"
-    return " | ".join(
-        [
-            f"{spec.get('input', '?')} -> {spec.get('output', '?')}",
-            encode,
-            f"audio {spec.get('audio', '?')}",
-            f"priority {spec.get('priority', '?')}",
-            f"gpu {spec.get('gpu', '?')}",
-        ]
-    )
 
 
 def is_loopback(address: str) -> bool:
@@ -125,8 +103,12 @@ def flower_argv(settings: Settings, address: str, port: int) -> list[str]:
     ]
 
 
-def run_flower(settings: Settings, address: str | None = None, port: int | None = None) -> None:
-    """Run Flower for the gpujobs app in the foreground until SIGTERM/SIGINT. Blocks.
+def run_flower(
+    settings: Settings, broker_url: str, address: str | None = None, port: int | None = None
+) -> None:
+    """Run Flower for the gpujobs app on `broker_url` in the foreground until SIGTERM/SIGINT.
+
+    Blocks. The caller finds the broker (gpujobs.connection.broker_url): Flower never starts it.
 
     address: default settings.flower_address (127.0.0.1); port: default settings.flower_port
     (5555; 0 picks a free one, which Flower logs). The state is saved every
@@ -140,9 +122,8 @@ def run_flower(settings: Settings, address: str | None = None, port: int | None 
     except ImportError:
         raise GpujobsError("Flower is not installed: pip install 'gpujobs[monitor]'") from None
     from gpujobs.app import make_app
-    from gpujobs.connection import broker_url
 
-    app = make_app(settings, broker_url(settings, start_local=False))
+    app = make_app(settings, broker_url)
     state_db(settings).parent.mkdir(parents=True, exist_ok=True)
     for name in [n for n in os.environ if n.startswith("FLOWER_")]:
         del os.environ[name]  # settings are the one source of Flower's options

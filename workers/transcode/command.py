@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from gpujobs.media import MediaInfo
 from gpujobs.specs import TranscodeSpec
-from workers.gpu import Capabilities
-from workers.probe import MediaInfo
+from workers.gpu.discovery import Capabilities
 
 X264_PRESETS = {
     "p1": "ultrafast",

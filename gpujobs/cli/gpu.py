@@ -90,7 +90,7 @@ def check_heartbeat(settings: Settings | None = None) -> None:
 def _local_rows() -> Table:
     """This machine's GPUs, measured now (needs the worker extra)."""
     try:
-        from workers.gpu import list_gpus, measure
+        from workers.gpu.discovery import list_gpus, measure
     except ImportError as exc:
         raise GpujobsError(f"--local needs the worker extra ({exc.name} is missing)") from None
     ffmpeg = Settings().ffmpeg_binary()
@@ -138,7 +138,7 @@ def doctor() -> None:
     """Check this node: driver, NVENC/NVDEC libraries, ffmpeg, a test encode per path, the
     broker, the vLLM endpoint, swap. Exits non-zero when a check fails."""
     try:
-        from workers.doctor import run_checks
+        from workers.gpu.doctor import run_checks
     except ImportError as exc:
         raise GpujobsError(f"doctor needs the worker extra ({exc.name} is missing)") from None
     failed = 0

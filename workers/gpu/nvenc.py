@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from gpujobs import keys
 from gpujobs.specs import TranscodeSpec
 from workers.runtime import WorkerRuntime
-from workers.transcode import EncodePath, NoGpuPath, choose_path
+from workers.transcode.command import EncodePath, NoGpuPath, choose_path
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from rich.table import Table
 from rich.text import Text
 
 from gpujobs import keys
+from gpujobs.cli.render import STATE_STYLES, job_subject, short_duration
 from gpujobs.errors import BrokerUnreachable
-from gpujobs.metrics import ClusterSnapshot, NodeStat, read_snapshot
-from gpujobs.render import STATE_STYLES, job_subject, short_duration
+from gpujobs.monitor.metrics import ClusterSnapshot, NodeStat, read_snapshot
 from gpujobs.specs import JobRecord, JobState
 from gpujobs.store import JobStore, parse_published
 

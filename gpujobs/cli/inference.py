@@ -16,11 +16,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from gpujobs.batch import enqueue_batch, prepare_batch
+from gpujobs.batch import prepare_batch
+from gpujobs.cli.render import STATE_STYLES
 from gpujobs.client import Client, Job
 from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError, InvalidSpec
-from gpujobs.render import STATE_STYLES
 from gpujobs.specs import JobKind, JobRecord, JobState
 
 # Paths stay whole on one line (to copy them) whatever the terminal's width.
@@ -107,7 +107,7 @@ def submit_batches(
     client = Client(Settings())
     out = None if output is None else _cwd_path(output)
     prepared = [prepare_batch(client.settings, _cwd_path(f), out, **params) for f in files]
-    jobs = [Job(enqueue_batch(client, p), client) for p in prepared]
+    jobs = [client.enqueue_batch(p) for p in prepared]
     if not wait:
         for job, batch in zip(jobs, prepared, strict=True):
             if as_json:

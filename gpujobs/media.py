@@ -1,4 +1,6 @@
-"""What a media file holds, read from `ffmpeg -i` (imageio-ffmpeg ships ffmpeg, not ffprobe)."""
+"""What a media file holds: the producer's cheap check (`looks_like_video`, the first bytes only,
+no ffmpeg needed) and the worker's probe (`probe`, read from `ffmpeg -i`; imageio-ffmpeg ships
+ffmpeg, not ffprobe)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROBE_TIMEOUT_S = 30.0
+SNIFF_BYTES = 4096
+# ISO base media (mp4, mov, m4v, 3gp): a box type at offset 4.
+_ISO_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
 
 _DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 _VIDEO = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+)(.*)")
@@ -76,3 +81,26 @@ def probe(ffmpeg: str, path: Path) -> MediaInfo:
         reason = lines[-1] if lines else "ffmpeg could not read it"
         raise ProbeError(reason.split(": ", 1)[-1] if str(path) in reason else reason)
     return parse_probe(text)
+
+
+def looks_like_video(path: Path) -> bool:
+    """True when the file starts like a container ffmpeg reads video from."""
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if len(head) < 12:
+        return False
+    if head[4:8] in _ISO_BOXES:
+        return True
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # Matroska, WebM
+        return True
+    if head.startswith(b"RIFF") and head[8:12] in (b"AVI ", b"AVIX"):
+        return True
+    if head[0] == 0x47 and (len(head) < 189 or head[188] == 0x47):  # MPEG-TS sync bytes
+        return True
+    if head.startswith((b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")):  # MPEG-PS, MPEG-1/2 video
+        return True
+    if head.startswith((b"FLV", b"OggS", b"YUV4MPEG2")):
+        return True
+    if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):  # ASF / WMV
+        return True
+    return head.startswith((b"\x00\x00\x00\x01", b"\x00\x00\x01"))  # raw H.264/HEVC Annex B

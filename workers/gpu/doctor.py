@@ -22,8 +22,8 @@ import httpx
 
 from gpujobs.config import Settings
 from gpujobs.specs import TranscodeSpec
-from workers.gpu import list_gpus
-from workers.transcode import EncodePath, build_command
+from workers.gpu.discovery import list_gpus
+from workers.transcode.command import EncodePath, build_command
 
 CHECK_TIMEOUT_S = 60.0
 # Where the driver's user-space libraries live: WSL2's own folder first, then the usual ones.

@@ -1,6 +1,6 @@
 """The monitoring commands: `gpujobs flower`, `gpujobs metrics`, `gpujobs top`.
 
-Thin, like cli.py: they parse, then call gpujobs.flower, gpujobs.metrics and gpujobs.top.
+Thin, like main.py: they parse, then call gpujobs.monitor.flower, .metrics and .top.
 `register(app)` adds them to the main command.
 """
 
@@ -27,9 +27,10 @@ def flower(
     ] = None,
 ) -> None:
     """Run Flower for the gpujobs queues (basic auth from GPUJOBS_FLOWER_USER/PASSWORD)."""
-    from gpujobs.flower import run_flower
+    from gpujobs.monitor.flower import run_flower
 
-    run_flower(Settings(), address=address, port=port)
+    settings = Settings()
+    run_flower(settings, broker_url(settings, start_local=False), address=address, port=port)
 
 
 def metrics(
@@ -42,7 +43,7 @@ def metrics(
     ] = None,
 ) -> None:
     """Serve Prometheus metrics (queues, jobs, NVENC slots, GPUs, inference) on /metrics."""
-    from gpujobs.metrics import serve_metrics
+    from gpujobs.monitor.metrics import serve_metrics
 
     settings = Settings()
     client = connect(broker_url(settings, start_local=False), settings)
@@ -71,7 +72,7 @@ def top(
     ] = 2.0,
 ) -> None:
     """Live view of nodes, GPUs and jobs (jobs update from Redis events as they happen)."""
-    from gpujobs.top import run_top
+    from gpujobs.monitor.top import run_top
 
     settings = Settings()
     client = connect(broker_url(settings, start_local=False), settings)

@@ -6,10 +6,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from gpujobs.client import Client
 from gpujobs.specs import JobRecord, JobState
 
 STATE_STYLES = {
@@ -136,3 +138,32 @@ class JobBars:
         self.progress.update(
             task, completed=record.percent, fps=fps, speed=speed, eta=eta, state=state
         )
+
+
+# The command's consoles: errors stay on one line whatever the terminal's width.
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def record_json(record: JobRecord) -> str:
+    return record.model_dump_json()
+
+
+def follow(client: Client, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
+    """Draw a bar per job until every job ends; the final records."""
+    final: dict[str, JobRecord] = {}
+    with JobBars(console) as bars:
+        for record in client.store.watch(job_ids, timeout_s=timeout):
+            bars.update(record)
+            if record.state.terminal:
+                final[record.id] = record
+    return [final[job_id] for job_id in job_ids]
+
+
+def exit_for(records: list[JobRecord]) -> None:
+    failed = [r for r in records if r.state is not JobState.SUCCEEDED]
+    for record in failed:
+        reason = f": {record.error}" if record.error else ""
+        err_console.print(f"job {record.id} {record.state.value}{reason}", markup=False)
+    if failed:
+        raise typer.Exit(1)

@@ -12,12 +12,12 @@ from typing import Any
 
 from celery import Celery
 
+from gpujobs.media import ProbeError, probe
 from gpujobs.specs import JobRecord, JobState, TranscodeSpec
-from workers import transcode as tc
 from workers.lease import LeaseKeeper
-from workers.probe import ProbeError, probe
 from workers.recovery import backoff_s, requeue
 from workers.runtime import PathOutsideMediaRoot, WorkerRuntime
+from workers.transcode import command as tc
 
 log = logging.getLogger(__name__)
 

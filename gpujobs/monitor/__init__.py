@@ -1,0 +1,1 @@
+"""Watching the cluster: Flower for gpujobs, Prometheus metrics, `gpujobs top`."""

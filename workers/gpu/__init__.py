@@ -1,0 +1,2 @@
+"""GPUs on this node: discovery and capabilities (`discovery`), the NVENC budget (`nvenc`) and
+`gpujobs doctor` (`doctor`)."""
