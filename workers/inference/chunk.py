@@ -8,35 +8,28 @@ One delivery of chunk n of job J:
 2. marks the job running, waits (bounded) for the server, reads its lines from the requests file
    and drops those already checkpointed;
 3. sends the rest (workers/inference/client.py); each outcome is checkpointed in Redis together
-   with the batch's counters in one script, so a restarted chunk resends nothing that finished
-   and counts nothing twice;
+   with the batch's counters in one script (workers/inference/state.py), so a restarted chunk
+   resends nothing that finished and counts nothing twice;
 4. writes its part file (and its errors part) under a temporary name, marks itself done and drops
    its checkpoint; the delivery that completes the last chunk writes the output and the errors
-   file (temporary name, then rename) and finishes the job.
+   file (temporary name, then rename; workers/inference/output.py) and finishes the job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import shutil
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery, Task
 
 from gpujobs import keys
 from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK
-from gpujobs.batch import BATCHES, batch_summary
+from gpujobs.batch import batch_summary
 from gpujobs.specs import InferenceSpec, JobRecord, JobState
 from gpujobs.store import JobStore
 from workers.inference.client import (
@@ -47,203 +40,13 @@ from workers.inference.client import (
     ServerUnavailable,
     failure_line,
 )
+from workers.inference.output import BatchOutput
+from workers.inference.state import BatchState, ChunkFailed, ChunkLease, ChunkRef
 from workers.runtime import PathOutsideMediaRoot, WorkerRuntime, runtime
 
 log = logging.getLogger(__name__)
 
 STOP_POLL_S = 0.5  # how often a running chunk looks for a cancel, a deadline or a lost lease
-LEASE_POLL_S = 0.5  # how often a redelivered chunk looks whether the live holder let go
-# The merge lock's expiry: longer than writing any batch's output takes, so that only a dead
-# writer's lock is ever taken over.
-MERGE_LOCK_S = 900
-
-# KEYS: checkpoint hash, stats hash. ARGV: index, line, "completed"|"failed", prompt tokens,
-# completion tokens, total tokens, ttl seconds. 1 when new; 0 when already checkpointed (and
-# then nothing is counted: a request counts once however often its chunk runs). Both keys live
-# ttl seconds from the latest checkpoint (a counter re-made by HINCRBY would never expire).
-_CHECKPOINT_LUA = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[2], 'total_tokens', ARGV[6])
-return 1
-"""
-
-# KEYS: done set, stats hash. ARGV: chunk, ttl seconds. Returns {added, chunks done, chunks}.
-_MARK_DONE_LUA = """
-local added = redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local total = tonumber(redis.call('HGET', KEYS[2], 'chunks') or '0')
-return {added, redis.call('SCARD', KEYS[1]), total}
-"""
-
-# Chunk leases are also kept in keys.CHUNK_LEASES (member: the chunk's task arguments as JSON,
-# score: expiry by the server's clock), so the watchdog can resend a dead worker's chunk.
-# KEYS: lease, chunk leases. ARGV: token, lease ms, member. Takes a free lease (1), else 0.
-_TAKE_LUA = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000 + ARGV[2] / 1000, ARGV[3])
-return 1
-"""
-
-# KEYS: lease, chunk leases. ARGV: token, lease ms, member. Renews if `token` holds it (1), else 0.
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], tonumber(t[1]) + tonumber(t[2]) / 1000000 + ARGV[2] / 1000, ARGV[3])
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-
-# KEYS: lease, chunk leases. ARGV: token, member. Drops the lease if `token` holds it.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
-class ChunkFailed(Exception):
-    """Raised after the job's failure is recorded, so Celery (and Flower) show the reason."""
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """Chunk `index` of job `job_id`: `count` requests from `start`, at byte `offset`."""
-
-    job_id: str
-    index: int
-    start: int
-    count: int
-    offset: int
-
-    def task_args(self) -> list[Any]:
-        """The arguments of the chunk's Celery task (gpujobs.inference_chunk)."""
-        return [self.job_id, self.index, self.start, self.count, self.offset]
-
-    @property
-    def lease_member(self) -> str:
-        """The chunk as a member of keys.CHUNK_LEASES: its task arguments as JSON."""
-        return json.dumps(self.task_args(), separators=(",", ":"))
-
-
-class BatchState:
-    """A batch's Redis state: checkpoints, counters, finished chunks, chunk leases.
-
-    ttl_s: seconds every key lives (the record's TTL), so an abandoned batch leaves nothing.
-    """
-
-    def __init__(self, client: redis.Redis, job_id: str, ttl_s: int) -> None:
-        self.redis = client
-        self.job_id = job_id
-        self.ttl_s = ttl_s
-        self._checkpoint = client.register_script(_CHECKPOINT_LUA)
-        self._mark_done = client.register_script(_MARK_DONE_LUA)
-        self._take = client.register_script(_TAKE_LUA)
-        self._renew = client.register_script(_RENEW_LUA)
-        self._release = client.register_script(_RELEASE_LUA)
-
-    def checkpoint(self, chunk: int, outcome: Outcome) -> bool:
-        """Record a finished request and count it; False when it was recorded before."""
-        line = json.dumps(outcome.line, ensure_ascii=False, separators=(",", ":"))
-        usage = outcome.usage
-        added = self._checkpoint(
-            keys=[keys.batch_checkpoint(self.job_id, chunk), keys.batch_stats(self.job_id)],
-            args=[outcome.index, line, "failed" if outcome.failed else "completed",
-                  usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                  usage.get("total_tokens", 0), self.ttl_s],
-        )  # fmt: skip
-        return bool(added)
-
-    def finished(self, chunk: int) -> dict[int, str]:
-        """Request index -> output line of the chunk's checkpointed requests."""
-        raw: dict[str, str] = self.redis.hgetall(keys.batch_checkpoint(self.job_id, chunk))  # type: ignore[assignment]
-        return {int(index): line for index, line in raw.items()}
-
-    def finished_indexes(self, chunk: int) -> set[int]:
-        raw: list[str] = self.redis.hkeys(keys.batch_checkpoint(self.job_id, chunk))  # type: ignore[assignment]
-        return {int(index) for index in raw}
-
-    def drop_checkpoint(self, chunk: int) -> None:
-        self.redis.delete(keys.batch_checkpoint(self.job_id, chunk))
-
-    def stats(self) -> dict[str, int]:
-        raw: dict[str, str] = self.redis.hgetall(keys.batch_stats(self.job_id))  # type: ignore[assignment]
-        return {name: int(value) for name, value in raw.items()}
-
-    def done_chunks(self) -> set[int]:
-        raw: set[str] = self.redis.smembers(keys.batch_done(self.job_id))  # type: ignore[assignment]
-        return {int(chunk) for chunk in raw}
-
-    def mark_done(self, chunk: int) -> tuple[bool, int, int]:
-        """Mark a chunk's part file written: (newly marked, chunks done, chunks in all)."""
-        added, done, total = self._mark_done(
-            keys=[keys.batch_done(self.job_id), keys.batch_stats(self.job_id)],
-            args=[chunk, self.ttl_s],
-        )
-        return bool(added), int(done), int(total)
-
-    def take_lease(self, ref: ChunkRef, token: str, lease_s: float) -> bool:
-        lease_keys = [keys.batch_lease(self.job_id, ref.index), keys.CHUNK_LEASES]
-        return bool(
-            self._take(keys=lease_keys, args=[token, int(lease_s * 1000), ref.lease_member])
-        )
-
-    def renew_lease(self, ref: ChunkRef, token: str, lease_s: float) -> bool:
-        lease_keys = [keys.batch_lease(self.job_id, ref.index), keys.CHUNK_LEASES]
-        return bool(
-            self._renew(keys=lease_keys, args=[token, int(lease_s * 1000), ref.lease_member])
-        )
-
-    def release_lease(self, ref: ChunkRef, token: str) -> None:
-        lease_keys = [keys.batch_lease(self.job_id, ref.index), keys.CHUNK_LEASES]
-        self._release(keys=lease_keys, args=[token, ref.lease_member])
-
-
-class ChunkLease:
-    """Holds one chunk's lease while the chunk runs, renewing it every third of `lease_s` from
-    a thread; `lost` is set when another holder took it (ours expired while we stalled)."""
-
-    def __init__(self, state: BatchState, ref: ChunkRef, lease_s: float) -> None:
-        self.state = state
-        self.ref = ref
-        self.lease_s = lease_s
-        self.token = uuid.uuid4().hex
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="chunk-lease", daemon=True)
-
-    def acquire(self, give_up: Any) -> bool:
-        """Take the lease, waiting while a live holder has it; False when `give_up()` says so
-        first (the chunk got done, the job ended)."""
-        while not self.state.take_lease(self.ref, self.token, self.lease_s):
-            if give_up():
-                return False
-            # A holder renews its lease while it lives; no event marks its death, so we look.
-            time.sleep(LEASE_POLL_S)
-        self._thread.start()
-        return True
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            try:
-                if not self.state.renew_lease(self.ref, self.token, self.lease_s):
-                    self.lost.set()
-                    return
-            except redis.RedisError:
-                continue  # the broker dropped for a moment; the lease has slack for a retry
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):  # else it expires by itself
-            self.state.release_lease(self.ref, self.token)
 
 
 def register_inference_task(app: Celery) -> None:
@@ -518,146 +321,6 @@ class Reporter:
             percent=round(100.0 * done / self.spec.requests, 1),
             eta_s=None if eta is None else round(eta, 1), result=summary,
         )  # fmt: skip
-
-
-class BatchOutput:
-    """A batch's files under the media root: part files per chunk, the output and errors file."""
-
-    def __init__(self, rt: WorkerRuntime, spec: InferenceSpec, job_id: str) -> None:
-        self.rt = rt
-        self.spec = spec
-        self.job_id = job_id
-        self.parts = rt.media_path(f"{BATCHES}/{job_id}/parts")
-
-    def part(self, chunk: int, errors: bool = False) -> Path:
-        return self.parts / f"{chunk:06d}{'.errors' if errors else ''}.jsonl"
-
-    def write_part(self, chunk: int, lines: dict[int, str]) -> None:
-        """The chunk's lines in input order, and its failed lines apart."""
-        ordered = [lines[index] for index in sorted(lines)]
-        failed = [line for line in ordered if json.loads(line).get("error") is not None]
-        _write_atomic(self.part(chunk), ordered)
-        _write_atomic(self.part(chunk, errors=True), failed)
-
-    def _lines(self, state: BatchState, chunks: int, errors: bool) -> Iterator[str]:
-        """Every finished line in input order: from part files, else from checkpoints."""
-        for chunk in range(chunks):
-            part = self.part(chunk, errors)
-            if part.exists():
-                with part.open(encoding="utf-8") as handle:
-                    yield from (line.rstrip("\n") for line in handle)
-                continue
-            finished = state.finished(chunk)
-            for index in sorted(finished):
-                line = finished[index]
-                if not errors or json.loads(line).get("error") is not None:
-                    yield line
-
-    def write_outputs(self, state: BatchState, chunks: int) -> None:
-        _write_atomic(self.rt.media_path(self.spec.output), self._lines(state, chunks, False))
-        _write_atomic(self.rt.media_path(self.spec.errors_output), self._lines(state, chunks, True))
-
-    @contextlib.contextmanager
-    def merging(self) -> Iterator[None]:
-        """Hold the batch's merge lock: one worker at a time writes the output from the parts."""
-        lock = self.rt.store.redis.lock(
-            keys.batch_merge(self.job_id), timeout=MERGE_LOCK_S, blocking_timeout=MERGE_LOCK_S
-        )
-        if not lock.acquire():
-            raise RuntimeError(f"batch {self.job_id}: merge lock held for {MERGE_LOCK_S} s")
-        try:
-            yield
-        finally:
-            with contextlib.suppress(redis.RedisError):  # else it expires by itself
-                lock.release()
-
-    def finish(self, state: BatchState, store: JobStore) -> None:
-        """Every chunk is done: write the output and errors files, then finish the job.
-
-        Under the merge lock, and only once: a second delivery that saw the last chunk done
-        (a redelivery, or the watchdog's resend after the first finisher died) finds the job
-        finished and writes nothing, so the parts are never read after they are removed.
-        """
-        with self.merging():
-            record = store.get(self.job_id)
-            if record is None or record.state in (JobState.SUCCEEDED, JobState.FAILED):
-                return
-            if record.state is JobState.CANCELLED and not self.parts.exists():
-                return  # the cancelled batch's output was written whole already
-            self._finish(state, store, record)
-
-    def _finish(self, state: BatchState, store: JobStore, record: JobRecord) -> None:
-        stats = state.stats()
-        chunks = stats.get("chunks", 0)
-        try:
-            self.write_outputs(state, chunks)
-        except (OSError, PathOutsideMediaRoot) as exc:  # else the job would stay running
-            problem = f"cannot write the batch's output {self.spec.output}: {exc}"
-            store.update(self.job_id, only_from=(JobState.RUNNING,), state=JobState.FAILED,
-                         error=problem, eta_s=None)  # fmt: skip
-            raise ChunkFailed(problem) from None
-        started = record.started_at or time.time()
-        elapsed = max(1e-6, time.time() - started)
-        summary = batch_summary(self.spec, stats, chunks, chunks, elapsed)
-        completed, failed = stats.get("completed", 0), stats.get("failed", 0)
-        fields: dict[str, Any] = {"state": JobState.SUCCEEDED}
-        if completed == 0 and failed > 0:
-            first = next(self._lines(state, chunks, errors=True), "{}")
-            error = json.loads(first).get("error") or {}
-            fields = {
-                "state": JobState.FAILED,
-                "error": f"all {failed} requests failed; the first: "
-                f"{error.get('code')}: {error.get('message')}",
-            }
-        finished = store.update(
-            self.job_id, only_from=(JobState.RUNNING,), percent=100.0, eta_s=0,
-            output=self.spec.output, result=summary, **fields,
-        )  # fmt: skip
-        if not finished:  # cancelled: the output holds everything that finished
-            summary["partial"] = completed + failed < self.spec.requests
-            store.update(self.job_id, only_from=(JobState.CANCELLED,), result=summary)
-        shutil.rmtree(self.parts, ignore_errors=True)
-        log.info("batch %s finished: %s", self.job_id, summary["request_counts"])
-
-    def settle_cancelled(self, state: BatchState, ref: ChunkRef) -> None:
-        """The job was cancelled: keep what this chunk finished as its part, and rewrite the
-        partial output from everything finished so far. Every settling chunk does, one at a
-        time under the merge lock and each after its part is marked, so the last to write has
-        every part; the one that finds every chunk settled removes the parts."""
-        if ref.index in state.done_chunks():
-            return
-        self.write_part(ref.index, state.finished(ref.index))
-        added, _, total = state.mark_done(ref.index)
-        if not added:
-            return
-        state.drop_checkpoint(ref.index)
-        with self.merging():
-            if not self.parts.exists():
-                return  # every chunk was settled and the output written whole already
-            done = len(state.done_chunks())
-            self.write_outputs(state, total)
-            stats = state.stats()
-            record = self.rt.store.get(self.job_id)
-            started = record.started_at if record else None
-            elapsed = time.time() - started if started else None
-            summary = batch_summary(self.spec, stats, total, done, elapsed, partial=True)
-            self.rt.store.update(self.job_id, only_from=(JobState.CANCELLED,), result=summary)
-            if done == total:
-                shutil.rmtree(self.parts, ignore_errors=True)
-
-
-def _write_atomic(path: Path, lines: Iterator[str] | list[str]) -> None:
-    """Write lines under a temporary name unique to this writer, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.writing")
-    try:
-        with temp.open("w", encoding="utf-8") as handle:
-            for line in lines:
-                handle.write(line)
-                handle.write("\n")
-        temp.replace(path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def requeue_expired_chunks(store: JobStore, app: Celery, max_attempts: int) -> list[str]:
