@@ -210,6 +210,27 @@ class Settings(BaseSettings):
         default=9808, ge=0, le=65535, description="Port of `gpujobs metrics`. Default 9808."
     )
 
+    # The OpenAI Batch API (gpujobs/api/, `gpujobs api`).
+    api_address: str = Field(
+        default="127.0.0.1",
+        description="Address `gpujobs api` listens on. Beyond loopback it refuses to start "
+        "without api_key. Default 127.0.0.1.",
+    )
+    api_port: int = Field(
+        default=8090, ge=0, le=65535, description="Port of `gpujobs api`. Default 8090."
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="The key clients send as `Authorization: Bearer KEY` (Kubernetes Secret). "
+        "Unset: no key is asked for, and the API listens on loopback only.",
+    )
+    api_max_file_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        gt=0,
+        description="Largest file `POST /v1/files` takes, in bytes (OpenAI's limit). Default "
+        "200 MiB.",
+    )
+
     @model_validator(mode="after")
     def _fill_media_root(self) -> Settings:
         if self.media_root is None:

@@ -130,3 +130,15 @@ def batch_lease(job_id: str, chunk: int) -> str:
 
 def batch_merge(job_id: str) -> str:
     return BATCH_MERGE.format(job_id=job_id)
+
+
+# Hash per batch created through the OpenAI Batch API (`gpujobs api`), keyed by its job id: what
+# the job record does not hold (input_file_id, endpoint, completion_window, metadata). Status,
+# counts and outputs are always read from the job record.
+API_BATCH = PREFIX + ":api:batch:{job_id}"
+# Sorted set of those job ids scored by creation time: `GET /v1/batches` pages through it.
+API_BATCHES = PREFIX + ":api:batches"
+
+
+def api_batch(job_id: str) -> str:
+    return API_BATCH.format(job_id=job_id)

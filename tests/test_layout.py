@@ -54,6 +54,7 @@ COMMANDS = [
     "top",
     "infer",
     "results",
+    "api",
 ]
 
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from gpujobs import local
+from gpujobs.cli import api as cli_api
 from gpujobs.cli import gpu as cli_gpu
 from gpujobs.cli import inference as cli_inference
 from gpujobs.cli import monitor as cli_monitor
@@ -219,6 +220,7 @@ def demo(
 cli_gpu.register(app)  # gpujobs gpus, gpujobs doctor
 cli_monitor.register(app)  # gpujobs flower, gpujobs metrics, gpujobs top
 cli_inference.register(app)  # gpujobs infer, gpujobs results
+cli_api.register(app)  # gpujobs api
 
 
 def main() -> None:
