@@ -22,7 +22,9 @@ import pytest
 import redis
 
 from gpujobs import keys
+from gpujobs.api.batches import derive_status
 from gpujobs.config import Settings
+from gpujobs.specs import JobKind, JobRecord, JobState
 from tests.helpers import WorkerProcess, wait_for
 from tests.openai_server import FakeOpenAI
 
@@ -332,3 +334,31 @@ def test_refuses_to_listen_beyond_loopback_without_a_key(settings: Settings) -> 
         "(or listen on 127.0.0.1)"
     ]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def record_in(state: JobState, **fields: Any) -> JobRecord:
+    spec = {"input": "batches/x/requests.jsonl", "output": "batches/x/output.jsonl",
+            "requests": 10, "deadline_s": 100.0}  # fmt: skip
+    return JobRecord(id="0123456789ab", kind=JobKind.INFERENCE, state=state, spec=spec,
+                     created_at=1000.0, **fields)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("state", "fields", "status"),
+    [
+        (JobState.QUEUED, {}, "validating"),
+        (JobState.RUNNING, {"result": {"request_counts": {"total": 10, "completed": 4,
+                                                          "failed": 1}}}, "in_progress"),
+        (JobState.RUNNING, {"result": {"request_counts": {"total": 10, "completed": 9,
+                                                          "failed": 1}}}, "finalizing"),
+        (JobState.SUCCEEDED, {"finished_at": 1050.0}, "completed"),
+        (JobState.SUCCEEDED, {"finished_at": 1100.0}, "expired"),  # the window passed
+        (JobState.FAILED, {"finished_at": 1050.0}, "failed"),
+        (JobState.CANCELLED, {"result": {"chunks": {"total": 3, "done": 1}}}, "cancelling"),
+        (JobState.CANCELLED, {"result": {"chunks": {"total": 3, "done": 3}}}, "cancelled"),
+    ],
+)  # fmt: skip
+def test_status_is_derived_from_the_job_record(
+    state: JobState, fields: dict[str, Any], status: str
+) -> None:
+    assert derive_status(record_in(state, **fields)) == status
