@@ -336,6 +336,18 @@ def test_refuses_to_listen_beyond_loopback_without_a_key(settings: Settings) -> 
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def test_an_unreachable_broker_is_one_line(settings: Settings) -> None:
+    env = {**os.environ, "GPUJOBS_BROKER_URL": "redis://127.0.0.1:1/0",
+           "GPUJOBS_CONNECT_TIMEOUT_S": "1"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "gpujobs", "api", "--port", "0"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the broker at"), lines
+
+
 def record_in(state: JobState, **fields: Any) -> JobRecord:
     spec = {"input": "batches/x/requests.jsonl", "output": "batches/x/output.jsonl",
             "requests": 10, "deadline_s": 100.0}  # fmt: skip

@@ -6,12 +6,18 @@ route, a wrong method), leaves in this shape, with the status code the OpenAI AP
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpujobs.errors import BrokerUnreachable
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -89,3 +95,17 @@ def install_handlers(app: FastAPI) -> None:
         else:
             message = str(exc.detail)
         return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """Anything else: 503 when the queue's Redis is out of reach, else 500; the traceback
+        goes to the log, never to the client."""
+        if isinstance(exc, BrokerUnreachable | redis.ConnectionError | redis.TimeoutError):
+            log.warning("%s %s: the queue is unreachable: %s", request.method, request.url.path,
+                        exc)  # fmt: skip
+            body = error_body("The queue is unreachable; try again later.", "server_error")
+            return JSONResponse(body, status_code=503)
+        log.exception("%s %s failed", request.method, request.url.path)
+        body = error_body("The server had an error while processing your request.",
+                          "server_error")  # fmt: skip
+        return JSONResponse(body, status_code=500)
