@@ -179,6 +179,9 @@ def test_openai_client_runs_a_whole_batch(
     listed = {f.id for f in oa.files.list()}
     assert {upload.id, done.output_file_id, done.error_file_id} <= listed
     assert [f.id for f in oa.files.list(purpose="batch")] == [upload.id]
+    # One at a time, as the client's auto-pagination walks `after`: the same files, in order.
+    assert [f.id for f in oa.files.list(limit=1)] == [f.id for f in oa.files.list()]
+    assert oa.files.list(order="asc").data[0].id == upload.id
 
     # Finished: cancelling is refused as the Batch API refuses it.
     with pytest.raises(openai.ConflictError) as refused:
