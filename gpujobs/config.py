@@ -140,6 +140,12 @@ class Settings(BaseSettings):
         default="http://localhost:9999/v1",
         description="OpenAI-compatible base URL of the node's vLLM server (checked by doctor).",
     )
+    vllm_api_key: SecretStr | None = Field(
+        default=None,
+        description="The key vLLM was started with (`--api-key`), sent by the inference worker "
+        "as `Authorization: Bearer <key>` with every request; in Kubernetes from the Secret "
+        "gpujobs-vllm. Unset: no header (a server without a key).",
+    )
 
     # Batch inference (gpujobs/batch.py, workers/inference/). The endpoint is vllm_endpoint.
     inference_concurrency: int = Field(

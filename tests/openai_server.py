@@ -93,7 +93,10 @@ class FakeOpenAI:
         models: tuple[str, ...] = ("fake-model",),
         retry_after_s: float | None = 0.05,
         embedding_dim: int = 8,
+        api_key: str | None = None,
     ) -> None:
+        # Like vLLM's --api-key: every /v1 route wants `Authorization: Bearer <key>`.
+        self.api_key = api_key
         self.latency_s = latency_s
         self.capacity = capacity
         self.enforce = enforce
@@ -233,7 +236,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _refused(self) -> bool:
+        """Answer 401 as vLLM does when a key is set and this request lacks it."""
+        key = self.fake.api_key
+        if key is None or not self.path.startswith("/v1"):
+            return False
+        if self.headers.get("Authorization") == f"Bearer {key}":
+            return False
+        self._send(401, {"error": "Unauthorized"})
+        return True
+
     def do_GET(self) -> None:
+        if self._refused():
+            return
         if self.path == "/health":
             self._send(200 if self.fake.healthy else 503, None)
         elif self.path == "/_stats":  # for a client in another process (the benchmark)
@@ -251,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.fake
         length = int(self.headers.get("Content-Length", "0"))
         raw = self.rfile.read(length)
+        if self._refused():
+            return
         started = time.time()
         if self.path not in ROUTES:
             self._send(404, error_body(f"no route {self.path}", "NotFoundError", 404))

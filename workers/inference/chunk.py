@@ -245,9 +245,11 @@ async def _send_all(
         backoff_s=settings.inference_backoff_s,
         backoff_max_s=settings.inference_backoff_max_s,
     )
+    # The key is the worker's (a Secret in its pod), never the spec's: nothing secret is queued.
+    api_key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
     async with InferenceClient(
         spec.endpoint, concurrency=spec.max_concurrency, timeout_s=spec.request_timeout_s,
-        retry=retry, model=spec.model, resolve_image=image_resolver(rt),
+        retry=retry, model=spec.model, resolve_image=image_resolver(rt), api_key=api_key,
     ) as client:  # fmt: skip
         if deadline is not None and time.time() >= deadline:
             return "deadline"

@@ -236,6 +236,8 @@ class InferenceClient:
     concurrency: requests in flight at most (default 10). timeout_s: seconds per request.
     model: overrides every body's model; None keeps it, and a body without one gets the
     server's only model. resolve_image: media path -> file, for local images (None: refused).
+    api_key: sent as `Authorization: Bearer <key>` with every request (vLLM's --api-key);
+    None sends no header.
     """
 
     def __init__(
@@ -247,8 +249,10 @@ class InferenceClient:
         retry: RetryPolicy | None = None,
         model: str | None = None,
         resolve_image: Callable[[str], Path] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.root = server_root(endpoint)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
@@ -272,6 +276,7 @@ class InferenceClient:
             ),
             # The semaphore bounds the requests; the pool never makes one wait on top.
             timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s), pool=None),
+            headers=self._headers,
         )
         return self
 
