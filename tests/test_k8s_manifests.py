@@ -39,6 +39,11 @@ K8S = ROOT / "k8s"
 # Schemas to validate against: the oldest release we support (native sidecar containers, used by
 # the vLLM pod, are on by default from 1.29) and the newest that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
+# The wsl2 overlay's recursiveReadOnly mount needs 1.31 (beta, on by default).
+WSL2_KUBERNETES_VERSIONS = ("1.31", kubernetes_validate.utils.latest_version())
+# Kinds without a namespace, and where the objects that are not in `gpujobs` live.
+CLUSTER_SCOPED = {"Namespace", "PriorityClass", "RuntimeClass"}
+OTHER_NAMESPACES = {"device-plugin": "kube-system"}
 GPUJOBS_IMAGE = "gpujobs-worker"
 # Env names that hold a secret: they must come from a Secret (valueFrom.secretKeyRef).
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_?KEY|AUTH", re.I)
@@ -230,8 +235,11 @@ def test_every_yaml_document_is_an_object_a_kustomization_or_a_patch() -> None:
             metadata = doc.data["metadata"]
             if doc.data["kind"] == "Namespace":
                 assert metadata["name"] == "gpujobs", doc.id
+            elif doc.data["kind"] in CLUSTER_SCOPED:
+                assert "namespace" not in metadata, doc.id
             else:
-                assert metadata.get("namespace") == "gpujobs", f"{doc.id} names no namespace"
+                namespace = OTHER_NAMESPACES.get(doc.path.parts[0], "gpujobs")
+                assert metadata.get("namespace") == namespace, f"{doc.id} names no namespace"
             assert doc.data["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == (
                 "gpujobs"
             ), f"{doc.id} lacks the app.kubernetes.io/part-of: gpujobs label"
@@ -269,12 +277,13 @@ def test_secret_files_are_git_ignored() -> None:
     """k8s/secrets generates the Secrets from files that must never be committed."""
     [doc] = [d for d in DOCS if is_kustomization(d) and d.path.parts[0] == "secrets"]
     generated = {g["name"]: g for g in doc.data["secretGenerator"]}
-    assert set(generated) == {"gpujobs-redis", "gpujobs-flower"}
+    assert set(generated) == {"gpujobs-redis", "gpujobs-flower", "gpujobs-vllm"}
     assert doc.data["generatorOptions"]["disableNameSuffixHash"] is True  # the base's names
     files = [f.partition("=")[2] for g in generated.values() for f in g["files"]]
     assert {f.partition("=")[0] for f in generated["gpujobs-redis"]["files"]} == {"password"}
     keys_ = {f.partition("=")[0] for f in generated["gpujobs-flower"]["files"]}
     assert keys_ == {"user", "password"}
+    assert {f.partition("=")[0] for f in generated["gpujobs-vllm"]["files"]} == {"api-key"}
     git = shutil.which("git")
     if git is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: cannot ask git what it ignores")
@@ -310,7 +319,7 @@ def test_every_password_comes_from_a_secret() -> None:
                     secret, key = secret_ref(c, name)
                     assert secret.startswith("gpujobs-") and key, (c["name"], name)
             args = [*c.get("command", []), *c.get("args", [])]
-            for flag in ("--requirepass", "--password", "-a", "--pass"):
+            for flag in ("--requirepass", "--password", "-a", "--pass", "--api-key"):
                 if flag in args:
                     reference = re.fullmatch(r"\$\((\w+)\)", arg_after(args, flag))
                     assert reference, f"{c['name']}: {flag} is not a $(VAR) reference"
@@ -383,6 +392,9 @@ def test_a_network_policy_admits_only_gpujobs_pods_to_redis() -> None:
         p
         for p in BASE
         if p["kind"] == "NetworkPolicy"
+        and "Ingress" in p["spec"]["policyTypes"]
+        and "ingress" in p["spec"]  # the default deny has no rule
+        and p["spec"]["podSelector"].get("matchLabels")
         and labels_match(p["spec"]["podSelector"]["matchLabels"], redis_labels)
     ]
     assert policies, "no NetworkPolicy selects the Redis pods"
@@ -437,9 +449,12 @@ def worker_daemonset(docs: list[Any] | None = None) -> tuple[dict[str, Any], dic
 
 def test_worker_daemonset_runs_on_gpu_nodes_with_the_gpu_and_video_capability() -> None:
     daemonset, c = worker_daemonset()
-    assert pod_spec(daemonset)["nodeSelector"] == {"gpujobs.io/gpu-node": "true"}
+    assert pod_spec(daemonset)["nodeSelector"] == {"node-role.kubernetes.io/worker-gpu": "true"}
+    assert pod_spec(daemonset)["runtimeClassName"] == "nvidia"
     assert c["args"] == ["worker", "--gpus", "all"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # It shares the cards vLLM holds (docs/operations.md, "GPU sharing"): no GPU request.
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert "nvidia.com/gpu" not in c["resources"].get("requests", {})
     capabilities = env_value(c, "NVIDIA_DRIVER_CAPABILITIES").split(",")
     assert {"compute", "video", "utility"} <= set(capabilities)
     assert env_value(c, "NVIDIA_VISIBLE_DEVICES") == "all"
@@ -501,7 +516,7 @@ def test_vllm_serves_tp4_on_port_9999_with_nccl_settings_for_no_p2p() -> None:
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert env_value(server, "NCCL_CUMEM_ENABLE") == "0"
     shm = mount_of(vllm, server, "/dev/shm")["emptyDir"]
-    assert shm["medium"] == "Memory" and shm["sizeLimit"].endswith("Gi")
+    assert shm["medium"] == "Memory" and shm["sizeLimit"] == "16G"
     for probe in ("readinessProbe", "startupProbe"):
         assert server[probe]["httpGet"]["path"] == "/health"
         assert server[probe]["httpGet"]["port"] in ("http", 9999)
@@ -554,12 +569,13 @@ def test_wsl2_overlay_mounts_usr_lib_wsl_into_the_worker() -> None:
     assert "gpujobs-worker" in patched
     daemonset, c = worker_daemonset([patched["gpujobs-worker"]])
     assert pod_spec(daemonset)["containers"][0]["name"] == "worker"  # the patch's index
-    for version in KUBERNETES_VERSIONS:
+    for version in WSL2_KUBERNETES_VERSIONS:
         kubernetes_validate.validate(daemonset, version, strict=True)
     volume = mount_of(daemonset, c, "/usr/lib/wsl")
     assert volume["hostPath"]["path"] == "/usr/lib/wsl"
     [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == "/usr/lib/wsl"]
     assert mount["readOnly"] is True
+    assert mount["recursiveReadOnly"] == "Enabled"
     assert "/usr/lib/wsl/lib" in env_value(c, "LD_LIBRARY_PATH").split(":")
     # The rest of the worker is the base's.
     assert c["livenessProbe"] == worker_daemonset()[1]["livenessProbe"]
