@@ -55,6 +55,7 @@ COMMANDS = [
     "infer",
     "results",
     "api",
+    "cluster",
 ]
 
 

@@ -14,6 +14,7 @@ import typer
 
 from gpujobs import local
 from gpujobs.cli import api as cli_api
+from gpujobs.cli import cluster as cli_cluster
 from gpujobs.cli import gpu as cli_gpu
 from gpujobs.cli import inference as cli_inference
 from gpujobs.cli import monitor as cli_monitor
@@ -221,6 +222,7 @@ cli_gpu.register(app)  # gpujobs gpus, gpujobs doctor
 cli_monitor.register(app)  # gpujobs flower, gpujobs metrics, gpujobs top
 cli_inference.register(app)  # gpujobs infer, gpujobs results
 cli_api.register(app)  # gpujobs api
+cli_cluster.register(app)  # gpujobs cluster status|nodes|scale
 
 
 def main() -> None:
