@@ -187,6 +187,8 @@ class Cluster:
             raise ClusterError(f"the API server refused {what}: {_refusal(exc)}") from None
         except (Urllib3Error, OSError) as exc:
             reason = str(getattr(exc, "reason", None) or exc).splitlines()[0]
+            # urllib3 wraps the socket's words in its own: keep the socket's.
+            reason = reason.partition("Failed to establish a new connection: ")[2] or reason
             raise ClusterError(f"cannot reach the API server at {self.server}: {reason}") from None
 
     def check_namespace(self) -> None:
