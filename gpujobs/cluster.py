@@ -171,9 +171,9 @@ class Cluster:
         not_found: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        # Any: the client types every field Optional; what the server sends is read as sent.
         """fn(*args), with the API server's refusal or absence as one ClusterError line;
         a 404 says not_found instead, where given."""
+        # Any: the client types every field Optional; what the server sends is read as sent.
         try:
             return fn(*args, _request_timeout=API_TIMEOUT_S, **kwargs)
         except ApiException as exc:
