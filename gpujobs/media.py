@@ -1,90 +1,276 @@
-"""What a media file holds: the producer's cheap check (`looks_like_video`, the first bytes only,
-no ffmpeg needed) and the worker's probe (`probe`, read from `ffmpeg -i`; imageio-ffmpeg ships
-ffmpeg, not ffprobe)."""
+"""What a media file holds, read as data with PyAV (libavformat), never by parsing `ffmpeg -i`.
+
+One model, `MediaInfo`, serves both sides: the producer's check at submit (`check_input`: is
+there a real video stream, is the file complete) and the worker's probe before and after an
+encode (`probe`). PyAV is imported on first use only, so `import gpujobs` stays light.
+
+Units: seconds for durations, pixels for sizes, degrees clockwise for rotation (the turn a
+player applies to show the picture upright), frames per second for rates.
+"""
 
 from __future__ import annotations
 
-import re
-import subprocess
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Any, Literal
 
-PROBE_TIMEOUT_S = 30.0
 SNIFF_BYTES = 4096
 # ISO base media (mp4, mov, m4v, 3gp): a box type at offset 4.
 _ISO_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"}
+# libavcodec's AVFieldOrder, as PyAV returns it (codec_context.field_order).
+_FIELD_ORDERS = {0: "unknown", 1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}
+INTERLACED_ORDERS = frozenset({"tt", "bb", "tb", "bt"})
+# Subtitle codecs that are text (can become mov_text); the others are bitmaps.
+TEXT_SUBTITLES = frozenset({"subrip", "srt", "ass", "ssa", "mov_text", "webvtt", "text"})
+# What ffmpeg's log says, and what it means to a user.
+_EXPLAINED = {
+    "moov atom not found": "the file is incomplete (no moov atom)",
+}
 
-_DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
-_VIDEO = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+)(.*)")
-_AUDIO = re.compile(r"Stream #\d+:\d+.*?: Audio: (\w+)")
-_SIZE = re.compile(r"[ ,](\d{1,5})x(\d{1,5})[ ,\[]")
-_FPS = re.compile(r"([\d.]+) fps")
+StreamKind = Literal["video", "audio", "subtitle", "data", "attachment", "unknown"]
 
 
 class ProbeError(Exception):
-    """The file is not media ffmpeg can read; the message says why in one line."""
+    """The file is not media we can read; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One stream of a container.
+
+    index: its index in the container (`-map 0:<index>`); kind_index: its index among streams of
+    its kind (`-map 0:v:<kind_index>`). codec: libavcodec's name (h264, aac, pcm_s16le...).
+    dispositions: names such as "default", "attached_pic". duration_s, frames: None when the
+    container does not say. Video: width/height as coded, sar (sample aspect ratio, 1 when
+    unknown), rotation (0, 90, 180 or 270, clockwise), field_order (progressive, tt, bb, tb,
+    bt or unknown), pix_fmt, bit_depth, fps. Audio: channels, layout, sample_rate, language.
+    """
+
+    index: int
+    kind: StreamKind
+    kind_index: int
+    codec: str
+    dispositions: frozenset[str] = frozenset()
+    duration_s: float | None = None
+    frames: int | None = None
+    width: int = 0
+    height: int = 0
+    sar: Fraction = Fraction(1)
+    rotation: int = 0
+    field_order: str = "unknown"
+    pix_fmt: str | None = None
+    bit_depth: int = 8
+    profile: str | None = None
+    fps: float | None = None
+    channels: int = 0
+    layout: str | None = None
+    sample_rate: int = 0
+    language: str | None = None
+
+    @property
+    def attached_pic(self) -> bool:
+        """A cover picture stored as a video stream (one frame, not a video)."""
+        return "attached_pic" in self.dispositions
+
+    @property
+    def real_video(self) -> bool:
+        """A video stream that moves: not cover art, not a still or a one-frame thumbnail."""
+        return (
+            self.kind == "video"
+            and not self.attached_pic
+            and not {"still_image", "timed_thumbnails"} & self.dispositions
+            and self.frames != 1
+            and self.width > 0
+        )
+
+    @property
+    def interlaced(self) -> bool:
+        return self.field_order in INTERLACED_ORDERS
+
+    @property
+    def display_size(self) -> tuple[float, float]:
+        """Width and height as shown: SAR applied, then the rotation (90/270 swap them)."""
+        width = self.width * float(self.sar) if self.sar > 0 else float(self.width)
+        height = float(self.height)
+        return (height, width) if self.rotation in (90, 270) else (width, height)
+
+    @property
+    def display_aspect(self) -> float:
+        width, height = self.display_size
+        return width / height if height else 0.0
 
 
 @dataclass(frozen=True)
 class MediaInfo:
-    """duration_s: seconds (container); width/height: pixels; fps: frames per second."""
+    """A probed file: its container format, duration (None when unknown, as in raw .h264
+    streams), size in bytes and its streams in container order."""
 
-    duration_s: float
-    video_codec: str
-    width: int
-    height: int
-    fps: float | None
-    audio_codec: str | None
+    format: str
+    duration_s: float | None
+    size_bytes: int
+    streams: tuple[StreamInfo, ...] = field(default_factory=tuple)
+
+    def of_kind(self, kind: StreamKind) -> list[StreamInfo]:
+        return [s for s in self.streams if s.kind == kind]
+
+    @property
+    def video(self) -> StreamInfo | None:
+        """The main video: the default real video stream, else the largest (None if none)."""
+        real = [s for s in self.streams if s.real_video]
+        if not real:
+            return None
+        return max(real, key=lambda s: ("default" in s.dispositions, s.width * s.height))
+
+    @property
+    def audio(self) -> list[StreamInfo]:
+        return self.of_kind("audio")
 
     @property
     def has_audio(self) -> bool:
-        return self.audio_codec is not None
+        return bool(self.audio)
+
+    # The main video's facts, for callers that want one line (None/0 without video).
+    @property
+    def video_codec(self) -> str | None:
+        return self.video.codec if self.video else None
+
+    @property
+    def width(self) -> int:
+        return self.video.width if self.video else 0
+
+    @property
+    def height(self) -> int:
+        return self.video.height if self.video else 0
+
+    @property
+    def fps(self) -> float | None:
+        return self.video.fps if self.video else None
+
+    @property
+    def audio_codec(self) -> str | None:
+        """The first audio track's codec."""
+        return self.audio[0].codec if self.audio else None
+
+    def duration_of(self, streams: list[StreamInfo]) -> float | None:
+        """How long `streams` last: the longest of their own durations; the container's for a
+        stream that has none (Matroska keeps only the container's); None when nothing says."""
+        durations = [s.duration_s if s.duration_s is not None else self.duration_s
+                     for s in streams]  # fmt: skip
+        known = [d for d in durations if d is not None]
+        return max(known) if known else None
+
+    def no_video_reason(self) -> str:
+        """Why there is no video to transcode, in words."""
+        if any(s.attached_pic for s in self.streams):
+            return "no video stream (audio with cover art)"
+        if self.has_audio:
+            return "no video stream (audio only)"
+        return "no video stream"
 
 
-def parse_probe(text: str) -> MediaInfo:
-    """Read ffmpeg's description of an input (its stderr for `ffmpeg -i FILE`)."""
-    video = _VIDEO.search(text)
-    if video is None:
-        raise ProbeError("no video stream")
-    size = _SIZE.search(video.group(2) + " ")
-    if size is None:
-        raise ProbeError("video stream has no size")
-    duration = _DURATION.search(text)
-    if duration is None:
-        raise ProbeError("unknown duration")
-    hours, minutes, seconds = duration.groups()
-    fps = _FPS.search(video.group(2))
-    audio = _AUDIO.search(text)
-    return MediaInfo(
-        duration_s=int(hours) * 3600 + int(minutes) * 60 + float(seconds),
-        video_codec=video.group(1),
-        width=int(size.group(1)),
-        height=int(size.group(2)),
-        fps=float(fps.group(1)) if fps else None,
-        audio_codec=audio.group(1) if audio else None,
-    )
+def explain(message: str) -> str:
+    """ffmpeg's message in words a user knows ("moov atom not found" -> the file is incomplete)."""
+    text = message.strip()
+    for needle, words in _EXPLAINED.items():
+        if needle in text:
+            return f"{words}: {text}" if text != needle else words
+    return text
 
 
-def probe(ffmpeg: str, path: Path) -> MediaInfo:
-    """Probe a file. ProbeError carries ffmpeg's own reason when it cannot read it."""
-    result = subprocess.run(
-        [ffmpeg, "-hide_banner", "-nostdin", "-i", str(path)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=PROBE_TIMEOUT_S,
-        check=False,
-    )
-    text = result.stderr
-    if "Input #0" not in text:
-        lines = [line for line in text.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else "ffmpeg could not read it"
-        raise ProbeError(reason.split(": ", 1)[-1] if str(path) in reason else reason)
-    return parse_probe(text)
+def probe(path: Path, first_frame: bool = True) -> MediaInfo:
+    """Read every stream of `path` with PyAV.
+
+    first_frame: also decode the main video's first frame, which is where libavcodec reports
+    the display matrix (rotation) and whether pictures are interlaced (a few milliseconds).
+    Raises ProbeError with ffmpeg's own reason (explained, see `explain`) when it cannot read it.
+    """
+    import av  # a 35 MB library: loaded by the commands that probe, never by `import gpujobs`
+    import av.logging
+
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)  # only while opening: ffmpeg's reason, if it fails
+    try:
+        with av.logging.Capture() as logs:
+            container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as exc:
+        raise ProbeError(_av_reason(exc, logs)) from None
+    finally:
+        av.logging.set_level(level)
+    with container:
+        streams = [_stream_info(s, n) for s, n in zip(container.streams, _kind_indexes(container),
+                                                      strict=True)]  # fmt: skip
+        info = MediaInfo(
+            format=container.format.name,
+            duration_s=container.duration / 1_000_000 if container.duration else None,
+            size_bytes=path.stat().st_size,
+            streams=tuple(streams),
+        )
+        main = info.video
+        if first_frame and main is not None:
+            rotation, interlaced = _first_frame_facts(container, main.index)
+            order = main.field_order
+            if interlaced and order not in INTERLACED_ORDERS:
+                order = "tt"  # flagged per frame only; the deinterlacer detects the parity
+            updated = StreamInfo(**{**main.__dict__, "rotation": rotation, "field_order": order})
+            info = MediaInfo(
+                format=info.format,
+                duration_s=info.duration_s,
+                size_bytes=info.size_bytes,
+                streams=tuple(updated if s.index == main.index else s for s in streams),
+            )
+    return info
+
+
+def check_input(path: Path) -> MediaInfo:
+    """The producer's check at submit: the file is complete and has a real video stream.
+
+    Raises ProbeError with one line: "the file is incomplete (...)", "no video stream (audio
+    with cover art)", or ffmpeg's reason for not reading it.
+    """
+    truncated = iso_truncation(path)
+    if truncated:
+        raise ProbeError(truncated)
+    info = probe(path, first_frame=False)
+    if info.video is None:
+        raise ProbeError(info.no_video_reason())
+    return info
+
+
+def iso_truncation(path: Path) -> str | None:
+    """For ISO media files (mp4, mov, m4a): why the file is incomplete, from its top-level boxes
+    (a box running past the end of the file, no moov); None when it is whole or not ISO."""
+    size = path.stat().st_size
+    seen: list[bytes] = []
+    with path.open("rb") as f:
+        offset = 0
+        while offset + 8 <= size:
+            f.seek(offset)
+            head = f.read(16)
+            box_size, box_type = struct.unpack(">I4s", head[:8])
+            if not seen and box_type not in _ISO_BOXES:
+                return None  # not an ISO file
+            if box_size == 1 and len(head) == 16:
+                box_size = struct.unpack(">Q", head[8:16])[0]
+            elif box_size == 0:
+                box_size = size - offset  # runs to the end of the file
+            if box_size < 8:
+                return None  # not a box structure we can follow; leave it to the demuxer
+            seen.append(box_type)
+            if offset + box_size > size:
+                name = box_type.decode("latin-1")
+                if b"moov" not in seen or box_type == b"moov":
+                    return f"the file is incomplete (no moov atom; it ends inside the {name} box)"
+                return f"the file is incomplete (it ends inside the {name} box)"
+            offset += box_size
+    if seen and b"moov" not in seen:
+        return "the file is incomplete (no moov atom)"
+    return None
 
 
 def looks_like_video(path: Path) -> bool:
-    """True when the file starts like a container ffmpeg reads video from."""
+    """True when the file starts like a container ffmpeg reads video from (no ffmpeg needed)."""
     with path.open("rb") as f:
         head = f.read(SNIFF_BYTES)
     if len(head) < 12:
@@ -104,3 +290,91 @@ def looks_like_video(path: Path) -> bool:
     if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):  # ASF / WMV
         return True
     return head.startswith((b"\x00\x00\x00\x01", b"\x00\x00\x01"))  # raw H.264/HEVC Annex B
+
+
+def _av_reason(exc: Any, logs: list[tuple[int, str, str]]) -> str:
+    """PyAV's error, or better the first line ffmpeg logged for it ("moov atom not found")."""
+    for _level, _name, message in logs:
+        if message.strip():
+            return explain(message)
+    return explain(str(getattr(exc, "strerror", None) or exc))
+
+
+def _kind_indexes(container: Any) -> list[int]:
+    counts: dict[str, int] = {}
+    out = []
+    for stream in container.streams:
+        out.append(counts.get(stream.type, 0))
+        counts[stream.type] = out[-1] + 1
+    return out
+
+
+def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
+    if not value or time_base is None:
+        return None
+    return float(value * time_base)
+
+
+def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
+    kind = (
+        stream.type
+        if stream.type in ("video", "audio", "subtitle", "data", "attachment")
+        else ("unknown")
+    )
+    ctx = stream.codec_context
+    codec = ctx.name if ctx is not None and ctx.name else "none"
+    dispositions = frozenset(
+        name for name, flag in type(stream.disposition).__members__.items()
+        if flag and stream.disposition & flag
+    )  # fmt: skip
+    common: dict[str, Any] = {
+        "index": stream.index,
+        "kind": kind,
+        "kind_index": kind_index,
+        "codec": codec,
+        "dispositions": dispositions,
+        "duration_s": _seconds(stream.duration, stream.time_base),
+        "frames": stream.frames or None,
+        "language": stream.metadata.get("language"),
+    }
+    if kind == "video":
+        sar = ctx.sample_aspect_ratio or stream.sample_aspect_ratio
+        rate = stream.average_rate or stream.guessed_rate
+        fmt = ctx.format
+        depth = max((c.bits for c in fmt.components), default=8) if fmt is not None else 8
+        return StreamInfo(
+            **common,
+            width=ctx.width,
+            height=ctx.height,
+            sar=Fraction(sar) if sar and sar > 0 else Fraction(1),
+            field_order=_FIELD_ORDERS.get(int(ctx.field_order or 0), "unknown"),
+            pix_fmt=ctx.pix_fmt,
+            bit_depth=depth,
+            profile=ctx.profile,
+            fps=float(rate) if rate else None,
+        )
+    if kind == "audio":
+        return StreamInfo(
+            **common,
+            channels=ctx.channels,
+            layout=ctx.layout.name if ctx.layout is not None else None,
+            sample_rate=ctx.sample_rate,
+        )
+    return StreamInfo(**common)
+
+
+def _first_frame_facts(container: Any, index: int) -> tuple[int, bool]:
+    """(rotation clockwise in degrees, interlaced) of the first decodable frame of stream
+    `index`; (0, False) when none decodes (the encode will say why)."""
+    import av
+
+    stream = container.streams[index]
+    stream.thread_type = "NONE"
+    try:
+        for frame in container.decode(stream):
+            # PyAV gives the display matrix's angle counter-clockwise; players turn clockwise.
+            rotation = round(-float(frame.rotation) / 90) * 90 % 360
+            return rotation, bool(frame.interlaced_frame)
+    except av.FFmpegError:
+        pass
+    return 0, False

@@ -178,5 +178,5 @@ def test_every_path_the_card_has_encodes_for_real(
         command = build_command(ffmpeg, spec, path, str(source), str(out), 854, 480)
         run = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         assert run.returncode == 0, f"{path.value}: {run.stderr[-500:]}"
-        info = probe(ffmpeg, out)
+        info = probe(out)
         assert (info.video_codec, info.width, info.height) == ("h264", 854, 480)

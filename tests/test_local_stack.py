@@ -51,7 +51,7 @@ def test_submit_starts_the_local_stack_and_down_stops_it(
     stack = json.loads((state / "stack.json").read_text())
     assert psutil.pid_exists(stack["pid"])
     output = state / "media" / "inbox" / "movie.480p.mp4"
-    info = probe(ffmpeg, output)
+    info = probe(output)
     assert (info.video_codec, info.width, info.height, info.audio_codec) == (
         "h264",
         854,

@@ -62,7 +62,7 @@ def test_a_killed_workers_job_is_finished_by_another(
     assert [h["outcome"] for h in history] == ["requeued", "succeeded"]
     assert "stopped renewing its lease" in history[0]["reason"]
     output = client.settings.media / "long.540p.mp4"
-    info = probe(ffmpeg, output)
+    info = probe(output)
     assert (info.width, info.height) == (960, 540) and abs(info.duration_s - 20) < 0.2
     assert not list(source.parent.glob(".*part*")), "no temporary output may remain"
 

@@ -35,7 +35,7 @@ def test_transcode_end_to_end_with_live_progress(
     assert percents == sorted(percents) and percents[-1] == 100.0
     assert final.worker and final.node and final.attempt == 1 and final.encode_path == "cpu"
     output = client.settings.media / "in" / "talk.360p.mp4"
-    info = probe(ffmpeg, output)
+    info = probe(output)
     assert (info.video_codec, info.width, info.height, info.audio_codec) == (
         "h264",
         640,
