@@ -8,7 +8,6 @@ in Kubernetes, from a ConfigMap and a Secret.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Literal
@@ -54,7 +53,8 @@ class Settings(BaseSettings):
     )
     ffmpeg: str | None = Field(
         default=None,
-        description="ffmpeg binary. Unset: `ffmpeg` on PATH, else the one imageio-ffmpeg ships.",
+        description="ffmpeg binary. Unset: the one imageio-ffmpeg ships (never whichever `ffmpeg` "
+        "is first on PATH: builds differ in what they accept).",
     )
     node_name: str = Field(
         default_factory=socket.gethostname,
@@ -257,12 +257,10 @@ class Settings(BaseSettings):
         return self.broker_url is None
 
     def ffmpeg_binary(self) -> str:
-        """The ffmpeg to run: the configured one, `ffmpeg` on PATH, else imageio-ffmpeg's."""
+        """The ffmpeg to run: GPUJOBS_FFMPEG, else imageio-ffmpeg's build, so every worker runs
+        the same build whatever is on PATH."""
         if self.ffmpeg:
             return self.ffmpeg
-        on_path = shutil.which("ffmpeg")
-        if on_path:
-            return on_path
         import imageio_ffmpeg  # the worker extra; producers never reach this
 
         return str(imageio_ffmpeg.get_ffmpeg_exe())
