@@ -26,7 +26,8 @@ from gpujobs.config import Settings
 from gpujobs.media import probe
 from gpujobs.specs import JobState, TranscodeSpec
 from workers.gpu.discovery import detect_capabilities
-from workers.transcode.command import build_command, choose_path, output_size
+from workers.transcode.command import build_command, choose_path, route
+from workers.transcode.plan import plan_streams
 
 
 def make_clip(ffmpeg: str, path: Path, seconds: float) -> None:
@@ -69,9 +70,11 @@ def main() -> None:
 
     # The raw baseline: the exact command the worker builds for this machine.
     spec = TranscodeSpec(input="clip-1080p.mp4", output="raw.mp4")
+    plan = plan_streams(spec, probe(clip))
     path = choose_path(spec, detect_capabilities(ffmpeg))
-    width, height = output_size(spec, probe(ffmpeg, clip))
-    raw_cmd = build_command(ffmpeg, spec, path, str(clip), str(media / "raw.mp4"), width, height)
+    width, height = plan.geometry.width, plan.geometry.height
+    raw_out = str(media / "raw.mp4")
+    raw_cmd = build_command(ffmpeg, spec, plan, route(path, plan.video), str(clip), raw_out)
     print("raw command:", " ".join(raw_cmd))
 
     worker = start_worker(env, work / "worker.log")

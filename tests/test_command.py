@@ -1,80 +1,234 @@
-"""The exact ffmpeg commands of the three encode paths, and the parsers around ffmpeg."""
+"""The exact ffmpeg commands of the three encode paths for each kind of input (8-bit, 10-bit,
+rotated, interlaced, anamorphic, too wide for NVDEC), stream choices, validation and failure
+reasons. Inputs are MediaInfo values as PyAV reports them; no GPU is needed."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+from typing import Any
+
 import pytest
 
-from gpujobs.media import MediaInfo, ProbeError, parse_probe
+from gpujobs.media import MediaInfo, StreamInfo, explain
 from gpujobs.specs import TranscodeSpec
 from workers.gpu.discovery import NO_GPU, Capabilities
 from workers.transcode.command import (
+    X264_PRESETS,
     EncodePath,
     NoGpuPath,
+    Route,
     build_command,
     choose_path,
     output_size,
     parse_progress_block,
-    validate_output,
+    route,
     with_progress,
 )
+from workers.transcode.plan import Plan, aac_bitrate, plan_streams
+from workers.transcode.validate import failure_reason, family, validate_output
 
 SEED = TranscodeSpec(input="IN.mp4", output="OUT.mp4")
 H100 = Capabilities(gpu_name="NVIDIA H100", nvenc=False, cuda_decode=True, scale_cuda=True)
 RTX = Capabilities(
     gpu_name="NVIDIA GeForce RTX 5090", nvenc=True, cuda_decode=True, scale_cuda=True
 )
+GPU_IN = ["ffmpeg", "-hwaccel", "cuda", "-hwaccel_output_format", "cuda", "-noautorotate",
+          "-threads", "2", "-i", "IN"]  # fmt: skip
+CPU_IN = ["ffmpeg", "-noautorotate", "-threads", "2", "-i", "IN"]
+MP4_OUT = ["-fps_mode", "passthrough", "-movflags", "+faststart", "-y", "OUT"]
 
 
-def test_gpu_command_is_exactly_the_one_teams_run() -> None:
-    command = build_command("ffmpeg", SEED, EncodePath.NVENC, "IN", "OUT", 854, 480)
-    # ffmpeg -hwaccel cuda -hwaccel_output_format cuda -threads 2 -i IN -vf scale_cuda=854:480
-    #        -c:v h264_nvenc -preset p1 -cq 28 -c:a copy -y OUT
-    assert command == [
-        "ffmpeg", "-hwaccel", "cuda", "-hwaccel_output_format", "cuda", "-threads", "2",
-        "-i", "IN", "-vf", "scale_cuda=854:480", "-c:v", "h264_nvenc", "-preset", "p1",
-        "-cq", "28", "-c:a", "copy", "-y", "OUT",
+def video(**kw: Any) -> StreamInfo:
+    base: dict[str, Any] = {
+        "index": 0, "kind": "video", "kind_index": 0, "codec": "h264", "width": 1920,
+        "height": 1080, "pix_fmt": "yuv420p", "field_order": "progressive", "duration_s": 20.0,
+        "frames": 600, "dispositions": frozenset({"default"}),
+    }  # fmt: skip
+    return StreamInfo(**{**base, **kw})
+
+
+def audio(index: int = 1, codec: str = "aac", channels: int = 2, **kw: Any) -> StreamInfo:
+    return StreamInfo(**{"index": index, "kind": "audio", "kind_index": index - 1,
+                         "codec": codec, "channels": channels, "duration_s": 20.0, **kw})  # fmt: skip
+
+
+def media(*streams: StreamInfo, duration: float | None = 20.0) -> MediaInfo:
+    return MediaInfo(format="mov,mp4", duration_s=duration, size_bytes=1, streams=streams)
+
+
+SOURCE = media(video(), audio())
+
+
+def command(spec: TranscodeSpec, source: MediaInfo, path: EncodePath) -> list[str]:
+    plan = plan_streams(spec, source)
+    return build_command("ffmpeg", spec, plan, route(path, plan.video), "IN", "OUT")
+
+
+def test_gpu_command_is_the_one_teams_run_with_streams_mapped_and_square_pixels() -> None:
+    assert command(SEED, SOURCE, EncodePath.NVENC) == [
+        *GPU_IN, "-map", "0:v:0", "-map", "0:1", "-vf", "scale_cuda=854:480,setsar=1",
+        "-c:v", "h264_nvenc", "-preset", "p1", "-cq", "28", "-c:a:0", "copy", *MP4_OUT,
     ]  # fmt: skip
 
 
 def test_gpu_without_nvenc_scales_on_the_card_and_encodes_on_the_cpu() -> None:
-    command = build_command("ffmpeg", SEED, EncodePath.CUDA_DECODE, "IN", "OUT", 854, 480)
-    assert command == [
-        "ffmpeg", "-hwaccel", "cuda", "-hwaccel_output_format", "cuda", "-threads", "2",
-        "-i", "IN", "-vf", "scale_cuda=854:480:format=yuv420p,hwdownload,format=yuv420p",
-        "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-c:a", "copy", "-y", "OUT",
+    assert command(SEED, SOURCE, EncodePath.CUDA_DECODE) == [
+        *GPU_IN, "-map", "0:v:0", "-map", "0:1",
+        "-vf", "scale_cuda=854:480:format=yuv420p,hwdownload,format=yuv420p,setsar=1",
+        "-c:v", "libx264", "-preset", "superfast", "-crf", "28", "-c:a:0", "copy", *MP4_OUT,
     ]  # fmt: skip
 
 
-def test_cpu_path_maps_preset_and_cq() -> None:
-    spec = TranscodeSpec(
-        input="IN.mp4", output="OUT.mkv", codec="hevc", preset="p6", cq=23, audio="aac", threads=4
+def test_cpu_path_maps_preset_and_cq_and_tags_hevc() -> None:
+    spec = TranscodeSpec(input="IN.mp4", output="OUT.mov", codec="hevc", preset="p6", cq=23,
+                         audio="aac", threads=4)  # fmt: skip
+    assert command(spec, SOURCE, EncodePath.CPU)[4:] == [
+        "-i", "IN", "-map", "0:v:0", "-map", "0:1", "-vf", "scale=854:480,format=yuv420p,setsar=1",
+        "-c:v", "libx265", "-preset", "slow", "-crf", "23", "-tag:v", "hvc1",
+        "-c:a:0", "aac", "-b:a:0", "128k", *MP4_OUT,
+    ]  # fmt: skip
+
+
+def test_no_cpu_preset_is_faster_than_superfast() -> None:
+    # ultrafast turns off CABAC and B-frames: Baseline-profile files nobody asked for.
+    assert "ultrafast" not in X264_PRESETS.values()
+    assert X264_PRESETS["p1"] == "superfast"
+
+
+def test_ten_bit_input_is_converted_on_the_card() -> None:
+    ten = media(video(pix_fmt="yuv420p10le", bit_depth=10, codec="hevc"), audio())
+    h264 = command(SEED, ten, EncodePath.NVENC)
+    assert h264[h264.index("-vf") + 1] == "scale_cuda=854:480:format=yuv420p,setsar=1"
+    hevc_spec = TranscodeSpec(input="IN.mp4", output="OUT.mp4", codec="hevc")
+    hevc = command(hevc_spec, ten, EncodePath.NVENC)
+    assert hevc[hevc.index("-vf") + 1] == "scale_cuda=854:480:format=p010le,setsar=1"
+    assert hevc[hevc.index("-c:v") :][:8] == [
+        "-c:v", "hevc_nvenc", "-preset", "p1", "-cq", "28", "-profile:v", "main10",
+    ]  # fmt: skip
+    assert ["-tag:v", "hvc1"] == hevc[hevc.index("-tag:v") :][:2]
+    down = command(hevc_spec, ten, EncodePath.CUDA_DECODE)
+    assert down[down.index("-vf") + 1] == (
+        "scale_cuda=854:480:format=p010le,hwdownload,format=p010le,format=yuv420p10le,setsar=1"
     )
-    command = build_command("ffmpeg", spec, EncodePath.CPU, "IN", "OUT", 1280, 720)
-    assert command == [
-        "ffmpeg", "-threads", "4", "-i", "IN", "-vf", "scale=1280:720,format=yuv420p",
-        "-c:v", "libx265", "-preset", "medium", "-crf", "23", "-c:a", "aac", "-b:a", "128k",
-        "-y", "OUT",
+
+
+def test_rotated_phone_video_is_turned_upright_on_every_path() -> None:
+    phone = media(video(width=1280, height=720, rotation=90), audio())
+    gpu = command(SEED, phone, EncodePath.NVENC)
+    assert gpu[gpu.index("-vf") + 1] == (
+        "transpose_cuda=dir=clock,sidedata=mode=delete:type=DISPLAYMATRIX,"
+        "scale_cuda=270:480,setsar=1"
+    )
+    cpu = command(SEED, phone, EncodePath.CPU)
+    assert cpu[cpu.index("-vf") + 1] == (
+        "transpose=clock,sidedata=mode=delete:type=DISPLAYMATRIX,scale=270:480,format=yuv420p,"
+        "setsar=1"
+    )
+    upside_down = media(video(rotation=180))
+    gpu180 = command(SEED, upside_down, EncodePath.NVENC)
+    assert gpu180[gpu180.index("-vf") + 1].startswith("transpose_cuda=dir=reversal,sidedata=")
+    cpu180 = command(SEED, upside_down, EncodePath.CPU)
+    assert cpu180[cpu180.index("-vf") + 1].startswith("hflip,vflip,sidedata=")
+    assert "-noautorotate" in gpu and "-noautorotate" in cpu
+
+
+def test_interlaced_input_is_deinterlaced_on_every_path() -> None:
+    tff = media(video(field_order="tt"), audio())
+    gpu = command(SEED, tff, EncodePath.NVENC)
+    assert gpu[gpu.index("-vf") + 1] == (
+        "bwdif_cuda=mode=send_frame:parity=auto:deint=all,scale_cuda=854:480,setsar=1"
+    )
+    cpu = command(SEED, tff, EncodePath.CPU)
+    assert cpu[cpu.index("-vf") + 1] == (
+        "bwdif=mode=send_frame:parity=auto:deint=all,scale=854:480,format=yuv420p,setsar=1"
+    )
+
+
+def test_h264_too_wide_for_nvdec_decodes_on_the_cpu_with_the_reason() -> None:
+    wide = media(video(width=5760, height=1080), audio())
+    plan = plan_streams(SEED, wide)
+    nvenc = route(EncodePath.NVENC, plan.video)
+    assert nvenc == Route(EncodePath.NVENC, gpu_decode=False,
+                          fallback="CPU decode: NVDEC decodes h264 up to 4096x4096; "
+                          "this is 5760x1080")  # fmt: skip
+    assert build_command("ffmpeg", SEED, plan, nvenc, "IN", "OUT") == [
+        *CPU_IN, "-map", "0:v:0", "-map", "0:1",
+        "-vf", "scale=2560:480,format=yuv420p,setsar=1",
+        "-c:v", "h264_nvenc", "-preset", "p1", "-cq", "28", "-c:a:0", "copy", *MP4_OUT,
     ]  # fmt: skip
+    cuda = route(EncodePath.CUDA_DECODE, plan.video)
+    assert cuda.path is EncodePath.CPU and cuda.fallback and "4096" in cuda.fallback
+    high10 = media(video(pix_fmt="yuv420p10le", bit_depth=10))
+    assert "8-bit 4:2:0" in str(route(EncodePath.NVENC, plan_streams(SEED, high10).video).fallback)
+    prores = media(video(codec="prores"))
+    assert route(EncodePath.NVENC, prores.video).fallback == (  # type: ignore[arg-type]
+        "CPU decode: NVDEC does not decode prores"
+    )
 
 
-def test_no_audio_drops_the_stream() -> None:
-    spec = TranscodeSpec(input="IN.mp4", output="OUT.mp4", audio="none")
-    assert build_command("ffmpeg", spec, EncodePath.CPU, "IN", "OUT", 2, 2)[-3:] == [
-        "-an",
-        "-y",
-        "OUT",
-    ]
+def test_anamorphic_source_is_sized_from_its_displayed_aspect() -> None:
+    ntsc = media(video(width=720, height=480, sar=Fraction(32, 27)))
+    assert output_size(SEED, ntsc.video) == (854, 480)  # type: ignore[arg-type]
+    assert output_size(SEED, video()) == (854, 480)
+    assert output_size(TranscodeSpec(input="a.mp4", output="b.mp4", height=720), video()) == (
+        1280, 720,
+    )  # fmt: skip
+
+
+def test_a_rate_is_forced_only_on_request() -> None:
+    spec = TranscodeSpec(input="IN.mp4", output="OUT.mkv", fps=25)
+    out = command(spec, SOURCE, EncodePath.CPU)
+    assert out[-6:] == ["-fps_mode", "cfr", "-r", "25", "-y", "OUT"]  # no faststart in MKV
+
+
+def test_streams_chosen_on_purpose_and_recorded() -> None:
+    cover = StreamInfo(index=3, kind="video", kind_index=1, codec="mjpeg", width=600,
+                       height=600, dispositions=frozenset({"attached_pic"}))  # fmt: skip
+    data = StreamInfo(index=4, kind="data", kind_index=0, codec="none")
+    subs = StreamInfo(index=5, kind="subtitle", kind_index=0, codec="subrip")
+    pgs = StreamInfo(index=6, kind="subtitle", kind_index=1, codec="hdmv_pgs_subtitle")
+    source = media(video(), audio(1, "pcm_s16le", 2), audio(2, "ac3", 6), cover, data, subs, pgs)
+    spec = TranscodeSpec(input="IN.mov", output="OUT.mp4", subtitles="keep")
+    plan = plan_streams(spec, source)
+    assert plan.record() == [
+        {"index": 0, "kind": "video", "codec": "h264", "action": "converted", "to": "h264"},
+        {"index": 1, "kind": "audio", "codec": "pcm_s16le", "action": "converted", "to": "aac",
+         "why": ".mp4 cannot carry pcm_s16le", "bitrate": "128k"},
+        {"index": 2, "kind": "audio", "codec": "ac3", "action": "kept"},
+        {"index": 3, "kind": "video", "codec": "mjpeg", "action": "dropped", "why": "cover art"},
+        {"index": 4, "kind": "data", "codec": "none", "action": "dropped", "why": "data stream"},
+        {"index": 5, "kind": "subtitle", "codec": "subrip", "action": "converted",
+         "to": "mov_text"},
+        {"index": 6, "kind": "subtitle", "codec": "hdmv_pgs_subtitle", "action": "dropped",
+         "why": "bitmap subtitles cannot become text"},
+    ]  # fmt: skip
+    cmd = build_command("ffmpeg", spec, plan, route(EncodePath.CPU, plan.video), "IN", "OUT")
+    maps = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-map"]
+    assert maps == ["0:v:0", "0:1", "0:2", "0:5"]
+    assert cmd[cmd.index("-c:a:0") :][:8] == [
+        "-c:a:0", "aac", "-b:a:0", "128k", "-c:a:1", "copy", "-c:s:0", "mov_text",
+    ]  # fmt: skip
+    first = plan_streams(spec.model_copy(update={"audio_tracks": "first"}), source)
+    assert [c.index for c in first.audio] == [1]
+    assert [c.action for c in plan_streams(SEED, source).subtitles] == []  # drop by default
+
+
+def test_only_cover_art_means_no_video() -> None:
+    cover = StreamInfo(index=1, kind="video", kind_index=0, codec="png", width=600, height=600,
+                       dispositions=frozenset({"attached_pic"}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"no video stream \(audio with cover art\)"):
+        plan_streams(SEED, media(audio(0), cover))
+
+
+def test_aac_bitrate_follows_the_channel_layout() -> None:
+    assert [aac_bitrate(n) for n in (1, 2, 6, 8)] == ["96k", "128k", "384k", "512k"]
 
 
 def test_progress_flags_follow_the_binary() -> None:
-    assert with_progress(["ffmpeg", "-i", "x"])[:6] == [
-        "ffmpeg",
-        "-hide_banner",
-        "-nostdin",
-        "-progress",
-        "pipe:1",
+    assert with_progress(["ffmpeg", "-i", "x"])[:8] == [
+        "ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "level+info", "-progress", "pipe:1",
         "-nostats",
-    ]
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -98,54 +252,74 @@ def test_require_gpu_without_one_fails() -> None:
         choose_path(spec, NO_GPU)
 
 
-def test_missing_width_keeps_aspect_even() -> None:
-    source = MediaInfo(20.0, "h264", 1920, 1080, 30.0, "aac")
-    assert output_size(SEED, source) == (854, 480)
-    assert output_size(TranscodeSpec(input="a.mp4", output="b.mp4", height=720), source) == (
-        1280,
-        720,
-    )
-
-
 def test_progress_block_parsing() -> None:
     sample = parse_progress_block(
         {"frame": "300", "fps": "151.2", "out_time_us": "10000000", "speed": "5.04x",
          "progress": "continue"}
     )  # fmt: skip
-    assert (sample.out_time_s, sample.fps, sample.speed, sample.done) == (10.0, 151.2, 5.04, False)
+    assert (sample.out_time_s, sample.fps, sample.speed, sample.done, sample.frame) == (
+        10.0, 151.2, 5.04, False, 300,
+    )  # fmt: skip
     end = parse_progress_block({"out_time_us": "N/A", "speed": "N/A", "progress": "end"})
     assert (end.out_time_s, end.speed, end.done) == (0.0, None, True)
 
 
-PROBE_TEXT = """Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'x.mp4':
-  Duration: 00:01:02.50, start: 0.000000, bitrate: 15531 kb/s
-  Stream #0:0[0x1](und): Video: h264 (High) (avc1 / 0x31637661), yuv420p(progressive), 1920x1080 [SAR 1:1 DAR 16:9], 15448 kb/s, 29.97 fps, 30 tbr, 15360 tbn (default)
-  Stream #0:1[0x2](und): Audio: aac (LC) (mp4a / 0x6134706D), 48000 Hz, stereo, fltp, 69 kb/s (default)
-"""  # noqa: E501
+def out(width: int = 854, height: int = 480, *streams: StreamInfo, **kw: Any) -> MediaInfo:
+    v = video(width=width, height=height, **kw)
+    return media(v, *(streams or (audio(),)))
 
 
-def test_probe_parsing() -> None:
-    info = parse_probe(PROBE_TEXT)
-    assert info == MediaInfo(62.5, "h264", 1920, 1080, 29.97, "aac")
-    with pytest.raises(ProbeError, match="no video stream"):
-        parse_probe(
-            "Input #0, wav, from 'x.wav':\n  Duration: 00:00:01.00\n  Stream #0:0: Audio: pcm_s16le"
-        )
+def test_validation_knows_media() -> None:
+    plan: Plan = plan_streams(SEED, SOURCE)
+    assert validate_output(out(), SOURCE, SEED, plan) is None
+    assert "lasts" in str(validate_output(out(duration_s=15.0), SOURCE, SEED, plan))
+    assert "854x480" in str(validate_output(out(640), SOURCE, SEED, plan))
+    assert "square" in str(validate_output(out(sar=Fraction(4, 3)), SOURCE, SEED, plan))
+    assert "0 audio tracks" in str(
+        validate_output(media(video(width=854, height=480)), SOURCE, SEED, plan)
+    )
+    assert "codec is hevc" in str(validate_output(out(codec="hevc"), SOURCE, SEED, plan))
+    # MP2 copied into MP4 reads back as mp3: one family.
+    mp2 = media(video(), audio(codec="mp2"))
+    assert validate_output(out(854, 480, audio(codec="mp3float")), mp2, SEED,
+                           plan_streams(SEED, mp2)) is None  # fmt: skip
+    assert family("mp2") == family("mp3") and family("pcm_s16le") == family("pcm_s24le")
 
 
-def test_validation_catches_broken_outputs() -> None:
-    source = MediaInfo(20.0, "h264", 1920, 1080, 30.0, "aac")
-    good = MediaInfo(20.05, "h264", 854, 480, 30.0, "aac")
-    assert validate_output(good, source, SEED, 854, 480) is None
-    assert "lasts" in str(
-        validate_output(MediaInfo(15.0, "h264", 854, 480, 30.0, "aac"), source, SEED, 854, 480)
+def test_durations_are_those_of_the_streams_kept() -> None:
+    longer = media(video(duration_s=1.0), audio(duration_s=3.0), duration=3.0)
+    spec = TranscodeSpec(input="IN.mp4", output="OUT.mp4", audio="none")
+    plan = plan_streams(spec, longer)
+    one_second = media(video(width=854, height=480, duration_s=1.0), duration=1.0)
+    assert validate_output(one_second, longer, spec, plan) is None
+
+
+def test_no_duration_input_is_checked_against_decoded_frames() -> None:
+    raw = media(video(duration_s=None, frames=None), duration=None)
+    plan = plan_streams(SEED, raw)
+    written = media(video(width=854, height=480, duration_s=2.0, frames=50), duration=2.0)
+    assert validate_output(written, raw, SEED, plan, decoded_frames=50) is None
+    assert "50 frames, ffmpeg wrote 60" in str(
+        validate_output(written, raw, SEED, plan, decoded_frames=60)
     )
-    assert "854x480" in str(
-        validate_output(MediaInfo(20.0, "h264", 640, 480, 30.0, "aac"), source, SEED, 854, 480)
+
+
+def test_failure_reason_is_the_line_that_names_the_cause() -> None:
+    log = [
+        "[info] Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'IN':",
+        "[mp4 @ 0x55d5c0c8a2c0] [error] Could not find tag for codec pcm_s16le in stream #1, "
+        "codec not currently supported in container",
+        "[out#0/mp4 @ 0x55d5c0c89e00] [error] Could not write header (incorrect codec "
+        "parameters ?): Invalid argument",
+        "[error] Conversion failed!",
+    ]
+    assert failure_reason(log, 234) == (
+        "Could not find tag for codec pcm_s16le in stream #1, codec not currently supported "
+        "in container"
     )
-    assert "no audio" in str(
-        validate_output(MediaInfo(20.0, "h264", 854, 480, 30.0, None), source, SEED, 854, 480)
+    moov = ["[in#0 @ 0x5] [error] moov atom not found", "[fatal] Error opening input files: x"]
+    assert failure_reason(moov, 1) == "the file is incomplete (no moov atom)"
+    assert failure_reason(["[info] plain", "last words"], 1) == (
+        "ffmpeg exited with 1: [info] plain | last words".replace("[info] ", "")
     )
-    assert "codec" in str(
-        validate_output(MediaInfo(20.0, "hevc", 854, 480, 30.0, "aac"), source, SEED, 854, 480)
-    )
+    assert explain("moov atom not found") == "the file is incomplete (no moov atom)"

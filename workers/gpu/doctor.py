@@ -21,9 +21,11 @@ from pathlib import Path
 import httpx
 
 from gpujobs.config import Settings
+from gpujobs.media import probe
 from gpujobs.specs import TranscodeSpec
 from workers.gpu.discovery import list_gpus
-from workers.transcode.command import EncodePath, build_command
+from workers.transcode.command import EncodePath, Route, build_command, ffmpeg_version
+from workers.transcode.plan import plan_streams
 
 CHECK_TIMEOUT_S = 60.0
 # Where the driver's user-space libraries live: WSL2's own folder first, then the usual ones.
@@ -112,7 +114,7 @@ def check_ffmpeg_features(ffmpeg: str) -> Iterator[Check]:
         yield Check("ffmpeg", False, f"{ffmpeg} does not run: {exc}",
                     "set GPUJOBS_FFMPEG or install the worker extra (imageio-ffmpeg)")  # fmt: skip
         return
-    yield Check("ffmpeg", True, ffmpeg)
+    yield Check("ffmpeg", True, f"{ffmpeg} (version {ffmpeg_version(ffmpeg)})")
     wanted = {
         "h264_nvenc": (encoders, "encoder"),
         "libx264": (encoders, "encoder"),
@@ -150,9 +152,11 @@ def check_paths(ffmpeg: str, seconds: float = 1.0) -> Iterator[Check]:
         if made.returncode != 0:
             yield Check("test clip", False, made.stderr.strip()[-200:], fixes[EncodePath.CPU])
             return
+        plan = plan_streams(spec, probe(clip))
         for path in EncodePath:
             out = Path(folder) / f"out-{path.value}.mp4"
-            command = build_command(ffmpeg, spec, path, str(clip), str(out), 854, 480)
+            route = Route(path, gpu_decode=path is not EncodePath.CPU)
+            command = build_command(ffmpeg, spec, plan, route, str(clip), str(out))
             command[1:1] = ["-hide_banner", "-nostdin", "-loglevel", "error"]
             began = time.monotonic()
             try:

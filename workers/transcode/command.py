@@ -1,18 +1,27 @@
-"""The ffmpeg side of a transcode: which path, the exact command, running it with progress,
-and checking what it wrote.
+"""The ffmpeg side of a transcode: which path, the exact command, running it with progress.
 
 The three paths, fastest first:
-  nvenc        NVDEC decode, scale_cuda, NVENC encode (the command teams run today);
-  cuda-decode  NVDEC decode, scale_cuda, hwdownload, libx264/libx265 (a GPU without NVENC);
-  cpu          software decode, scale, libx264/libx265 (no GPU).
-On the CPU encoders the NVENC preset maps to the x264/x265 preset of about the same speed rank
-(p1 -> ultrafast ... p7 -> slow) and cq maps to crf with the same number.
+  nvenc        NVDEC decode, CUDA filters, NVENC encode (the command teams run today);
+  cuda-decode  NVDEC decode, CUDA filters, hwdownload, libx264/libx265 (a GPU without NVENC);
+  cpu          software decode and filters, libx264/libx265 (no GPU).
+Every path applies the same picture rules (workers/transcode/plan.py): deinterlace (bwdif, or
+bwdif_cuda on the card), turn upright (transpose, or transpose_cuda; the display matrix is then
+removed so players do not turn it again), scale to the displayed size, square pixels (setsar=1).
+Where NVDEC cannot decode the input (H.264 wider or taller than 4096, 4:2:2 or 10-bit H.264, a
+codec it lacks), the job decodes on the CPU and still encodes with NVENC (the nvenc path), or
+runs the cpu path (instead of cuda-decode); the reason is recorded in the job's result.
+
+CPU presets: the NVENC preset maps to the x264/x265 preset of about the same rank, one step
+slower at the fast end, so that no default gives a Baseline-profile file (x264's ultrafast turns
+off CABAC and B-frames): p1 superfast, p2 veryfast, p3 faster, p4 fast, p5 medium, p6 slow,
+p7 slower. cq maps to crf with the same number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import queue
 import signal
@@ -22,28 +31,41 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from gpujobs.media import MediaInfo
+from gpujobs.media import StreamInfo
 from gpujobs.specs import TranscodeSpec
 from workers.gpu.discovery import Capabilities
+from workers.transcode.plan import Plan
 
 X264_PRESETS = {
-    "p1": "ultrafast",
-    "p2": "superfast",
-    "p3": "veryfast",
-    "p4": "faster",
-    "p5": "fast",
-    "p6": "medium",
-    "p7": "slow",
+    "p1": "superfast",
+    "p2": "veryfast",
+    "p3": "faster",
+    "p4": "fast",
+    "p5": "medium",
+    "p6": "slow",
+    "p7": "slower",
 }
 CPU_ENCODERS = {"h264": "libx264", "hevc": "libx265"}
 NVENC_ENCODERS = {"h264": "h264_nvenc", "hevc": "hevc_nvenc"}
-# Added to every command we run: progress as key=value blocks on stdout, no banner, no stdin.
-PROGRESS_ARGS = ["-hide_banner", "-nostdin", "-progress", "pipe:1", "-nostats"]
+# Added to every command we run: progress as key=value blocks on stdout, no banner, no stdin, and
+# each log line tagged with its level, so the line that explains a failure can be found.
+PROGRESS_ARGS = ["-hide_banner", "-nostdin", "-loglevel", "level+info", "-progress", "pipe:1",
+                 "-nostats"]  # fmt: skip
 STDERR_TAIL_LINES = 20
+# The job log keeps at most this many stderr lines from the start and as many from the end.
+LOG_KEEP_LINES = 2000
+# Containers whose index can be moved to the front for web playback, and that tag HEVC.
+MOOV_CONTAINERS = ("mp4", "mov")
+
+# What NVDEC decodes, and how large (NVIDIA's Video Codec SDK support matrix, Turing and later).
+NVDEC_MAX = {"h264": 4096, "hevc": 8192, "vp9": 8192, "av1": 8192, "mpeg2video": 4080,
+             "mpeg1video": 4080, "mpeg4": 2032, "vc1": 2048, "vp8": 4096,
+             "mjpeg": 32768}  # fmt: skip
+NVDEC_H264_FORMATS = frozenset({"yuv420p", "yuvj420p", "nv12"})
 
 
 # ffmpeg stderr that means "try again later", not "this input is bad": the card ran out of memory
@@ -85,51 +107,156 @@ def choose_path(spec: TranscodeSpec, caps: Capabilities) -> EncodePath:
     return EncodePath.CPU
 
 
-def output_size(spec: TranscodeSpec, source: MediaInfo) -> tuple[int, int]:
-    """Width and height of the output; a missing width keeps the aspect ratio, rounded to even."""
-    if spec.width is not None:
-        return spec.width, spec.height
-    width = round(source.width * spec.height / source.height / 2) * 2
-    return max(width, 2), spec.height
+def nvdec_refusal(video: StreamInfo) -> str | None:
+    """Why NVDEC cannot decode this stream (None when it can)."""
+    limit = NVDEC_MAX.get(video.codec)
+    if limit is None:
+        return f"NVDEC does not decode {video.codec}"
+    if video.width > limit or video.height > limit:
+        return (f"NVDEC decodes {video.codec} up to {limit}x{limit}; "
+                f"this is {video.width}x{video.height}")  # fmt: skip
+    if video.codec == "h264" and video.pix_fmt not in NVDEC_H264_FORMATS:
+        return f"NVDEC decodes 8-bit 4:2:0 H.264 only; this is {video.pix_fmt}"
+    if video.codec == "hevc" and video.pix_fmt and "422" in video.pix_fmt:
+        return f"NVDEC decodes 4:2:2 HEVC on Blackwell cards only; this is {video.pix_fmt}"
+    return None
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one job runs: the encode path, where it decodes, and why it does not decode on the
+    card when the path would (None otherwise)."""
+
+    path: EncodePath
+    gpu_decode: bool
+    fallback: str | None = None
+
+
+def route(path: EncodePath, video: StreamInfo) -> Route:
+    """The path adjusted to what NVDEC can decode: nvenc decodes on the CPU instead; cuda-decode
+    becomes the cpu path. The reason goes into the job's result."""
+    if path is EncodePath.CPU:
+        return Route(path, gpu_decode=False)
+    refusal = nvdec_refusal(video)
+    if refusal is None:
+        return Route(path, gpu_decode=True)
+    if path is EncodePath.NVENC:
+        return Route(path, gpu_decode=False, fallback=f"CPU decode: {refusal}")
+    return Route(EncodePath.CPU, gpu_decode=False, fallback=f"cpu path: {refusal}")
+
+
+def output_size(spec: TranscodeSpec, video: StreamInfo) -> tuple[int, int]:
+    """Width and height of the output from the displayed picture (see plan.geometry)."""
+    from workers.transcode.plan import geometry
+
+    g = geometry(spec, video)
+    return g.width, g.height
+
+
+_CPU_TURN = {90: "transpose=clock", 180: "hflip,vflip", 270: "transpose=cclock"}
+_CUDA_TURN = {90: "transpose_cuda=dir=clock", 180: "transpose_cuda=dir=reversal",
+              270: "transpose_cuda=dir=cclock"}  # fmt: skip
+_DROP_MATRIX = "sidedata=mode=delete:type=DISPLAYMATRIX"
+
+
+def video_filter(spec: TranscodeSpec, plan: Plan, route: Route) -> str:
+    """The -vf chain for a path: deinterlace, turn upright, scale, square pixels, pixel format."""
+    g = plan.geometry
+    ten_bit_hevc = spec.codec == "hevc" and g.bit_depth > 8
+    steps: list[str] = []
+    if route.gpu_decode:
+        if g.deinterlace:
+            steps.append("bwdif_cuda=mode=send_frame:parity=auto:deint=all")
+        if g.rotation:
+            steps += [_CUDA_TURN[g.rotation], _DROP_MATRIX]
+        if route.path is EncodePath.NVENC:
+            # NVENC's H.264 takes 8-bit frames; HEVC keeps 10 bits (Main10).
+            fmt = "p010le" if ten_bit_hevc else ("yuv420p" if g.bit_depth > 8 else "")
+            steps.append(f"scale_cuda={g.width}:{g.height}" + (f":format={fmt}" if fmt else ""))
+        else:
+            fmt, cpu_fmt = ("p010le", "yuv420p10le") if ten_bit_hevc else ("yuv420p", "yuv420p")
+            steps += [f"scale_cuda={g.width}:{g.height}:format={fmt}", "hwdownload",
+                      f"format={fmt}"]  # fmt: skip
+            if cpu_fmt != fmt:
+                steps.append(f"format={cpu_fmt}")
+    else:
+        if g.deinterlace:
+            steps.append("bwdif=mode=send_frame:parity=auto:deint=all")
+        if g.rotation:
+            steps += [_CPU_TURN[g.rotation], _DROP_MATRIX]
+        steps.append(f"scale={g.width}:{g.height}")
+        if route.path is EncodePath.NVENC:
+            steps.append("format=p010le" if ten_bit_hevc else "format=yuv420p")
+        else:
+            steps.append("format=yuv420p10le" if ten_bit_hevc else "format=yuv420p")
+    steps.append("setsar=1")
+    return ",".join(steps)
 
 
 def build_command(
     ffmpeg: str,
     spec: TranscodeSpec,
-    path: EncodePath,
+    plan: Plan,
+    route: Route,
     input_file: str,
     output_file: str,
-    width: int,
-    height: int,
 ) -> list[str]:
-    """The ffmpeg argument list for one path. No shell ever sees it."""
+    """The ffmpeg argument list for one job. No shell ever sees it.
+
+    The output file is written with -y: it is the attempt's own temporary name (the worker
+    refuses an existing final output unless the spec allows overwriting).
+    """
     args = [ffmpeg]
-    if path is not EncodePath.CPU:
+    if route.gpu_decode:
         args += ["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"]
-    args += ["-threads", str(spec.threads), "-i", input_file]
-    if path is EncodePath.NVENC:
-        args += ["-vf", f"scale_cuda={width}:{height}"]
+    # Rotation is applied by our own filters on every path (ffmpeg's autorotate skips frames
+    # on the card), so the same input comes out the same way on every path.
+    args += ["-noautorotate", "-threads", str(spec.threads), "-i", input_file]
+    args += ["-map", f"0:v:{plan.video.kind_index}"]
+    for choice in (*plan.audio, *plan.subtitles):
+        args += ["-map", f"0:{choice.index}"]
+    args += ["-vf", video_filter(spec, plan, route)]
+    ten_bit_hevc = spec.codec == "hevc" and plan.geometry.bit_depth > 8
+    if route.path is EncodePath.NVENC:
         args += ["-c:v", NVENC_ENCODERS[spec.codec], "-preset", spec.preset, "-cq", str(spec.cq)]
+        if ten_bit_hevc:
+            args += ["-profile:v", "main10"]
     else:
-        if path is EncodePath.CUDA_DECODE:
-            # Scale on the card, then bring 8-bit 4:2:0 frames to the CPU encoder.
-            video_filter = f"scale_cuda={width}:{height}:format=yuv420p,hwdownload,format=yuv420p"
-        else:
-            video_filter = f"scale={width}:{height},format=yuv420p"
-        args += ["-vf", video_filter]
         args += [
             "-c:v", CPU_ENCODERS[spec.codec],
             "-preset", X264_PRESETS[spec.preset],
             "-crf", str(spec.cq),
         ]  # fmt: skip
-    if spec.audio == "copy":
-        args += ["-c:a", "copy"]
-    elif spec.audio == "aac":
-        args += ["-c:a", "aac", "-b:a", "128k"]
+    if spec.codec == "hevc" and plan.container in MOOV_CONTAINERS:
+        args += ["-tag:v", "hvc1"]  # what Apple players require of HEVC in MP4/MOV
+    for n, choice in enumerate(plan.audio):
+        if choice.action == "kept":
+            args += [f"-c:a:{n}", "copy"]
+        else:
+            args += [f"-c:a:{n}", "aac", f"-b:a:{n}", str(choice.bitrate)]
+    for n, choice in enumerate(plan.subtitles):
+        args += [f"-c:s:{n}", "copy" if choice.action == "kept" else str(choice.to)]
+    if spec.fps is None:
+        args += ["-fps_mode", "passthrough"]  # source timing kept, variable rates too
     else:
-        args += ["-an"]
+        args += ["-fps_mode", "cfr", "-r", f"{spec.fps:g}"]
+    if plan.container in MOOV_CONTAINERS:
+        args += ["-movflags", "+faststart"]
     args += ["-y", output_file]
     return args
+
+
+@functools.cache
+def ffmpeg_version(ffmpeg: str) -> str:
+    """The build's version (`ffmpeg -version`'s first line, "ffmpeg version n9.0.2-..."): the
+    word after "version", or "unknown"."""
+    try:
+        out = subprocess.run([ffmpeg, "-hide_banner", "-version"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout  # fmt: skip
+    except OSError:
+        return "unknown"
+    words = out.split()
+    return words[2] if len(words) > 2 and words[1] == "version" else "unknown"
 
 
 def with_progress(command: list[str]) -> list[str]:
@@ -139,12 +266,16 @@ def with_progress(command: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class ProgressSample:
-    """One `-progress` block. out_time_s: seconds of output written; speed: x real time."""
+    """One `-progress` block. out_time_s: seconds of output written; frame: frames written;
+    speed: x real time; read_fraction: how much of the input file ffmpeg has read (0..1, None
+    when unknown): the measure of progress for inputs without a duration."""
 
     out_time_s: float
     fps: float | None
     speed: float | None
     done: bool
+    frame: int | None = None
+    read_fraction: float | None = None
 
 
 def parse_progress_block(block: dict[str, str]) -> ProgressSample:
@@ -158,21 +289,53 @@ def parse_progress_block(block: dict[str, str]) -> ProgressSample:
     out_us = number("out_time_us")
     if out_us is None:
         out_us = number("out_time_ms")  # older ffmpeg builds: also microseconds, despite the name
+    frame = number("frame")
     return ProgressSample(
         out_time_s=max(0.0, (out_us or 0.0) / 1_000_000),
         fps=number("fps"),
         speed=number("speed", "x"),
         done=block.get("progress") == "end",
+        frame=None if frame is None else int(frame),
     )
 
 
 @dataclass
 class RunOutcome:
-    """How ffmpeg ended. returncode is None when it was stopped on request."""
+    """How ffmpeg ended. returncode is None when it was stopped on request. log: its stderr (the
+    first and last LOG_KEEP_LINES lines, with a line saying how many were left out between)."""
 
     returncode: int | None
     stderr_tail: list[str]
     stopped: bool
+    log: list[str] = field(default_factory=list)
+    last: ProgressSample | None = None
+
+
+class InputReadMeter:
+    """How far a process has read a file, from /proc/<pid>/fdinfo (Linux; None elsewhere)."""
+
+    def __init__(self, pid: int, path: Path) -> None:
+        self.pid = pid
+        self.path = str(path)
+        self.size = path.stat().st_size if path.exists() else 0
+        self._fd: str | None = None
+
+    def fraction(self) -> float | None:
+        if not self.size:
+            return None
+        with contextlib.suppress(OSError):
+            if self._fd is None:
+                for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{self.pid}/fd/{fd}") == self.path:
+                            self._fd = fd
+                            break
+            if self._fd is not None:
+                with open(f"/proc/{self.pid}/fdinfo/{self._fd}") as info:
+                    for line in info:
+                        if line.startswith("pos:"):
+                            return min(1.0, int(line.split()[1]) / self.size)
+        return None
 
 
 # prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills ffmpeg when the worker that started it
@@ -198,9 +361,11 @@ def run_ffmpeg(
     on_progress: Callable[[ProgressSample], None],
     should_stop: Callable[[], bool],
     check_every_s: float = 0.25,
+    input_file: Path | None = None,
 ) -> RunOutcome:
     """Run ffmpeg in its own process group, report each progress block, and kill the whole
-    group when `should_stop()` turns true (checked about every `check_every_s` seconds)."""
+    group when `should_stop()` turns true (checked about every `check_every_s` seconds).
+    input_file: measure how much of it ffmpeg has read (ProgressSample.read_fraction)."""
     proc = subprocess.Popen(
         with_progress(command),
         stdout=subprocess.PIPE,
@@ -210,15 +375,22 @@ def run_ffmpeg(
         preexec_fn=_die_with_parent,  # see _die_with_parent
     )
     assert proc.stdout is not None and proc.stderr is not None
-    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    head: list[str] = []
+    tail: deque[str] = deque(maxlen=LOG_KEEP_LINES)
+    counted = [0]
     blocks: queue.Queue[dict[str, str] | None] = queue.Queue()
+    meter = InputReadMeter(proc.pid, input_file) if input_file is not None else None
 
     def read_stderr() -> None:
         assert proc.stderr is not None
         for raw in proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             if line:
-                tail.append(line)
+                counted[0] += 1
+                if len(head) < LOG_KEEP_LINES:
+                    head.append(line)
+                else:
+                    tail.append(line)
 
     def read_progress() -> None:
         assert proc.stdout is not None
@@ -238,6 +410,7 @@ def run_ffmpeg(
     for reader in readers:
         reader.start()
     stopped = False
+    last: ProgressSample | None = None
     try:
         while True:
             try:
@@ -247,7 +420,12 @@ def run_ffmpeg(
             if block is None:
                 break
             if block:
-                on_progress(parse_progress_block(block))
+                sample = parse_progress_block(block)
+                if meter is not None:
+                    read = 1.0 if sample.done else meter.fraction()
+                    sample = ProgressSample(**{**sample.__dict__, "read_fraction": read})
+                last = sample
+                on_progress(sample)
             if should_stop():
                 stopped = True
                 break
@@ -257,8 +435,17 @@ def run_ffmpeg(
     returncode = proc.wait()
     for reader in readers:
         reader.join(timeout=5)
+    log = list(head)
+    left_out = counted[0] - len(head) - len(tail)
+    if left_out > 0:
+        log.append(f"[... {left_out} lines left out ...]")
+    log += tail
     return RunOutcome(
-        returncode=None if stopped else returncode, stderr_tail=list(tail), stopped=stopped
+        returncode=None if stopped else returncode,
+        stderr_tail=log[-STDERR_TAIL_LINES:],
+        stopped=stopped,
+        log=log,
+        last=last,
     )
 
 
@@ -271,32 +458,6 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 def temporary_output(output: Path, job_id: str) -> Path:
     """A hidden name beside the output, same extension so ffmpeg picks the same muxer."""
     return output.with_name(f".{output.stem}.{job_id}.part{output.suffix}")
-
-
-def duration_tolerance_s(duration_s: float) -> float:
-    """1% of the input's duration, at least 0.1 s (a few frames) for clips of seconds."""
-    return max(0.01 * duration_s, 0.1)
-
-
-def validate_output(
-    result: MediaInfo, source: MediaInfo, spec: TranscodeSpec, width: int, height: int
-) -> str | None:
-    """None when the output is what the spec asked for, else one line saying what is wrong."""
-    if result.video_codec != spec.codec:
-        return f"output video codec is {result.video_codec}, expected {spec.codec}"
-    if (result.width, result.height) != (width, height):
-        return f"output is {result.width}x{result.height}, expected {width}x{height}"
-    tolerance = duration_tolerance_s(source.duration_s)
-    if abs(result.duration_s - source.duration_s) > tolerance:
-        return (
-            f"output lasts {result.duration_s:.2f} s, input {source.duration_s:.2f} s "
-            f"(tolerance {tolerance:.2f} s)"
-        )
-    if spec.audio != "none" and source.has_audio and not result.has_audio:
-        return "output has no audio stream, the input has one"
-    if spec.audio == "copy" and source.has_audio and result.audio_codec != source.audio_codec:
-        return f"output audio is {result.audio_codec}, the input's {source.audio_codec} was copied"
-    return None
 
 
 class Throttle:

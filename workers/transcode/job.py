@@ -18,6 +18,8 @@ from workers.lease import LeaseKeeper
 from workers.recovery import backoff_s, requeue
 from workers.runtime import PathOutsideMediaRoot, WorkerRuntime
 from workers.transcode import command as tc
+from workers.transcode.plan import plan_streams
+from workers.transcode.validate import expected_duration, failure_reason, validate_output
 
 log = logging.getLogger(__name__)
 
@@ -107,76 +109,111 @@ class TranscodeAttempt:
             output_path = rt.media_path(spec.output)
         except PathOutsideMediaRoot as exc:
             return self.fail(str(exc))
+        if output_path.exists() and not spec.overwrite:
+            return self.fail(f"output {spec.output} exists (submit with --overwrite to replace)")
         try:
-            source = probe(rt.ffmpeg, source_path)
+            source = probe(source_path)
         except ProbeError as exc:
             return self.fail(f"cannot read the input {spec.input}: {exc}")
         try:
-            path = tc.choose_path(spec, rt.capabilities)
+            plan = plan_streams(spec, source)
+        except ValueError as exc:
+            return self.fail(f"cannot transcode {spec.input}: {exc}")
+        try:
+            route = tc.route(tc.choose_path(spec, rt.capabilities), plan.video)
         except tc.NoGpuPath as exc:
             return self.fail(str(exc))
-        width, height = tc.output_size(spec, source)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         for stale in tc.stale_temporaries(output_path, self.job_id):
             stale.unlink(missing_ok=True)  # an earlier attempt died mid-write
         temp_path = tc.temporary_output(output_path, f"{self.job_id}.{self.attempt}")
-        command = tc.build_command(
-            rt.ffmpeg, spec, path, str(source_path), str(temp_path), width, height
-        )
-        self.update(encode_path=path.value)
+        command = tc.build_command(rt.ffmpeg, spec, plan, route, str(source_path), str(temp_path))
+        self.update(encode_path=route.path.value)
         log.info("job %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))
         throttle = tc.Throttle(rt.settings.progress_interval_s)
         stop_check = tc.Throttle(0.5)
         began = time.monotonic()
+        total_s = expected_duration(source, plan)
 
         def on_progress(sample: tc.ProgressSample) -> None:
             if not throttle.ready(force=sample.done):
                 return
-            percent = min(100.0, 100.0 * sample.out_time_s / source.duration_s)
-            remaining = max(0.0, source.duration_s - sample.out_time_s)
-            eta = remaining / sample.speed if sample.speed else None
-            self.update(percent=round(percent, 1), fps=sample.fps, speed=sample.speed,
+            if total_s:
+                fraction: float | None = sample.out_time_s / total_s
+            else:  # no duration (a raw stream): how much of the input ffmpeg has read
+                fraction = sample.read_fraction
+            eta = None
+            if fraction is not None and sample.speed and total_s:
+                eta = max(0.0, total_s - sample.out_time_s) / sample.speed
+            elif fraction:
+                eta = (time.monotonic() - began) * (1 - fraction) / fraction
+            percent = None if fraction is None else round(min(100.0, 100.0 * fraction), 1)
+            self.update(percent=percent, fps=sample.fps, speed=sample.speed,
                         eta_s=None if eta is None else round(eta, 1))  # fmt: skip
 
         try:
             outcome = tc.run_ffmpeg(
-                command, on_progress, lambda: stop_check.ready() and self.should_stop()
+                command,
+                on_progress,
+                lambda: stop_check.ready() and self.should_stop(),
+                input_file=source_path,
             )
+            self.keep_log(outcome.log)
             if outcome.stopped:
                 return self.stopped()
             if outcome.returncode != 0:
-                tail = " | ".join(outcome.stderr_tail[-3:]) or "no output"
-                reason = f"ffmpeg exited with {outcome.returncode}: {tail}"
+                reason = failure_reason(outcome.log, outcome.returncode)
                 if tc.is_transient(outcome.stderr_tail):
                     return self.retry_later(reason)
                 return self.fail(reason)
             try:
-                result = probe(rt.ffmpeg, temp_path)
+                result = probe(temp_path)
             except ProbeError as exc:
                 return self.fail(f"ffmpeg wrote an unreadable output: {exc}")
-            problem = tc.validate_output(result, source, spec, width, height)
+            frames = outcome.last.frame if outcome.last is not None else None
+            problem = validate_output(result, source, spec, plan, decoded_frames=frames)
             if problem:
                 return self.fail(f"output failed validation: {problem}")
             if self.should_stop():  # cancelled or taken over at the last instant: keep out
                 return self.stopped()
+            if not spec.overwrite and output_path.exists():
+                return self.fail(f"output {spec.output} appeared while encoding; not replaced")
             temp_path.replace(output_path)  # readers never see a half-written file
         finally:
             temp_path.unlink(missing_ok=True)
+        assert result.video is not None
         summary = {
             "output": spec.output,
-            "width": result.width,
-            "height": result.height,
-            "video_codec": result.video_codec,
+            "width": result.video.width,
+            "height": result.video.height,
+            "sar": str(result.video.sar),
+            "video_codec": result.video.codec,
             "audio_codec": result.audio_codec,
-            "duration_s": result.duration_s,
-            "input_duration_s": source.duration_s,
-            "encode_path": path.value,
+            "audio_tracks": [a.codec for a in result.audio],
+            "duration_s": result.duration_of(list(result.streams)),
+            "input_duration_s": total_s,
+            "frames": result.video.frames,
+            "deinterlaced": plan.geometry.deinterlace,
+            "rotated": plan.geometry.rotation,
+            "streams": plan.record(),
+            "encode_path": route.path.value,
+            "decode": "gpu" if route.gpu_decode else "cpu",
+            "decode_fallback": route.fallback,
+            "ffmpeg": tc.ffmpeg_version(rt.ffmpeg),
             "elapsed_s": round(time.monotonic() - began, 3),
         }
+        summary = {k: v for k, v in summary.items() if v is not None}
         if self.update(state=JobState.SUCCEEDED, percent=100.0, eta_s=0, output=spec.output,
                        result=summary):  # fmt: skip
             self.history("succeeded")
         return summary
+
+    def keep_log(self, lines: list[str]) -> None:
+        """Keep ffmpeg's whole stderr as this attempt's log (`gpujobs logs ID`)."""
+        try:
+            self.store.append_log(self.job_id, self.attempt, "ffmpeg", "\n".join(lines) + "\n")
+        except Exception:  # a log we could not keep never fails the job
+            log.warning("job %s: could not keep the ffmpeg log", self.job_id, exc_info=True)
 
     def stopped(self) -> dict[str, Any]:
         current = self.store.get(self.job_id)
