@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -67,6 +68,15 @@ return false
 """
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One attempt's log from one source ("ffmpeg": the encoder's whole stderr)."""
+
+    attempt: int
+    source: str
+    text: str
 
 
 def _encode(value: Any) -> Any:
@@ -161,6 +171,33 @@ class JobStore:
         """Every attempt of a job, oldest first."""
         rows: list[str] = self.redis.lrange(keys.attempts(job_id), 0, -1)  # type: ignore[assignment]
         return [json.loads(row) for row in rows]
+
+    def append_log(self, job_id: str, attempt: int, source: str, text: str) -> None:
+        """Append `text` to the log of one attempt of a job from one source ("ffmpeg", or
+        "requests" for inference); it expires with the record (record_ttl_s after this write).
+        source: letters, digits, '-' and '_' only (ValueError otherwise)."""
+        if not source or not all(c.isalnum() or c in "-_" for c in source):
+            raise ValueError(f"log source must be letters, digits, - or _, got {source!r}")
+        key = keys.log(job_id, attempt, source)
+        with self.redis.pipeline() as pipe:
+            pipe.append(key, text)
+            pipe.expire(key, self.record_ttl_s)
+            pipe.zadd(keys.logs(job_id), {f"{attempt}:{source}": attempt})
+            pipe.expire(keys.logs(job_id), self.record_ttl_s)
+            pipe.execute()
+
+    def logs(self, job_id: str, attempt: int | None = None) -> list[LogEntry]:
+        """A job's logs, oldest attempt first (only `attempt`'s when given); [] when none."""
+        members: list[Any] = self.redis.zrange(keys.logs(job_id), 0, -1)
+        entries = []
+        for member in members:
+            number, _, source = _str(member).partition(":")
+            if attempt is not None and int(number) != attempt:
+                continue
+            text = self.redis.get(keys.log(job_id, int(number), source))
+            if text is not None:
+                entries.append(LogEntry(int(number), source, _str(text)))
+        return entries
 
     def list(self, limit: int = 50, states: Iterable[JobState] = ()) -> list[JobRecord]:
         """Newest first. Index entries whose record has expired are dropped on the way."""

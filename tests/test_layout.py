@@ -56,6 +56,7 @@ COMMANDS = [
     "results",
     "api",
     "cluster",
+    "logs",
 ]
 
 
