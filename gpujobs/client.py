@@ -33,9 +33,17 @@ from gpujobs.app import (
 from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
-from gpujobs.media import looks_like_video
+from gpujobs.media import ProbeError, check_input, looks_like_video
 from gpujobs.paths import media_relative
-from gpujobs.specs import GpuPolicy, JobKind, JobRecord, JobState, TranscodeSpec
+from gpujobs.specs import (
+    AudioTracks,
+    GpuPolicy,
+    JobKind,
+    JobRecord,
+    JobState,
+    SubtitleMode,
+    TranscodeSpec,
+)
 from gpujobs.store import JobStore
 
 INBOX = "inbox"  # where files from outside the media root are copied, under the media root
@@ -83,6 +91,10 @@ class Client:
         threads: int | None = None,
         priority: int | None = None,
         gpu: GpuPolicy | None = None,
+        audio_tracks: AudioTracks | None = None,
+        subtitles: SubtitleMode | None = None,
+        fps: float | None = None,
+        overwrite: bool = False,
         node: str | None = None,
         gpu_index: int | None = None,
         copy_outside: bool = False,
@@ -95,8 +107,12 @@ class Client:
         width, height: pixels (even); height default 480 (GPUJOBS_DEFAULT_HEIGHT), width from
         the aspect ratio. codec: h264|hevc. preset: NVENC's p1 (fastest)..p7, mapped to x264's
         presets on the CPU. cq: constant quality 0..51 (crf on the CPU), default 28.
-        audio: copy|aac|none. threads: decoder threads, default 2. priority: 0..9, 9 first,
-        default 5. gpu: auto (GPU when the worker has one), require, forbid.
+        audio: copy|aac|none (copy: each track the output can hold is copied, others become
+        AAC). threads: decoder threads, default 2. priority: 0..9, 9 first, default 5.
+        gpu: auto (GPU when the worker has one), require, forbid.
+        audio_tracks: all (default) or first. subtitles: drop (default) or keep (text
+        subtitles, as mov_text in MP4). fps: None keeps the source's frame timing, a number
+        gives that constant rate. overwrite: replace an existing output (default: refused).
         node, gpu_index: run it on that node, or on GPU `gpu_index` (nvidia-smi index) of that
         node; an InvalidSpec when no worker there has a live heartbeat. Default: any worker.
         copy_outside: copy an input from outside the media root into `<media root>/inbox`
@@ -108,6 +124,8 @@ class Client:
         params = {
             "width": width, "height": height, "codec": codec, "preset": preset, "cq": cq,
             "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
+            "audio_tracks": audio_tracks, "subtitles": subtitles, "fps": fps,
+            "overwrite": overwrite or None,
         }  # fmt: skip
         prepared = self.prepare_transcode(input, output, copy_outside, **params)
         return self.enqueue(prepared, force=force, queue=self.route(node, gpu_index))
@@ -137,6 +155,8 @@ class Client:
         else:
             output_rel = media_relative(Path(output), self.settings.media, "output")
         spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
+        if not spec.overwrite and (self.settings.media / spec.output).exists():
+            raise InvalidSpec(f"output {spec.output} exists (use --overwrite to replace it)")
         original = copy_from or self.settings.media / spec.input
         return PreparedJob(spec=spec, fingerprint=fingerprint(spec, original), copy_from=copy_from)
 
@@ -163,6 +183,10 @@ class Client:
             raise InvalidSpec(f"input {shown} cannot be read: {exc.strerror or exc}") from None
         if not is_video:
             raise InvalidSpec(f"input {shown} is not a video file (unrecognised container)")
+        try:
+            check_input(path)  # reads the header with PyAV: cover art only, an incomplete file
+        except ProbeError as exc:
+            raise InvalidSpec(f"input {shown}: {exc}") from None
         media = self.settings.media.resolve()
         resolved = path.resolve()
         if resolved.is_relative_to(media):
@@ -419,6 +443,10 @@ def submit_transcode(
     threads: int | None = None,
     priority: int | None = None,
     gpu: GpuPolicy | None = None,
+    audio_tracks: AudioTracks | None = None,
+    subtitles: SubtitleMode | None = None,
+    fps: float | None = None,
+    overwrite: bool = False,
     node: str | None = None,
     gpu_index: int | None = None,
     copy_outside: bool = False,
@@ -428,8 +456,9 @@ def submit_transcode(
     Client.submit_transcode for every parameter."""
     return Client().submit_transcode(
         input, output, width=width, height=height, codec=codec, preset=preset, cq=cq,
-        audio=audio, threads=threads, priority=priority, gpu=gpu, node=node,
-        gpu_index=gpu_index, copy_outside=copy_outside, force=force,
+        audio=audio, threads=threads, priority=priority, gpu=gpu, audio_tracks=audio_tracks,
+        subtitles=subtitles, fps=fps, overwrite=overwrite, node=node, gpu_index=gpu_index,
+        copy_outside=copy_outside, force=force,
     )  # fmt: skip
 
 

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from gpujobs.config import AudioMode, Codec, Preset
 
 GpuPolicy = Literal["auto", "require", "forbid"]
+AudioTracks = Literal["all", "first"]
+SubtitleMode = Literal["keep", "drop"]
 
 
 class JobState(StrEnum):
@@ -99,6 +101,11 @@ class TranscodeSpec(MediaJobSpec):
     priority: 0 (lowest) .. 9 (most urgent), default 5.
     gpu: "auto" uses the fastest path the worker's card supports; "require" fails where no GPU
     path exists; "forbid" always encodes on the CPU.
+    audio_tracks: "all" (default) keeps every audio track, "first" the first only.
+    subtitles: "drop" (default) or "keep" (text subtitles, as mov_text in MP4/MOV).
+    fps: None keeps the source's frame timing (variable rates too); a number makes the output
+    that constant rate (frames per second, 1..240).
+    overwrite: replace an existing output (default False: the job is refused).
     """
 
     output_suffixes = (".mp4", ".mkv", ".mov", ".m4v", ".ts")
@@ -111,6 +118,15 @@ class TranscodeSpec(MediaJobSpec):
     threads: int = Field(default=2, ge=1, le=64)
     priority: int = Field(default=5, ge=0, le=9)
     gpu: GpuPolicy = "auto"
+    audio_tracks: AudioTracks = "all"
+    subtitles: SubtitleMode = "drop"
+    fps: float | None = Field(default=None, gt=0, le=240)
+    overwrite: bool = False
+
+    @property
+    def output_suffix(self) -> str:
+        """The output's extension, lower case (".mp4")."""
+        return PurePosixPath(self.output).suffix.lower()
 
     @field_validator("width", "height")
     @classmethod

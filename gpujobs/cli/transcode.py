@@ -33,6 +33,18 @@ def submit(
     threads: Annotated[int | None, typer.Option(help="ffmpeg decoder threads.")] = None,
     priority: Annotated[int | None, typer.Option(help="0 (lowest) .. 9 (most urgent).")] = None,
     gpu: Annotated[str | None, typer.Option(help="auto, require or forbid.")] = None,
+    audio_tracks: Annotated[
+        str | None, typer.Option(help="all (every audio track, default) or first.")
+    ] = None,
+    subtitles: Annotated[
+        str | None, typer.Option(help="drop (default) or keep (text subtitles, as mov_text).")
+    ] = None,
+    fps: Annotated[
+        float | None, typer.Option(help="Constant output frame rate; default: source timing.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output file.")
+    ] = False,
     node: Annotated[
         str | None, typer.Option(help="Run on this node only (it must have a live worker).")
     ] = None,
@@ -57,6 +69,8 @@ def submit(
     params: dict[str, object] = {
         "width": width, "height": height, "codec": codec, "preset": preset, "cq": cq,
         "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
+        "audio_tracks": audio_tracks, "subtitles": subtitles, "fps": fps,
+        "overwrite": overwrite or None,
     }  # fmt: skip
     if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
         batch_only = {"priority": priority}
