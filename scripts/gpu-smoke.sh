@@ -5,6 +5,8 @@
 #   scripts/gpu-smoke.sh                 # GPU 0, a 10 s 1080p clip
 #   GPU=2 SECONDS_LONG=30 scripts/gpu-smoke.sh
 #   scripts/gpu-smoke.sh --require-gpu   # exit 1 (not 0) when this machine has no GPU
+#   FIELD=DIR scripts/gpu-smoke.sh       # also every file of DIR (../shared/field/make-inputs.sh
+#                                        # output) through the cuda-decode and nvenc paths
 #
 # Exit codes: 0 every path the card should have worked (or no GPU, without --require-gpu);
 # 1 a path the card should have failed (NVDEC/scale_cuda on any NVIDIA card; NVENC on a card that
@@ -32,8 +34,10 @@ from gpujobs.config import Settings
 from gpujobs.specs import TranscodeSpec
 from workers.gpu.doctor import first_error
 from workers.gpu.discovery import list_gpus, measure
-from gpujobs.media import probe
-from workers.transcode.command import EncodePath, build_command
+from gpujobs.media import ProbeError, probe
+from workers.transcode.command import EncodePath, build_command, route
+from workers.transcode.plan import plan_streams
+from workers.transcode.validate import failure_reason, validate_output
 
 NO_NVENC = ("A100", "H100", "H200", "H800", "B200", "A30")  # datacenter cards without NVENC
 index = int(os.environ["GPU"])
@@ -66,18 +70,19 @@ with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as folder:
         check=True,
     )
     spec = TranscodeSpec(input="in.mp4", output="out.mp4")  # the seed: 480p, p1, cq 28, copy
+    plan = plan_streams(spec, probe(clip))
     print(f"clip: {seconds:g} s of 1080p30 H.264 + AAC -> 854x480\n")
     print(f"{'path':<12} {'result':<8} {'seconds':>8} {'x real time':>12} {'fps':>8}")
     for path in (EncodePath.NVENC, EncodePath.CUDA_DECODE, EncodePath.CPU):
         out = Path(folder) / f"out-{path.value}.mp4"
-        command = build_command(ffmpeg, spec, path, str(clip), str(out), 854, 480)
+        command = build_command(ffmpeg, spec, plan, route(path, plan.video), str(clip), str(out))
         began = time.monotonic()
         run = subprocess.run(command[:1] + ["-hide_banner", "-nostdin", "-loglevel", "error"]
                              + command[1:], capture_output=True, text=True, env=env, check=False)
         took = time.monotonic() - began
         expected = path is not EncodePath.NVENC or nvenc_expected
         if run.returncode == 0:
-            info = probe(ffmpeg, out)
+            info = probe(out)
             ok = (info.width, info.height, info.video_codec) == (854, 480, "h264")
             result = "ok" if ok else "BAD"
             failed |= not ok
@@ -89,6 +94,41 @@ with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as folder:
             note = "" if expected else f" (expected: {gpu.name} has no NVENC)"
             print(f"{path.value:<12} {result:<8} {'-':>8} {'-':>12} {'-':>8}  "
                   f"{first_error(run.stderr)}{note}")
+    field = Path(os.environ.get("FIELD", "")) if os.environ.get("FIELD") else None
+    paths = [EncodePath.CUDA_DECODE] + ([EncodePath.NVENC] if nvenc_expected else [])
+    if field is not None:
+        print(f"\nfield inputs from {field}:")
+        print(f"{'file':<28} {'path':<12} {'result':<8} {'size':>9} {'decode':<6} note")
+    for source in sorted(field.iterdir()) if field is not None else []:
+        name = source.name[:28]
+        audio = "none" if source.name.startswith("audio-longer") else "copy"
+        fspec = TranscodeSpec(input="in" + source.suffix, output="out.mp4", audio=audio)
+        try:
+            info = probe(source)
+            fplan = plan_streams(fspec, info)
+        except (ProbeError, ValueError) as exc:
+            print(f"{name:<28} {'-':<12} {'refused':<8} {'-':>9} {'-':<6} {exc}")
+            continue
+        for path in paths:
+            out = Path(folder) / f"field-{path.value}.mp4"
+            fr = route(path, fplan.video)
+            command = build_command(ffmpeg, fspec, fplan, fr, str(source), str(out))
+            run = subprocess.run(command[:1] + ["-hide_banner", "-nostdin", "-loglevel",
+                                 "level+error"] + command[1:], capture_output=True, text=True,
+                                 env=env, check=False)
+            if run.returncode != 0:
+                failed = True
+                reason = failure_reason(run.stderr.splitlines(), run.returncode)
+                print(f"{name:<28} {fr.path.value:<12} {'FAILED':<8} {'-':>9} {'-':<6} {reason}")
+                continue
+            got = probe(out)
+            problem = validate_output(got, info, fspec, fplan)
+            failed |= problem is not None
+            size = f"{got.width}x{got.height}"
+            decode = "gpu" if fr.gpu_decode else "cpu"
+            note = problem or fr.fallback or ""
+            print(f"{name:<28} {fr.path.value:<12} {'BAD' if problem else 'ok':<8} {size:>9} "
+                  f"{decode:<6} {note}")
 print()
 print("gpu-smoke: FAILED" if failed else "gpu-smoke: every path this card has works")
 sys.exit(1 if failed else 0)

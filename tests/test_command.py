@@ -48,8 +48,15 @@ def video(**kw: Any) -> StreamInfo:
 
 
 def audio(index: int = 1, codec: str = "aac", channels: int = 2, **kw: Any) -> StreamInfo:
-    return StreamInfo(**{"index": index, "kind": "audio", "kind_index": index - 1,
-                         "codec": codec, "channels": channels, "duration_s": 20.0, **kw})  # fmt: skip
+    fields = {
+        "index": index,
+        "kind": "audio",
+        "kind_index": index - 1,
+        "codec": codec,
+        "channels": channels,
+        "duration_s": 20.0,
+    }
+    return StreamInfo(**{**fields, **kw})
 
 
 def media(*streams: StreamInfo, duration: float | None = 20.0) -> MediaInfo:
@@ -105,7 +112,7 @@ def test_ten_bit_input_is_converted_on_the_card() -> None:
     assert hevc[hevc.index("-c:v") :][:8] == [
         "-c:v", "hevc_nvenc", "-preset", "p1", "-cq", "28", "-profile:v", "main10",
     ]  # fmt: skip
-    assert ["-tag:v", "hvc1"] == hevc[hevc.index("-tag:v") :][:2]
+    assert hevc[hevc.index("-tag:v") :][:2] == ["-tag:v", "hvc1"]
     down = command(hevc_spec, ten, EncodePath.CUDA_DECODE)
     assert down[down.index("-vf") + 1] == (
         "scale_cuda=854:480:format=p010le,hwdownload,format=p010le,format=yuv420p10le,setsar=1"

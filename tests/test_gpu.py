@@ -26,7 +26,8 @@ from workers.gpu.discovery import (
     pinned_gpu,
 )
 from workers.supervisor import select_gpus
-from workers.transcode.command import EncodePath, build_command, choose_path
+from workers.transcode.command import EncodePath, build_command, choose_path, route
+from workers.transcode.plan import plan_streams
 
 FAKE_BIN = Path(__file__).parent / "fake_bin"
 SMI_OUTPUT = """\
@@ -173,9 +174,10 @@ def test_every_path_the_card_has_encodes_for_real(
     paths = [EncodePath.CUDA_DECODE, EncodePath.CPU] + ([EncodePath.NVENC] if caps.nvenc else [])
     assert choose_path(spec, caps) is (EncodePath.NVENC if caps.nvenc else EncodePath.CUDA_DECODE)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    plan = plan_streams(spec, probe(source))
     for path in paths:
         out = tmp_path / f"{path.value}.mp4"
-        command = build_command(ffmpeg, spec, path, str(source), str(out), 854, 480)
+        command = build_command(ffmpeg, spec, plan, route(path, plan.video), str(source), str(out))
         run = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         assert run.returncode == 0, f"{path.value}: {run.stderr[-500:]}"
         info = probe(out)
