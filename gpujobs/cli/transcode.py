@@ -93,7 +93,9 @@ def submit(
             if as_json:
                 console.print_json(record_json(job.status()))
             else:
-                console.print(f"queued {job.id}  {job.status().spec['input']}", markup=False)
+                console.print(
+                    f"queued {job.id}  {job.status().spec['input']}", markup=False, soft_wrap=True
+                )  # soft_wrap: a path is never folded at the console's width
         return
     records = follow(client, [job.id for job in jobs], timeout)
     if as_json:
@@ -103,7 +105,7 @@ def submit(
         for record in records:
             if record.state is JobState.SUCCEEDED:
                 out_path = client.settings.media / str(record.output)
-                console.print(f"{record.id} succeeded: {out_path}", markup=False)
+                console.print(f"{record.id} succeeded: {out_path}", markup=False, soft_wrap=True)
     exit_for(records)
 
 
