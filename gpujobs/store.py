@@ -23,7 +23,8 @@ from gpujobs.specs import JobRecord, JobState
 # ARGV[2] = JSON object of fields to set, ARGV[3] = seconds to expire the hash in (0: keep),
 # ARGV[4] = the attempt the writer owns ("": any): a worker whose attempt was taken over by a
 # newer one (its lease expired while it was stalled) can no longer write.
-# KEYS[3] = the job's attempt history list, expired with the hash.
+# KEYS[3] = the job's attempt history list, expired with the hash; ARGV[5] = an entry to append
+# to it with the write ("": none), so a finished job's history is never a moment behind it.
 # Returns 1 when written, 0 when the job is missing, in another state, or owned by another attempt.
 _UPDATE_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -42,6 +43,7 @@ for k, v in pairs(fields) do
   else table.insert(flat, k); table.insert(flat, v) end
 end
 if #flat > 0 then redis.call('HSET', KEYS[1], unpack(flat)) end
+if ARGV[5] ~= nil and ARGV[5] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[5]) end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -132,12 +134,14 @@ class JobStore:
         job_id: str,
         only_from: Iterable[JobState] = (),
         attempt: int | None = None,
+        history: dict[str, Any] | None = None,
         **fields: Any,
     ) -> bool:
         """Set fields (None deletes one) if the job is in one of `only_from` (empty: any state)
         and, when `attempt` is given, still belongs to that attempt.
 
         A move into a terminal state stamps finished_at and starts the record's expiry.
+        history: an attempt entry (see `add_attempt`) appended in the same step, only if written.
         Returns False when the job is missing, in another state or attempt; nothing is written.
         """
         now = time.time()
@@ -156,6 +160,7 @@ class JobStore:
                 json.dumps(encoded),
                 ttl,
                 "" if attempt is None else attempt,
+                "" if history is None else json.dumps(history, separators=(",", ":")),
             ],
         )
         return bool(written)

@@ -142,12 +142,13 @@ def test_duplicate_submit_returns_the_first_job(
     assert client.submit_transcode(source).id == first.id
     assert client.submit_transcode(source, priority=9).id == first.id  # priority is no new job
     other = client.submit_transcode(source, height=240)  # another spec is another job
-    forced = client.submit_transcode(source, force=True)
+    forced = client.submit_transcode(source, force=True, overwrite=True)  # same output: replace
     assert len({first.id, other.id, forced.id}) == 3
     start_worker()
     for job in (first, other, forced):
         assert job.wait(timeout=60).state is JobState.SUCCEEDED
-    assert client.submit_transcode(source).id != first.id  # finished jobs are not reused
+    # Finished jobs are not reused (and their output is replaced only on request).
+    assert client.submit_transcode(source, overwrite=True).id != first.id
 
 
 def test_watchdog_gives_up_after_max_attempts(

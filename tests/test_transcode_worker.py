@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from gpujobs.client import Client
+from gpujobs.errors import InvalidSpec
 from gpujobs.media import probe
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess, wait_for
@@ -47,18 +49,28 @@ def test_transcode_end_to_end_with_live_progress(
     assert not list(output.parent.glob(".*part*")), "no temporary output may remain"
 
 
-def test_a_broken_input_fails_with_ffmpegs_reason(
-    client: Client, settings, start_worker: Callable[..., WorkerProcess]
+def test_a_broken_input_is_refused_at_submit_or_fails_with_the_cause(
+    client: Client,
+    settings,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
 ) -> None:
-    # Looks like an MP4 to the producer's sniff, but ffmpeg cannot read it.
+    # Looks like an MP4 to the first bytes, but holds no moov: refused at submit, in words.
     bogus = settings.media / "bogus.mp4"
     bogus.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200)
+    with pytest.raises(InvalidSpec, match=r"the file is incomplete \(no moov atom\)$"):
+        client.submit_transcode(bogus)
+    # A file that turns bad after submit (replaced on the share) fails on the worker.
+    source = media_clip("turns-bad.mp4")
+    job = client.submit_transcode(source)
+    source.write_bytes(bogus.read_bytes())
     start_worker()
-    job = client.submit_transcode(bogus)
     final = job.wait(timeout=60)
     assert final.state is JobState.FAILED
-    assert final.error and "cannot read the input" in final.error
-    assert not (settings.media / "bogus.480p.mp4").exists()
+    assert (
+        final.error == "cannot read the input turns-bad.mp4: the file is incomplete (no moov atom)"
+    )
+    assert not (settings.media / "turns-bad.480p.mp4").exists()
 
 
 class EventSeen(threading.Event):

@@ -70,15 +70,20 @@ class TranscodeAttempt:
             self.job_id, only_from=(JobState.RUNNING,), attempt=self.attempt, **fields
         )
 
-    def history(self, outcome: str, reason: str | None = None) -> None:
-        self.store.add_attempt(self.job_id, {
+    def entry(self, outcome: str, reason: str | None = None) -> dict[str, Any]:
+        """This attempt's line in the job's history."""
+        return {
             "attempt": self.attempt, "worker": self.worker, "started_at": self.started_at,
             "ended_at": time.time(), "outcome": outcome, "reason": reason,
-        })  # fmt: skip
+        }  # fmt: skip
+
+    def history(self, outcome: str, reason: str | None = None) -> None:
+        self.store.add_attempt(self.job_id, self.entry(outcome, reason))
 
     def fail(self, reason: str) -> dict[str, Any]:
-        if self.update(state=JobState.FAILED, error=reason, eta_s=None):
-            self.history("failed", reason)
+        # The history entry goes in with the state, in one step: readers never see one alone.
+        self.update(state=JobState.FAILED, error=reason, eta_s=None,
+                    history=self.entry("failed", reason))  # fmt: skip
         raise JobRunFailed(reason)
 
     def retry_later(self, reason: str) -> dict[str, Any]:
@@ -203,9 +208,8 @@ class TranscodeAttempt:
             "elapsed_s": round(time.monotonic() - began, 3),
         }
         summary = {k: v for k, v in summary.items() if v is not None}
-        if self.update(state=JobState.SUCCEEDED, percent=100.0, eta_s=0, output=spec.output,
-                       result=summary):  # fmt: skip
-            self.history("succeeded")
+        self.update(state=JobState.SUCCEEDED, percent=100.0, eta_s=0, output=spec.output,
+                    result=summary, history=self.entry("succeeded"))  # fmt: skip
         return summary
 
     def keep_log(self, lines: list[str]) -> None:
