@@ -322,7 +322,10 @@ def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
         else ("unknown")
     )
     ctx = stream.codec_context
-    codec = ctx.name if ctx is not None and ctx.name else "none"
+    # The codec's canonical name (the codec id's: "mp3", not the decoder's "mp3float").
+    codec = "none"
+    if ctx is not None:
+        codec = getattr(ctx.codec, "canonical_name", None) or ctx.name or "none"
     dispositions = frozenset(
         name for name, flag in type(stream.disposition).__members__.items()
         if flag and stream.disposition & flag
