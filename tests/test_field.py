@@ -22,7 +22,7 @@ from gpujobs.errors import InvalidSpec
 from gpujobs.media import MediaInfo, probe
 from gpujobs.specs import JobRecord, JobState
 from tests.helpers import WorkerProcess
-from workers.transcode.command import run_ffmpeg
+from workers.transcode.command import ffmpeg_version, run_ffmpeg
 from workers.transcode.validate import failure_reason
 
 JOB_TIMEOUT_S = 120
@@ -380,3 +380,44 @@ def test_logs_keep_the_whole_ffmpeg_stderr_of_each_attempt(stack: Stack) -> None
         f"error: no log kept for attempt 2 of job {job.id}"
     )
     assert stack.cli("logs", "nosuchjob").returncode != 0
+
+
+# --- one ffmpeg; progress without a duration ----------------------------------------------------
+
+
+def test_the_bundled_ffmpeg_is_used_whatever_is_on_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imageio_ffmpeg
+
+    impostor = tmp_path / "ffmpeg"
+    impostor.write_text("#!/bin/sh\necho 'ffmpeg version 5.1.6-0+deb12u1'\n")
+    impostor.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("GPUJOBS_FFMPEG", raising=False)
+    assert Settings(broker_url="redis://unused").ffmpeg_binary() == imageio_ffmpeg.get_ffmpeg_exe()
+    monkeypatch.setenv("GPUJOBS_FFMPEG", str(impostor))
+    chosen = Settings(broker_url="redis://unused").ffmpeg_binary()
+    assert chosen == str(impostor) and ffmpeg_version(chosen) == "5.1.6-0+deb12u1"
+
+
+def test_the_ffmpeg_version_is_in_each_result(stack: Stack) -> None:
+    source = stack.make("version/in.mp4", *lavfi_video("320x240", 30, 1), *X264)
+    record, _ = stack.run(source, height=240)
+    assert record.result and record.result["ffmpeg"] == ffmpeg_version(stack.ffmpeg)
+    assert record.result["ffmpeg"].startswith("n")  # the BtbN build's tag, e.g. n9.0.2-...
+
+
+def test_progress_of_an_input_without_duration_comes_from_bytes_read(stack: Stack) -> None:
+    source = stack.make("raw/progress.h264", *lavfi_video("640x360", 25, 3), "-c:v", "libx264",
+                        "-preset", "ultrafast", "-f", "h264")  # fmt: skip
+    samples: list[float | None] = []
+    # -readrate 1: ffmpeg reads the 3 s stream in real time, so progress is seen mid-way.
+    command = [stack.ffmpeg, "-readrate", "1", "-i", str(source), "-f", "null", "-"]
+    outcome = run_ffmpeg(command, lambda s: samples.append(s.read_fraction), lambda: False,
+                         input_file=source)  # fmt: skip
+    assert outcome.returncode == 0
+    assert any(f is not None and 0 < f < 1 for f in samples), samples
+    assert samples[-1] == 1.0
+    known = [f for f in samples if f is not None]
+    assert known == sorted(known)

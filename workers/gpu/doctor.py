@@ -120,6 +120,9 @@ def check_ffmpeg_features(ffmpeg: str) -> Iterator[Check]:
         "libx264": (encoders, "encoder"),
         "scale_cuda": (filters, "filter"),
         "hwupload_cuda": (filters, "filter"),
+        # The GPU paths deinterlace and turn rotated video upright on the card.
+        "bwdif_cuda": (filters, "filter"),
+        "transpose_cuda": (filters, "filter"),
     }
     for name, (listing, kind) in wanted.items():
         present = any(name in line.split() for line in listing.splitlines())
