@@ -421,3 +421,29 @@ def test_progress_of_an_input_without_duration_comes_from_bytes_read(stack: Stac
     assert samples[-1] == 1.0
     known = [f for f in samples if f is not None]
     assert known == sorted(known)
+
+
+def test_bad_media_options_are_one_line_errors(stack: Stack) -> None:
+    source = stack.make("options/in.mp4", *lavfi_video("320x240", 30, 1), *X264)
+    for args, words in [
+        (["--audio-tracks", "some"], "audio_tracks: Input should be 'all' or 'first'"),
+        (["--subtitles", "burn"], "subtitles: Input should be 'keep' or 'drop'"),
+        (["--fps", "0"], "fps: Input should be greater than 0"),
+    ]:
+        result = stack.cli("submit", str(source), *args)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+
+
+def test_text_subtitles_are_kept_as_mov_text_on_request(stack: Stack, tmp_path: Path) -> None:
+    srt = tmp_path / "subs.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:01,500\nHello\n")
+    source = stack.make("subs/in.mkv", *lavfi_video("320x240", 30), "-i", str(srt), "-map", "0",
+                        "-map", "1", *X264, "-c:s", "srt")  # fmt: skip
+    _, dropped = stack.run(source, height=240)
+    assert dropped.of_kind("subtitle") == []
+    record, kept = stack.run(source, height=240, subtitles="keep",
+                             output=stack.media / "subs/kept.mp4")  # fmt: skip
+    assert [s.codec for s in kept.of_kind("subtitle")] == ["mov_text"]
+    assert record.result and record.result["streams"][1]["to"] == "mov_text"
