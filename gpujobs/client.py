@@ -119,7 +119,9 @@ class Client:
         first (the CLI does); otherwise such an input is an InvalidSpec.
         force: queue a new job even when one for the same input and spec is queued or running
         (by default that job is returned).
-        Raises InvalidSpec (one line: what is wrong), BrokerUnreachable.
+        Raises InvalidSpec (one line: what is wrong, e.g. "input x.m4a: no video stream (audio
+        with cover art)", "input up.mp4: the file is incomplete (no moov atom)", an existing
+        output without overwrite), BrokerUnreachable.
         """
         params = {
             "width": width, "height": height, "codec": codec, "preset": preset, "cq": cq,

@@ -24,9 +24,10 @@ from gpujobs.media import TEXT_SUBTITLES, MediaInfo, StreamInfo
 from gpujobs.specs import TranscodeSpec
 
 # Audio codecs each output container carries as they are, on every ffmpeg build we support
-# (Debian's 5.1 cannot put PCM in MP4; 9.0 can: we never rely on it).
+# (Debian's 5.1 cannot put PCM in MP4 and wants -strict for FLAC there; 9.0 takes both: we
+# rely on neither).
 AUDIO_COPYABLE = {
-    "mp4": frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "opus", "flac", "alac"}),
+    "mp4": frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "opus", "alac"}),
     "mov": frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "alac", "pcm_s16le", "pcm_s16be",
                       "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le",
                       "pcm_f32be", "pcm_u8"}),
