@@ -240,9 +240,11 @@ def test_browser_finds_jobs_on_the_tasks_page(
     url = flower.wait_ready()
     http = httpx.Client(base_url=url, auth=(USER, password), timeout=10)
 
-    bogus = settings.media / "broken.mp4"  # an MP4 to the producer's sniff, not to ffmpeg
-    bogus.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200)
-    failed = client.submit_transcode(bogus)
+    # Fails on the worker: it asks for a GPU and this worker has none (a file ffmpeg cannot
+    # read is refused at submit now, before any queue).
+    failed = client.submit_transcode(
+        media_clip("gpu.mp4", seconds=1, size="320x240"), gpu="require"
+    )
     done = client.submit_transcode(media_clip("short.mp4", seconds=1, size="320x240"), height=120)
     assert failed.wait(timeout=60).state is JobState.FAILED
     assert done.wait(timeout=60).state is JobState.SUCCEEDED
@@ -296,7 +298,7 @@ def test_browser_finds_jobs_on_the_tasks_page(
             assert "long.mp4 -> long.1080p.mp4 | h264 1080p p7 cq28" in rows[running.id]
             assert re.search(r"\d+\.\d% \| ", rows[running.id]), rows[running.id]
             reason = failed.status().error
-            assert reason and "cannot read the input" in reason
+            assert reason and "requires a GPU" in reason
             assert reason[:40] in rows[failed.id]
             page.screenshot(path=str(shot), full_page=True)
         finally:
