@@ -55,8 +55,8 @@ COMMANDS = [
     "infer",
     "results",
     "api",
-    "cluster",
     "logs",
+    "cluster",  # a group (typer lists groups after plain commands)
 ]
 
 
