@@ -11,7 +11,7 @@ player applies to show the picture upright), frames per second for rates.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -213,7 +213,7 @@ def probe(path: Path, first_frame: bool = True) -> MediaInfo:
             order = main.field_order
             if interlaced and order not in INTERLACED_ORDERS:
                 order = "tt"  # flagged per frame only; the deinterlacer detects the parity
-            updated = StreamInfo(**{**main.__dict__, "rotation": rotation, "field_order": order})
+            updated = replace(main, rotation=rotation, field_order=order)
             info = MediaInfo(
                 format=info.format,
                 duration_s=info.duration_s,

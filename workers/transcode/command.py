@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import os
 import queue
@@ -38,7 +39,7 @@ from pathlib import Path
 from gpujobs.media import StreamInfo
 from gpujobs.specs import TranscodeSpec
 from workers.gpu.discovery import Capabilities
-from workers.transcode.plan import Plan
+from workers.transcode.plan import Plan, geometry
 
 X264_PRESETS = {
     "p1": "superfast",
@@ -147,8 +148,6 @@ def route(path: EncodePath, video: StreamInfo) -> Route:
 
 def output_size(spec: TranscodeSpec, video: StreamInfo) -> tuple[int, int]:
     """Width and height of the output from the displayed picture (see plan.geometry)."""
-    from workers.transcode.plan import geometry
-
     g = geometry(spec, video)
     return g.width, g.height
 
@@ -423,7 +422,7 @@ def run_ffmpeg(
                 sample = parse_progress_block(block)
                 if meter is not None:
                     read = 1.0 if sample.done else meter.fraction()
-                    sample = ProgressSample(**{**sample.__dict__, "read_fraction": read})
+                    sample = dataclasses.replace(sample, read_fraction=read)
                 last = sample
                 on_progress(sample)
             if should_stop():
