@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import queue
 import threading
 import time
 from types import TracebackType
@@ -41,14 +43,159 @@ def progress_text(record: JobRecord) -> str:
     return " | ".join(parts)
 
 
+class _Watch:
+    """One job the relay follows: its task, the last event sent, the update waiting to be."""
+
+    def __init__(self, task_id: str, hostname: str, job_id: str) -> None:
+        self.task_id = task_id
+        self.hostname = hostname
+        self.job_id = job_id
+        self.channel = keys.job_events(job_id)
+        self.last_sent = 0.0
+        self.pending: JobRecord | None = None
+        self.ended = False
+
+
+class ProgressRelay:
+    """The process's one relay: a thread on one pub/sub connection and one event connection,
+    following every job the process runs, made on first use and kept for the process's life.
+
+    `follow()` subscribes to a job's channel (through the thread: the pub/sub connection is the
+    thread's alone); `end()` marks the job ended under the send lock and returns at once, so a
+    task's end never waits for the relay, and no progress event of that job is sent after it.
+    interval_s: least seconds between two events of one job (default 0.5).
+    """
+
+    def __init__(self, app: Any, client: redis.Redis, interval_s: float = 0.5) -> None:
+        self.app = app
+        self.client = client
+        self.interval_s = interval_s
+        self._commands: queue.SimpleQueue[tuple[str, _Watch]] = queue.SimpleQueue()
+        self._send_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._watches: dict[str, _Watch] = {}  # by channel; the relay thread's alone
+
+    def follow(self, task_id: str, hostname: str, job_id: str) -> _Watch:
+        watch = _Watch(task_id, hostname, job_id)
+        self._commands.put(("follow", watch))
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="gpujobs-flower-progress", daemon=True
+                )
+                self._thread.start()
+        return watch
+
+    def end(self, watch: _Watch) -> None:
+        """The task is ending: drop what is pending. Waits at most for one event in flight."""
+        with self._send_lock:
+            watch.ended = True
+            watch.pending = None
+        self._commands.put(("end", watch))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._serve()
+            except Exception:  # a monitor's failure never fails a job; start over in a moment
+                log.warning("progress relay to Flower failed; restarting it", exc_info=True)
+                time.sleep(1.0)
+
+    def _serve(self) -> None:
+        watches = self._watches
+        dispatchers: dict[str, Any] = {}
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        connection = self.app.connection_for_write()
+        try:
+            if watches:  # starting over after a failure: follow the jobs still running
+                pubsub.subscribe(*watches)
+            while True:
+                self._apply_commands(pubsub, watches, block=not watches)
+                message = pubsub.get_message(timeout=0.1) if watches else None
+                if message is not None:
+                    watch = watches.get(_text(message.get("channel", "")))
+                    record = parse_published(message.get("data"))
+                    # Nothing to show before the first progress (the claim's 0%), and a job
+                    # that fails before it keeps an empty Result column.
+                    if (
+                        watch is not None
+                        and record is not None
+                        and record.state is JobState.RUNNING
+                        and record.percent > 0
+                    ):
+                        watch.pending = record
+                now = time.monotonic()
+                for watch in watches.values():
+                    if watch.pending is not None and now - watch.last_sent >= self.interval_s:
+                        self._send(connection, dispatchers, watch)
+        finally:
+            for dispatcher in dispatchers.values():
+                with contextlib.suppress(Exception):
+                    dispatcher.close()
+            with contextlib.suppress(Exception):
+                pubsub.close()
+            with contextlib.suppress(Exception):
+                connection.release()
+
+    def _apply_commands(self, pubsub: Any, watches: dict[str, _Watch], block: bool) -> None:
+        try:
+            command, watch = self._commands.get(timeout=1.0 if block else 0.0)
+        except queue.Empty:
+            return
+        while True:
+            if command == "follow":
+                watches[watch.channel] = watch
+                pubsub.subscribe(watch.channel)
+            elif watches.get(watch.channel) is watch:
+                del watches[watch.channel]
+                pubsub.unsubscribe(watch.channel)
+            try:
+                command, watch = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _send(self, connection: Any, dispatchers: dict[str, Any], watch: _Watch) -> None:
+        dispatcher = dispatchers.get(watch.hostname)
+        if dispatcher is None:
+            dispatcher = self.app.events.Dispatcher(
+                connection, hostname=watch.hostname, enabled=True
+            )
+            dispatchers[watch.hostname] = dispatcher
+        with self._send_lock:
+            record, watch.pending = watch.pending, None
+            if watch.ended or record is None:
+                return
+            dispatcher.send(
+                PROGRESS_EVENT,
+                uuid=watch.task_id,
+                result=progress_text(record),
+                percent=record.percent,
+            )
+            watch.last_sent = time.monotonic()
+
+
+_relays: dict[int, ProgressRelay] = {}
+_relays_lock = threading.Lock()
+
+
+def relay_for(app: Any, client: redis.Redis) -> ProgressRelay:
+    """This process's relay (made anew in a forked pool child)."""
+    with _relays_lock:
+        relay = _relays.get(os.getpid())
+        if relay is None or relay.client is not client or relay.app is not app:
+            relay = _relays[os.getpid()] = ProgressRelay(app, client)
+        return relay
+
+
 class FlowerProgress:
     """Relays one running job's record updates to Flower as `task-progress` events.
 
-    A context manager around a task body: a thread subscribes to the job's channel (the store
-    publishes every update there) and sends at most one event per `interval_s` seconds (default
-    0.5) on its own broker connection. Leaving the block stops the thread before the task returns,
-    so every progress event is sent before the worker's task-succeeded/failed event. A failure
-    here is logged and never fails the job.
+    A context manager around a task body. The process's `ProgressRelay` follows the job's
+    channel (the store publishes every update there) and sends at most one event per
+    `interval_s` seconds (default 0.5). Leaving the block marks the job ended and returns at
+    once (no thread is stopped or joined): no progress event is sent after it, so none follows
+    the worker's task-succeeded/failed event. A failure here is logged and never fails the job.
 
     task: the bound Celery task (its app, request.id and request.hostname are used).
     """
@@ -56,28 +203,16 @@ class FlowerProgress:
     def __init__(
         self, task: Any, client: redis.Redis, job_id: str, interval_s: float = 0.5
     ) -> None:
-        self.app = task.app
         # Celery's task.request is thread-local: read it here, in the task's own thread.
         self.task_id: str = task.request.id
         self.hostname: str = task.request.hostname
-        self.client = client
         self.job_id = job_id
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.relay = relay_for(task.app, client)
+        self.relay.interval_s = interval_s
+        self._watch: _Watch | None = None
 
     def __enter__(self) -> FlowerProgress:
-        try:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-            # Subscribe before the body runs, so no update of this job falls before the relay.
-            pubsub.subscribe(keys.job_events(self.job_id))
-        except (redis.RedisError, OSError) as exc:
-            log.warning("job %s: no progress in Flower: %s", self.job_id, exc)
-            return self
-        self._thread = threading.Thread(
-            target=self._relay, args=(pubsub,), name=f"flower-progress-{self.job_id}", daemon=True
-        )
-        self._thread.start()
+        self._watch = self.relay.follow(self.task_id, self.hostname, self.job_id)
         return self
 
     def __exit__(
@@ -86,41 +221,9 @@ class FlowerProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        if self._watch is not None:
+            self.relay.end(self._watch)
 
-    def _relay(self, pubsub: Any) -> None:
-        app = self.app
-        try:
-            with app.connection_for_write() as connection:
-                dispatcher = app.events.Dispatcher(connection, hostname=self.hostname, enabled=True)
-                last_sent = 0.0
-                pending: JobRecord | None = None
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.2)
-                    if message is not None:
-                        record = parse_published(message.get("data"))
-                        # Nothing to show before the first progress (the claim's 0%), and
-                        # a job that fails before it keeps an empty Result column.
-                        if (
-                            record is not None
-                            and record.state is JobState.RUNNING
-                            and record.percent > 0
-                        ):
-                            pending = record
-                    if pending is not None and time.monotonic() - last_sent >= self.interval_s:
-                        dispatcher.send(
-                            PROGRESS_EVENT,
-                            uuid=self.task_id,
-                            result=progress_text(pending),
-                            percent=pending.percent,
-                        )
-                        last_sent = time.monotonic()
-                        pending = None
-                dispatcher.close()
-        except Exception:  # a monitor's failure never fails the job
-            log.warning("job %s: progress relay to Flower stopped", self.job_id, exc_info=True)
-        finally:
-            with contextlib.suppress(Exception):
-                pubsub.close()
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
