@@ -12,8 +12,13 @@ PREFIX = "gpujobs"
 # Hash per job: state, progress, worker, timestamps, the spec as JSON. The source of truth for
 # status/watch/ls; Celery's result backend is only a mirror for Flower.
 JOB = PREFIX + ":job:{job_id}"
-# Sorted set of job ids scored by creation time: `gpujobs ls` lists newest first from it.
-JOB_INDEX = PREFIX + ":jobs"
+# The index: one sorted set per kind and state of the job ids in it, scored by creation time.
+# The store's scripts move a job between them as its state changes, so `ls --state running`
+# reads only running jobs, `ls` merges the heads of these sets, and a metrics scrape counts jobs
+# by kind and state with one ZCARD each instead of reading records.
+STATE_INDEX = PREFIX + ":jobs:{kind}:{state}"
+# What a Lua script prepends to `<kind>:<state>` to name a state index.
+STATE_INDEX_PREFIX = PREFIX + ":jobs:"
 # Pub/sub channel per job: every record update is published here so watchers need not poll.
 JOB_EVENTS = PREFIX + ":events:{job_id}"
 # Pattern matching every job channel, for `gpujobs top` and the CLI's multi-job progress view.
@@ -28,6 +33,11 @@ LOG = PREFIX + ":log:{job_id}:{attempt}:{source}"
 LOGS = PREFIX + ":logs:{job_id}"
 # Idempotency: spec fingerprint -> job id of the live job for it, so a duplicate submit returns it.
 DEDUP = PREFIX + ":dedup:{fingerprint}"
+
+# Set of the queues jobs were sent to besides the shared `transcode` and `inference` ones (node
+# and GPU queues, `transcode.node-1.gpu2`), added by the submit script: the metrics exporter
+# reads queue depths from these instead of scanning the keyspace for kombu's bindings.
+QUEUES = PREFIX + ":queues"
 
 # Lease of a running job (JSON: attempt, worker, expires_at), renewed by the worker's heartbeat
 # thread; the watchdog requeues a running job whose lease has expired (reliability, issue 4).
@@ -53,6 +63,10 @@ _PRIORITY_SEP = "\x06\x16"
 
 def job(job_id: str) -> str:
     return JOB.format(job_id=job_id)
+
+
+def state_index(kind: str, state: str) -> str:
+    return STATE_INDEX.format(kind=kind, state=state)
 
 
 def job_events(job_id: str) -> str:

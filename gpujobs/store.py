@@ -16,20 +16,26 @@ from typing import Any
 import redis
 
 from gpujobs import keys
-from gpujobs.specs import JobRecord, JobState
+from gpujobs.specs import JobKind, JobRecord, JobState
 
 # KEYS[1] = job hash, KEYS[2] = job channel.
 # ARGV[1] = JSON list of states the job may be in ("[]": any state, the job must exist),
 # ARGV[2] = JSON object of fields to set, ARGV[3] = seconds to expire the hash in (0: keep),
 # ARGV[4] = the attempt the writer owns ("": any): a worker whose attempt was taken over by a
 # newer one (its lease expired while it was stalled) can no longer write.
-# KEYS[3] = the job's attempt history list, expired with the hash; ARGV[5] = an entry to append
-# to it with the write ("": none), so a finished job's history is never a moment behind it.
+# KEYS[3] = the job's attempt history list, expired with the hash.
+# ARGV[5] = keys.STATE_INDEX_PREFIX, ARGV[6] = the job id: a change of state moves the job from
+# one state index to the other (the index names are built here from the record's kind).
+# ARGV[7] = an entry to append to the attempt history ("" for none), ARGV[8] = its TTL: written
+# with the change it describes, so whoever sees the change sees the entry.
+# KEYS[4] = the job's lease, KEYS[5] = the leases sorted set: when the attempt that owns the job
+# (ARGV[4]) moves it out of running (finished, failed, requeued), its lease goes with the change.
 # Returns 1 when written, 0 when the job is missing, in another state, or owned by another attempt.
 _UPDATE_LUA = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'kind', 'created_at')
+local state = cur[1]
 if not state then return 0 end
-if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[4] then return 0 end
+if ARGV[4] ~= '' and cur[2] ~= ARGV[4] then return 0 end
 local allowed = cjson.decode(ARGV[1])
 if #allowed > 0 then
   local ok = false
@@ -37,17 +43,30 @@ if #allowed > 0 then
   if not ok then return 0 end
 end
 local fields = cjson.decode(ARGV[2])
-local flat = {}
+local flat, gone = {}, {}
 for k, v in pairs(fields) do
-  if v == cjson.null then redis.call('HDEL', KEYS[1], k)
+  if v == cjson.null then table.insert(gone, k)
   else table.insert(flat, k); table.insert(flat, v) end
 end
+if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
 if #flat > 0 then redis.call('HSET', KEYS[1], unpack(flat)) end
-if ARGV[5] ~= nil and ARGV[5] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[5]) end
+local new = fields['state']
+if new and new ~= cjson.null and new ~= state then
+  local kind = cur[3] or ''
+  redis.call('ZREM', ARGV[5] .. kind .. ':' .. state, ARGV[6])
+  redis.call('ZADD', ARGV[5] .. kind .. ':' .. new, tonumber(cur[4]) or 0, ARGV[6])
+  if ARGV[4] ~= '' and new ~= 'running' then
+    redis.call('DEL', KEYS[4])
+    redis.call('ZREM', KEYS[5], ARGV[6])
+  end
+end
+if ARGV[7] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[7]) end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
+elseif ARGV[7] ~= '' then
+  redis.call('EXPIRE', KEYS[3], ARGV[8])
 end
 local all = redis.call('HGETALL', KEYS[1])
 local record = {}
@@ -69,6 +88,34 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 """
 
+# KEYS: job hash, state index, dedup key (unused when ARGV[3] is 0), queue list, event channel.
+# ARGV: job id, created_at, dedup TTL in seconds (0: no duplicate check), job hash key prefix,
+# the Celery message, the task-sent event ("" for none), the record's fields (a JSON object),
+# the queue to add to keys.QUEUES (KEYS[6]; "" for the shared queues, which are always read).
+# Returns the id of a queued or running job already holding the fingerprint (nothing written),
+# or false when the job was recorded and queued.
+_SUBMIT_LUA = """
+if tonumber(ARGV[3]) > 0 then
+  local existing = redis.call('GET', KEYS[3])
+  if existing and existing ~= ARGV[1] then
+    local state = redis.call('HGET', ARGV[4] .. existing, 'state')
+    if state == 'queued' or state == 'running' then return existing end
+  end
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
+end
+local flat = {}
+for k, v in pairs(cjson.decode(ARGV[7])) do table.insert(flat, k); table.insert(flat, v) end
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[4], ARGV[5])
+if ARGV[6] ~= '' then redis.call('PUBLISH', KEYS[5], ARGV[6]) end
+if ARGV[8] ~= '' then redis.call('SADD', KEYS[6], ARGV[8]) end
+return false
+"""
+
+
+# The shared queues (gpujobs.app's names; not imported: the store does not need the Celery app).
+_SHARED_QUEUES = ("transcode", "inference")
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 
 
@@ -79,6 +126,14 @@ class LogEntry:
     attempt: int
     source: str
     text: str
+
+
+def _index(kind: JobKind | str, state: JobState | str) -> str:
+    return keys.state_index(JobKind(kind).value, JobState(state).value)
+
+
+# Every state index: a job is in exactly one of them.
+ALL_INDEXES = [_index(kind, state) for kind in JobKind for state in JobState]
 
 
 def _encode(value: Any) -> Any:
@@ -92,6 +147,20 @@ def _encode(value: Any) -> Any:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One job for `JobStore.submit`: its record (state queued), its Celery message for the
+    list `queue_list`, the task-sent event for `event_channel` ("" for none), and the
+    fingerprint of its spec (None: no duplicate check)."""
+
+    record: JobRecord
+    message: str
+    queue_list: str
+    event: str = ""
+    event_channel: str = ""
+    fingerprint: str | None = None
+
+
 class JobStore:
     """Job records in Redis. `record_ttl_s`: seconds a finished record is kept (default 7 days)."""
 
@@ -100,14 +169,50 @@ class JobStore:
         self.record_ttl_s = record_ttl_s
         self._update = client.register_script(_UPDATE_LUA)
         self._dedup = client.register_script(_DEDUP_LUA)
+        self._submit = client.register_script(_SUBMIT_LUA)
 
     def create(self, record: JobRecord) -> None:
         """Store a new record and index it (newest first in `list`)."""
         with self.redis.pipeline() as pipe:
             # redis-py stubs want a Mapping invariant in its key type; a dict[str, str] is fine.
             pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
-            pipe.zadd(keys.JOB_INDEX, {record.id: record.created_at})
+            pipe.zadd(_index(record.kind, record.state), {record.id: record.created_at})
             pipe.execute()
+
+    def submit(self, jobs: list[Submission]) -> list[str | None]:
+        """Record, index and queue each job, all in one pipelined round trip.
+
+        Each job is one script call that writes its record, its state index entry and its
+        Celery message (and task-sent event) at once, after the duplicate check: for each job,
+        the id of the queued or running job that already holds its fingerprint (nothing of
+        this one is written), or None when it was queued.
+        """
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                record = job.record
+                self._submit(
+                    keys=[
+                        keys.job(record.id),
+                        _index(record.kind, record.state),
+                        keys.dedup(job.fingerprint or "-"),
+                        job.queue_list,
+                        job.event_channel,
+                        keys.QUEUES,
+                    ],
+                    args=[
+                        record.id,
+                        record.created_at,
+                        self.record_ttl_s if job.fingerprint else 0,
+                        keys.JOB.format(job_id=""),
+                        job.message,
+                        job.event,
+                        json.dumps(_lean(record.to_hash()), separators=(",", ":")),
+                        "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
+                    ],
+                    client=pipe,
+                )
+            results = pipe.execute()
+        return [_str(found) if found else None for found in results]
 
     def claim_fingerprint(self, fingerprint: str, job_id: str) -> str | None:
         """Make `job_id` the live job for `fingerprint`, unless a queued or running job already
@@ -122,12 +227,20 @@ class JobStore:
         """Remove a record that never reached a queue (its send failed)."""
         with self.redis.pipeline() as pipe:
             pipe.delete(keys.job(job_id))
-            pipe.zrem(keys.JOB_INDEX, job_id)
+            for index in ALL_INDEXES:
+                pipe.zrem(index, job_id)
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:
         data = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(_text(data)) if data else None
+
+    def state_of(self, job_id: str) -> tuple[JobState, int] | None:
+        """A job's state and attempt (two fields, no record parsed); None when it is gone."""
+        state, attempt = self.redis.hmget(keys.job(job_id), ["state", "attempt"])
+        if state is None:
+            return None
+        return JobState(_str(state)), int(_str(attempt)) if attempt is not None else 0
 
     def update(
         self,
@@ -139,6 +252,9 @@ class JobStore:
     ) -> bool:
         """Set fields (None deletes one) if the job is in one of `only_from` (empty: any state)
         and, when `attempt` is given, still belongs to that attempt.
+
+        history: an entry for the attempt history (see `add_attempt`), appended in the same
+        script as the change, so no reader sees one without the other.
 
         A move into a terminal state stamps finished_at and starts the record's expiry.
         history: an attempt entry (see `add_attempt`) appended in the same step, only if written.
@@ -154,13 +270,22 @@ class JobStore:
         encoded = {name: _encode(value) for name, value in fields.items()}
         allowed = [JobState(s).value for s in only_from]
         written = self._update(
-            keys=[keys.job(job_id), keys.job_events(job_id), keys.attempts(job_id)],
+            keys=[
+                keys.job(job_id),
+                keys.job_events(job_id),
+                keys.attempts(job_id),
+                keys.lease(job_id),
+                keys.LEASES,
+            ],
             args=[
                 json.dumps(allowed),
                 json.dumps(encoded),
                 ttl,
                 "" if attempt is None else attempt,
+                keys.STATE_INDEX_PREFIX,
+                job_id,
                 "" if history is None else json.dumps(history, separators=(",", ":")),
+                self.record_ttl_s,
             ],
         )
         return bool(written)
@@ -205,32 +330,82 @@ class JobStore:
         return entries
 
     def list(self, limit: int = 50, states: Iterable[JobState] = ()) -> list[JobRecord]:
-        """Newest first. Index entries whose record has expired are dropped on the way."""
-        wanted = {JobState(s) for s in states}
-        found: list[JobRecord] = []
-        start = 0
-        page = max(limit, 50)
-        while len(found) < limit:
-            members: list[str] = self.redis.zrevrange(keys.JOB_INDEX, start, start + page - 1)  # type: ignore[assignment]
-            ids = [_str(i) for i in members]
-            if not ids:
-                break
-            start += page
-            with self.redis.pipeline() as pipe:
-                for job_id in ids:
+        """Newest first (by creation time), `limit` at most; only jobs in `states` when given.
+
+        Reads the heads of the state indexes (one round trip), merges them and reads just the
+        records shown (one more): the cost follows `limit`, not the number of jobs. Index
+        entries whose record has expired are dropped on the way.
+        """
+        wanted = [JobState(s) for s in states] or list(JobState)
+        indexes = [_index(kind, state) for kind in JobKind for state in wanted]
+        while True:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for index in indexes:
+                    pipe.zrevrange(index, 0, limit - 1, withscores=True)
+                heads = pipe.execute()
+            entries = [
+                (float(score), _str(job_id), index)
+                for index, head in zip(indexes, heads, strict=True)
+                for job_id, score in head
+            ]
+            entries.sort(key=lambda entry: (entry[0], entry[1]), reverse=True)
+            shown = entries[:limit]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for _, job_id, _ in shown:
                     pipe.hgetall(keys.job(job_id))
                 rows = pipe.execute()
-            expired = [job_id for job_id, row in zip(ids, rows, strict=True) if not row]
-            if expired:
-                self.redis.zrem(keys.JOB_INDEX, *expired)
-                start -= len(expired)
-            for row in rows:
-                if not row:
-                    continue
-                record = JobRecord.from_hash(_text(row))
-                if not wanted or record.state in wanted:
-                    found.append(record)
-        return found[:limit]
+            expired = [
+                (job_id, index)
+                for (_, job_id, index), row in zip(shown, rows, strict=True)
+                if not row
+            ]
+            if not expired:
+                return [JobRecord.from_hash(_text(row)) for row in rows]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, index in expired:
+                    pipe.zrem(index, job_id)
+                pipe.execute()
+
+    def counts(self) -> dict[tuple[JobKind, JobState], int]:
+        """How many jobs there are of each kind in each state: one ZCARD per index, one round
+        trip, whatever the number of jobs. Finished jobs count until their record expires
+        (`prune_expired` drops the index entries of expired records)."""
+        pairs = [(kind, state) for kind in JobKind for state in JobState]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for kind, state in pairs:
+                pipe.zcard(_index(kind, state))
+            sizes = pipe.execute()
+        return {pair: int(size) for pair, size in zip(pairs, sizes, strict=True)}
+
+    def prune_expired(self) -> int:
+        """Drop the index entries of finished records that expired; how many were dropped.
+
+        A record expires `record_ttl_s` after it finished, so only jobs created longer ago than
+        that can have expired: only those entries are checked, a few per call in a steady state.
+        """
+        seconds, _ = self.redis.time()
+        older = float(seconds) - self.record_ttl_s
+        indexes = [_index(kind, state) for kind in JobKind for state in JobState if state.terminal]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.zrangebyscore(index, "-inf", older)
+            heads = pipe.execute()
+        candidates = [
+            (index, _str(job_id))
+            for index, head in zip(indexes, heads, strict=True)
+            for job_id in head
+        ]
+        if not candidates:
+            return 0
+        with self.redis.pipeline(transaction=False) as pipe:
+            for _, job_id in candidates:
+                pipe.exists(keys.job(job_id))
+            alive = pipe.execute()
+        gone = [pair for pair, exists in zip(candidates, alive, strict=True) if not exists]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index, job_id in gone:
+                pipe.zrem(index, job_id)
+            return sum(int(n) for n in pipe.execute())
 
     def watch(self, job_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[JobRecord]:
         """Yield each job's record now, then on every update, until all are terminal.
@@ -271,6 +446,15 @@ class JobStore:
                     pending.discard(record.id)
         finally:
             pubsub.close()
+
+
+# Fields a new record need not store: reading a record without them gives these values.
+_DEFAULTS = {"percent": "0.0", "attempt": "0"}
+
+
+def _lean(fields: dict[str, str]) -> dict[str, str]:
+    """A new record's fields without those at their default (each costs ~60 B in Redis)."""
+    return {k: v for k, v in fields.items() if _DEFAULTS.get(k) != v}
 
 
 def parse_published(data: Any) -> JobRecord | None:

@@ -322,7 +322,7 @@ def test_bad_input_is_answered_as_the_openai_api_does(
     )
     assert raw.get("/batches", params={"limit": 0}).status_code == 400
     client = redis.Redis.from_url(os.environ["GPUJOBS_BROKER_URL"])
-    assert client.zcard(keys.JOB_INDEX) == 0 and client.zcard(keys.API_BATCHES) == 0
+    assert not client.keys(keys.job("*")) and client.zcard(keys.API_BATCHES) == 0
     assert oa.batches.list().data == []
 
 

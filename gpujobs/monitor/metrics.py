@@ -7,8 +7,8 @@ no state, any number of them agree, and a restart loses nothing. The same readin
 Sources (keys in gpujobs/keys.py):
 
 - queue depth: the lengths of every priority list of each Celery queue (`keys.queue_lists`); the
-  queues are the two named ones plus every queue kombu has bound (node and GPU queues);
-- jobs by kind and state: the job records in the index;
+  queues are the two named ones plus every node and GPU queue a job was sent to (`keys.QUEUES`);
+- jobs by kind and state: the sizes of the store's state indexes (kept as jobs change state);
 - NVENC slots in use: the live holders in each node's semaphore (`keys.NVENC_SLOTS`);
 - GPU utilisation and memory: the node heartbeats (`keys.HEARTBEAT`, listed in `keys.NODES`);
 - inference requests and tokens per second: the `result` of running inference jobs
@@ -39,13 +39,10 @@ from gpujobs import keys
 from gpujobs.app import INFERENCE_QUEUE, TRANSCODE_QUEUE
 from gpujobs.errors import GpujobsError
 from gpujobs.specs import JobKind, JobState
+from gpujobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
-# kombu's Redis transport records each queue binding as a set member
-# "routing_key<sep>pattern<sep>queue" under "_kombu.binding.<exchange>".
-_BINDING_PATTERN = "_kombu.binding.*"
-_BINDING_SEP = "\x06\x16"
 # Job records are read in pages of this many ids: one round trip per page.
 _PAGE = 1000
 MIB = 1024 * 1024
@@ -164,18 +161,10 @@ def server_time(client: redis.Redis) -> float:
 
 
 def queue_names(client: redis.Redis) -> list[str]:
-    """The gpujobs queues: transcode, inference, and every other queue kombu has bound."""
+    """The gpujobs queues: transcode, inference, and every node and GPU queue a job was sent to
+    (keys.QUEUES, kept by the submit script): one SMEMBERS, never a scan of the keyspace."""
     names = {TRANSCODE_QUEUE, INFERENCE_QUEUE}
-    for binding in client.scan_iter(match=_BINDING_PATTERN, count=1000):
-        for member in client.smembers(binding):
-            queue = _text(member).split(_BINDING_SEP)[-1]
-            # Celery's own broadcast and reply queues are not job queues.
-            if (
-                queue
-                and not queue.endswith((".reply.celery.pidbox", "celeryev"))
-                and (queue.startswith((TRANSCODE_QUEUE, INFERENCE_QUEUE)))
-            ):
-                names.add(queue)
+    names.update(_text(name) for name in client.smembers(keys.QUEUES))
     return sorted(names)
 
 
@@ -192,30 +181,35 @@ def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
 
 
 def job_counts(client: redis.Redis) -> JobCounts:
-    """Count the indexed job records by kind and state; sum running inference throughput.
+    """Count jobs by kind and state; sum running inference throughput.
 
-    Reads three fields of every indexed record, a page of 1000 per round trip: about 1 ms per
-    thousand jobs on a local server. Records that expired (index entries without a hash) are
-    skipped, not pruned: the exporter only reads.
+    The counts are the sizes of the store's state indexes, which its scripts keep as jobs change
+    state: one ZCARD each, whatever the number of jobs. Only inference records are read (their
+    `result` carries the request counts and rates), a page of 1000 per round trip; transcode
+    records are never read. The index entries of expired records are pruned first (only jobs
+    created more than a record TTL ago are checked).
     """
+    store = JobStore(client)
+    with contextlib.suppress(redis.ResponseError):  # a read-only replica: count as they are
+        store.prune_expired()
     counts = JobCounts()
-    start = 0
-    while True:
-        ids = client.zrange(keys.JOB_INDEX, start, start + _PAGE - 1)
-        if not ids:
-            break
-        start += _PAGE
-        with client.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(keys.job(_text(job_id)), ["kind", "state", "result"])
-            rows = pipe.execute()
-        for kind, state, result in rows:
-            if kind is None or state is None:
-                continue
-            kind, state = _text(kind), _text(state)
-            counts.by_kind_state[(kind, state)] += 1
-            if kind == JobKind.INFERENCE.value and result is not None:
-                _add_inference(counts, _text(result), running=state == JobState.RUNNING.value)
+    for (kind, state), size in store.counts().items():
+        counts.by_kind_state[(kind.value, state.value)] += size
+    for state in JobState:
+        index = keys.state_index(JobKind.INFERENCE.value, state.value)
+        start = 0
+        while True:
+            ids = client.zrange(index, start, start + _PAGE - 1)
+            if not ids:
+                break
+            start += _PAGE
+            with client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hget(keys.job(_text(job_id)), "result")
+                rows = pipe.execute()
+            for result in rows:
+                if result is not None:
+                    _add_inference(counts, _text(result), running=state is JobState.RUNNING)
     return counts
 
 
