@@ -3,7 +3,14 @@
 The public SDK; everything else is internal and may change.
 """
 
-from gpujobs.client import Client, Job, get_job, submit_inference, submit_transcode
+from gpujobs.client import (
+    Client,
+    Job,
+    get_job,
+    submit_inference,
+    submit_many,
+    submit_transcode,
+)
 from gpujobs.config import Settings
 from gpujobs.errors import (
     BrokerUnreachable,
@@ -30,5 +37,6 @@ __all__ = [
     "TranscodeSpec",
     "get_job",
     "submit_inference",
+    "submit_many",
     "submit_transcode",
 ]

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+import os
+import stat
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,19 +21,17 @@ from pydantic import ValidationError
 from gpujobs import batch, keys
 from gpujobs.app import (
     TRANSCODE_QUEUE,
-    TRANSCODE_TASK,
-    broker_priority,
     gpu_queue,
     make_app,
     node_queue,
-    task_argsrepr,
     worker_hostname,
 )
 from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.media import ProbeError, check_input, looks_like_video
-from gpujobs.paths import media_relative
+from gpujobs.paths import copy_file, inbox_target, media_relative
+from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.specs import (
     AudioTracks,
     GpuPolicy,
@@ -44,8 +41,14 @@ from gpujobs.specs import (
     SubtitleMode,
     TranscodeSpec,
 )
-from gpujobs.store import JobStore
+from gpujobs.store import JobStore, Submission
 
+# What a submit_many item may set: submit_transcode's arguments, but force (one for all).
+_ITEM_FIELDS = {
+    "input", "output", "width", "height", "codec", "preset", "cq", "audio", "threads",
+    "priority", "gpu", "node", "gpu_index", "copy_outside", "audio_tracks", "subtitles", "fps",
+    "overwrite",
+}  # fmt: skip
 INBOX = "inbox"  # where files from outside the media root are copied, under the media root
 
 
@@ -67,6 +70,10 @@ class Client:
         self.redis = connect(self.broker_url, self.settings)
         self.store = JobStore(self.redis, record_ttl_s=self.settings.record_ttl_s)
         self._app: Celery | None = None
+        self._messages: TaskMessages | None = None
+        self._media_root: Path | None = None
+        self._dir_cache: dict[Path, Path] | None = None  # folders resolved, in a bulk submit
+        self._checked_params: set[tuple[tuple[str, Any], ...]] = set()
 
     @property
     def app(self) -> Celery:
@@ -150,34 +157,63 @@ class Client:
         }
         values = {**defaults, **{k: v for k, v in params.items() if v is not None}}
         # The parameters first, on stand-in paths: a bad --cq is reported before any file check.
-        _make_spec({**values, "input": "in.mp4", "output": "out.mp4"})
-        source, copy_from = self._input_path(Path(input), copy_outside)
+        # (Checked once per set of parameters: a bulk submit repeats them.)
+        checked = tuple(sorted(values.items()))
+        if checked not in self._checked_params:
+            _make_spec({**values, "input": "in.mp4", "output": "out.mp4"})
+            if len(self._checked_params) < 1024:
+                self._checked_params.add(checked)
+        source, copy_from, source_stat = self._input_path(Path(input), copy_outside)
         if output is None:
             output_rel = source.with_name(f"{source.stem}.{values['height']}p.mp4").as_posix()
         else:
-            output_rel = media_relative(Path(output), self.settings.media, "output")
+            output_rel = media_relative(
+                Path(output), self.settings.media, "output", self._media_resolved(), self._dir
+            )
         spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
         if not spec.overwrite and (self.settings.media / spec.output).exists():
             raise InvalidSpec(f"output {spec.output} exists (use --overwrite to replace it)")
-        original = copy_from or self.settings.media / spec.input
-        return PreparedJob(spec=spec, fingerprint=fingerprint(spec, original), copy_from=copy_from)
+        # The input's stat (it follows symlinks): the same file copied in or not.
+        found = _fingerprint(spec, source_stat)
+        return PreparedJob(spec=spec, fingerprint=found, copy_from=copy_from)
 
-    def _input_path(self, given: Path, copy_outside: bool) -> tuple[PurePosixPath, Path | None]:
-        """Check the input file; its path relative to the media root, and the file to copy
-        there first when it lies outside."""
+    def _dir(self, folder: Path) -> Path:
+        """`folder` resolved; during a bulk submit, each folder once."""
+        if self._dir_cache is None:
+            return folder.resolve()
+        found = self._dir_cache.get(folder)
+        if found is None:
+            found = self._dir_cache[folder] = folder.resolve()
+        return found
+
+    def _media_resolved(self) -> Path:
+        """The media root with its symlinks resolved (once per client)."""
+        if self._media_root is None:
+            self._media_root = self.settings.media.resolve()
+        return self._media_root
+
+    def _input_path(
+        self, given: Path, copy_outside: bool
+    ) -> tuple[PurePosixPath, Path | None, os.stat_result]:
+        """Check the input file; its path relative to the media root, the file to copy there
+        first when it lies outside, and its stat."""
         path = given.expanduser()
         if not path.is_absolute():
             path = self.settings.media / path
         shown = str(given)
         if given.name.startswith("-"):
             raise InvalidSpec(f"input file name {given.name!r} must not start with '-'")
-        if not path.exists():
-            raise InvalidSpec(f"input {shown} does not exist")
-        if path.is_dir():
+        try:
+            info = path.stat()  # one stat answers the four questions below
+        except (FileNotFoundError, NotADirectoryError):
+            raise InvalidSpec(f"input {shown} does not exist") from None
+        except OSError as exc:
+            raise InvalidSpec(f"input {shown} cannot be read: {exc.strerror or exc}") from None
+        if stat.S_ISDIR(info.st_mode):
             raise InvalidSpec(f"input {shown} is a directory, not a video file")
-        if not path.is_file():
+        if not stat.S_ISREG(info.st_mode):
             raise InvalidSpec(f"input {shown} is not a regular file")
-        if path.stat().st_size == 0:
+        if info.st_size == 0:
             raise InvalidSpec(f"input {shown} is empty")
         try:
             is_video = looks_like_video(path)
@@ -189,62 +225,128 @@ class Client:
             check_input(path)  # reads the header with PyAV: cover art only, an incomplete file
         except ProbeError as exc:
             raise InvalidSpec(f"input {shown}: {exc}") from None
-        media = self.settings.media.resolve()
-        resolved = path.resolve()
+        media = self._media_resolved()
+        # The folder resolved (once per folder in a bulk submit), then the file if it is a link.
+        resolved = path.resolve() if path.is_symlink() else self._dir(path.parent) / path.name
         if resolved.is_relative_to(media):
-            return PurePosixPath(resolved.relative_to(media).as_posix()), None
+            return PurePosixPath(resolved.relative_to(media).as_posix()), None, info
         if not copy_outside:
             raise InvalidSpec(f"input {shown} is outside the media root {media}")
-        target = _inbox_target(resolved, media / INBOX)
-        return PurePosixPath(target.relative_to(media).as_posix()), resolved
+        target = inbox_target(resolved, media / INBOX)
+        return PurePosixPath(target.relative_to(media).as_posix()), resolved, info
 
     def enqueue(
         self, prepared: PreparedJob, force: bool = False, queue: str = TRANSCODE_QUEUE
     ) -> Job:
-        """Copy the input in if needed, record the job and queue it.
+        """Copy the input in if needed, record the job and queue it (one round trip).
 
         The same input with the same spec while a job for it is queued or running returns that
         job instead (an idempotency key), unless `force`.
         """
-        spec = prepared.spec
-        if prepared.copy_from is not None:
-            try:
-                _copy_file(prepared.copy_from, self.settings.media / spec.input)
-            except OSError as exc:
-                raise GpujobsError(
-                    f"cannot copy {prepared.copy_from} into the media root: {exc.strerror or exc}"
-                ) from None
-        job_id = uuid.uuid4().hex[:12]
-        record = JobRecord(
-            id=job_id,
-            kind=JobKind.TRANSCODE,
-            state=JobState.QUEUED,
-            spec=spec.model_dump(mode="json"),
-            queue=queue,
-            created_at=time.time(),
-        )
-        self.store.create(record)
-        if not force:
-            # The same spec sent to another node or GPU is another job.
-            fingerprint = f"{prepared.fingerprint}:{queue}"
-            existing = self.store.claim_fingerprint(fingerprint, job_id)
-            if existing is not None:
-                self.store.delete(job_id)
-                return Job(existing, self)
-        try:
-            self.app.send_task(
-                TRANSCODE_TASK,
-                args=[job_id, spec.model_dump(mode="json")],
-                # What Flower shows as the arguments: the spec in brief, not the raw dict.
-                argsrepr=task_argsrepr(spec.model_dump(mode="json")),
-                task_id=job_id,
-                queue=queue,
-                priority=broker_priority(spec.priority),
+        return self.enqueue_many([prepared], force=force, queue=queue)[0]
+
+    def enqueue_many(
+        self,
+        prepared: Sequence[PreparedJob],
+        force: bool = False,
+        queue: str | Sequence[str] = TRANSCODE_QUEUE,
+        batch_size: int = 500,
+    ) -> list[Job]:
+        """Queue checked jobs, `batch_size` per round trip; their Jobs, in order.
+
+        Each job's record, index entry, duplicate check, Celery message and task-sent event are
+        written by one script call (`JobStore.submit`), so a job is either wholly queued or not
+        at all. queue: one queue for all, or one per job. A job whose input and spec match a
+        queued or running job returns that job (unless `force`).
+        """
+        queues = [queue] * len(prepared) if isinstance(queue, str) else list(queue)
+        if len(queues) != len(prepared):
+            raise ValueError("give one queue, or one per job")
+        jobs: list[Job] = []
+        for start in range(0, len(prepared), batch_size):
+            chunk = list(
+                zip(
+                    prepared[start : start + batch_size],
+                    queues[start : start + batch_size],
+                    strict=True,
+                )
             )
-        except Exception:
-            self.store.delete(job_id)  # never leave a record for a job no queue holds
-            raise
-        return Job(job_id, self)
+            for item, _ in chunk:
+                self._copy_in(item)
+            submissions = [self._submission(item, item_queue, force) for item, item_queue in chunk]
+            found = self.store.submit(submissions)
+            jobs += [
+                Job(existing or submission.record.id, self)
+                for submission, existing in zip(submissions, found, strict=True)
+            ]
+        return jobs
+
+    def _copy_in(self, prepared: PreparedJob) -> None:
+        if prepared.copy_from is None:
+            return
+        try:
+            copy_file(prepared.copy_from, self.settings.media / prepared.spec.input)
+        except OSError as exc:
+            raise GpujobsError(
+                f"cannot copy {prepared.copy_from} into the media root: {exc.strerror or exc}"
+            ) from None
+
+    def _submission(self, prepared: PreparedJob, queue: str, force: bool) -> Submission:
+        # The same spec sent to another node or GPU is another job.
+        found = None if force else f"{prepared.fingerprint}:{queue}"
+        return transcode_submission(self.messages, prepared.spec, queue, found)
+
+    @property
+    def messages(self) -> TaskMessages:
+        if self._messages is None:
+            self._messages = TaskMessages(self.app, self.broker_url)
+        return self._messages
+
+    def submit_many(
+        self,
+        items: Iterable[str | Path | Mapping[str, Any]],
+        *,
+        force: bool = False,
+        batch_size: int = 500,
+    ) -> list[Job]:
+        """Queue many transcodes, `batch_size` per round trip; their Jobs, in order.
+
+        items: an input path each (every other setting its default), or a mapping of
+        `submit_transcode`'s arguments (`input`, and any of `output`, `width`, `height`,
+        `codec`, `preset`, `cq`, `audio`, `threads`, `priority`, `gpu`, `node`, `gpu_index`,
+        `copy_outside`). Every item is checked before anything is queued: InvalidSpec names
+        the first bad one (`item 3: ...`) and nothing is queued. force: as in submit_transcode.
+        """
+        prepared: list[PreparedJob] = []
+        queues: list[str] = []
+        self._dir_cache = {}
+        try:
+            self._prepare_items(items, prepared, queues)
+        finally:
+            self._dir_cache = None
+        return self.enqueue_many(prepared, force=force, queue=queues, batch_size=batch_size)
+
+    def _prepare_items(
+        self,
+        items: Iterable[str | Path | Mapping[str, Any]],
+        prepared: list[PreparedJob],
+        queues: list[str],
+    ) -> None:
+        for number, item in enumerate(items, start=1):
+            given: dict[str, Any] = {"input": item} if isinstance(item, str | Path) else dict(item)
+            unknown = sorted(set(given) - _ITEM_FIELDS)
+            try:
+                if "input" not in given:
+                    raise InvalidSpec("no input")
+                if unknown:
+                    raise InvalidSpec(f"unknown setting {unknown[0]!r}")
+                node, gpu_index = given.pop("node", None), given.pop("gpu_index", None)
+                input_path, output = given.pop("input"), given.pop("output", None)
+                copy_outside = bool(given.pop("copy_outside", False))
+                prepared.append(self.prepare_transcode(input_path, output, copy_outside, **given))
+                queues.append(self.route(node, gpu_index))
+            except InvalidSpec as exc:
+                raise InvalidSpec(f"item {number}: {exc}") from None
 
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         """The live heartbeat of every node by name (see workers/heartbeat.py for the shape);
@@ -395,11 +497,14 @@ class Job:
 def fingerprint(spec: TranscodeSpec, source: Path) -> str:
     """What makes two submits the same job: the spec (but its priority) and the input file's
     size and modification time."""
-    stat = source.stat()
+    return _fingerprint(spec, source.stat())
+
+
+def _fingerprint(spec: TranscodeSpec, info: os.stat_result) -> str:
     identity = {
         "kind": JobKind.TRANSCODE.value,
         "spec": spec.model_dump(mode="json", exclude={"priority"}),
-        "input": [stat.st_size, stat.st_mtime_ns],
+        "input": [info.st_size, info.st_mtime_ns],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -409,27 +514,6 @@ def _make_spec(values: dict[str, Any]) -> TranscodeSpec:
         return TranscodeSpec.model_validate(values)
     except ValidationError as exc:
         raise InvalidSpec.from_validation(exc) from None
-
-
-def _inbox_target(source: Path, inbox: Path) -> Path:
-    """Where a file from outside the media root goes: its name in the inbox, or a free variant
-    (an existing file of the same size is taken to be the same file and reused)."""
-    target = inbox / source.name
-    counter = 1
-    while target.exists() and target.stat().st_size != source.stat().st_size:
-        target = inbox / f"{source.stem}-{counter}{source.suffix}"
-        counter += 1
-    return target
-
-
-def _copy_file(source: Path, target: Path) -> None:
-    """Copy under a temporary name, then rename: a worker never reads half a file."""
-    if target.exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.copying")
-    shutil.copyfile(source, partial)
-    partial.replace(target)
 
 
 def submit_transcode(
@@ -462,6 +546,17 @@ def submit_transcode(
         subtitles=subtitles, fps=fps, overwrite=overwrite, node=node, gpu_index=gpu_index,
         copy_outside=copy_outside, force=force,
     )  # fmt: skip
+
+
+def submit_many(
+    items: Iterable[str | Path | Mapping[str, Any]],
+    *,
+    force: bool = False,
+    batch_size: int = 500,
+) -> list[Job]:
+    """Queue many transcodes with a new Client (settings from GPUJOBS_*), `batch_size` per
+    round trip; see Client.submit_many for the items."""
+    return Client().submit_many(items, force=force, batch_size=batch_size)
 
 
 def submit_inference(

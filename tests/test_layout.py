@@ -34,6 +34,7 @@ SDK = [
     "TranscodeSpec",
     "get_job",
     "submit_inference",
+    "submit_many",
     "submit_transcode",
 ]
 

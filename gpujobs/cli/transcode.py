@@ -87,7 +87,7 @@ def submit(
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
     queue = client.route(node, gpu_index)  # before anything is queued: a dead target fails
-    jobs = [client.enqueue(p, force=force, queue=queue) for p in prepared]
+    jobs = client.enqueue_many(prepared, force=force, queue=queue)  # pipelined, per batch
     if not wait:
         for job in jobs:
             if as_json:
