@@ -1,16 +1,19 @@
 """Leases: a running job is owned by one attempt, and stays owned only while its worker lives.
 
 A worker claims a job atomically (the record moves to running, the attempt number goes up, the
-lease key is set with an expiry), then a keeper thread renews the lease every third of its
-lifetime. When the worker dies the lease expires, and the watchdog (workers/recovery.py) requeues
-the job. A delivery of a job that is finished, cancelled, or leased by a live attempt is not run.
-Times come from the Redis server's clock, so nodes with skewed clocks agree on expiry.
+lease key is set with an expiry), then the process's one renewer thread renews the leases of all
+the jobs the process runs, every third of their lifetime, in one round trip. When the worker
+dies the lease expires, and the watchdog (workers/recovery.py) requeues the job. A delivery of
+a job that is finished, cancelled, or leased by a live attempt is not run. Times come from the
+Redis server's clock, so nodes with skewed clocks agree on expiry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -20,13 +23,18 @@ import redis
 
 from gpujobs import keys
 
+log = logging.getLogger(__name__)
+
 # KEYS: job hash, job channel, lease key, leases zset.
-# ARGV: worker, token, lease ms, node, gpu, job id.
-# Returns {outcome, attempt}: outcome is "claimed", "missing", "leased" or a terminal state.
+# ARGV: worker, token, lease ms, node, gpu, job id, keys.STATE_INDEX_PREFIX (the job moves from
+# its state's index to the running one).
+# Returns {outcome, attempt[, record]}: outcome is "claimed" (then the record as it now is, as
+# JSON), "missing", "leased" or a terminal state.
 _CLAIM_LUA = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'kind', 'created_at')
+local state = cur[1]
 if not state then return {'missing', '0'} end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+local attempt = tonumber(cur[2] or '0')
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then
   return {state, tostring(attempt)}
 end
@@ -39,15 +47,22 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', KEYS[1], 'state', 'running', 'attempt', tostring(attempt),
            'worker', ARGV[1], 'node', ARGV[4], 'gpu', ARGV[5], 'started_at', tostring(now),
            'updated_at', tostring(now), 'percent', '0.0')
-redis.call('HDEL', KEYS[1], 'error', 'eta_s', 'fps', 'speed', 'finished_at')
+if attempt > 1 then  -- what an earlier attempt left; a first attempt has none of it
+  redis.call('HDEL', KEYS[1], 'error', 'eta_s', 'fps', 'speed', 'finished_at')
+end
+if state ~= 'running' then
+  redis.call('ZREM', ARGV[7] .. (cur[3] or '') .. ':' .. state, ARGV[6])
+  redis.call('ZADD', ARGV[7] .. (cur[3] or '') .. ':running', tonumber(cur[4]) or 0, ARGV[6])
+end
 local lease = cjson.encode({attempt = attempt, worker = ARGV[1], token = ARGV[2]})
 redis.call('SET', KEYS[3], lease, 'PX', ARGV[3])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]) / 1000, ARGV[6])
 local all = redis.call('HGETALL', KEYS[1])
 local record = {}
 for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
-redis.call('PUBLISH', KEYS[2], cjson.encode(record))
-return {'claimed', tostring(attempt)}
+local encoded = cjson.encode(record)
+redis.call('PUBLISH', KEYS[2], encoded)
+return {'claimed', tostring(attempt), encoded}
 """
 
 # KEYS: lease key, leases zset. ARGV: token, lease ms, job id. 1 when renewed, 0 when lost.
@@ -80,6 +95,7 @@ class Claim:
     outcome: str
     attempt: int
     token: str
+    record: dict[str, str] | None = None  # the claimed record's fields, as the claim left it
 
     @property
     def claimed(self) -> bool:
@@ -98,17 +114,29 @@ class Leases:
 
     def claim(self, job_id: str, worker: str, node: str, gpu: str) -> Claim:
         token = uuid.uuid4().hex
-        outcome, attempt = self._claim(
+        outcome, attempt, *rest = self._claim(
             keys=[keys.job(job_id), keys.job_events(job_id), keys.lease(job_id), keys.LEASES],
-            args=[worker, token, self.lease_ms, node, gpu, job_id],
+            args=[worker, token, self.lease_ms, node, gpu, job_id, keys.STATE_INDEX_PREFIX],
         )
-        return Claim(outcome=_text(outcome), attempt=int(attempt), token=token)
+        record = json.loads(_text(rest[0])) if rest else None
+        return Claim(outcome=_text(outcome), attempt=int(attempt), token=token, record=record)
 
     def renew(self, job_id: str, token: str) -> bool:
         renewed = self._renew(
             keys=[keys.lease(job_id), keys.LEASES], args=[token, self.lease_ms, job_id]
         )
         return bool(renewed)
+
+    def renew_many(self, held: list[tuple[str, str]]) -> list[bool]:
+        """Renew each (job id, token) lease in one pipelined round trip; which were renewed."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, token in held:
+                self._renew(
+                    keys=[keys.lease(job_id), keys.LEASES],
+                    args=[token, self.lease_ms, job_id],
+                    client=pipe,
+                )
+            return [bool(result) for result in pipe.execute()]
 
     def release(self, job_id: str, token: str) -> None:
         self._release(keys=[keys.lease(job_id), keys.LEASES], args=[token, job_id])
@@ -119,40 +147,107 @@ class Leases:
         return json.loads(raw) if raw else None
 
 
-class LeaseKeeper:
-    """Renews one job's lease from a thread while the job runs; `lost` is set when it cannot.
+class LeaseRenewer:
+    """One thread per worker process that renews the lease of every job the process runs.
 
-    Use as a context manager around the work; the lease is released on exit.
+    Every `lease_s / 3` seconds it renews all held leases in one pipelined round trip, so a
+    process running N jobs costs one thread and N script calls per round, not N threads.
+    A lease it cannot renew (the token is gone: the watchdog requeued the job, or another
+    attempt owns it) has its `lost` event set and is dropped. The thread starts with the first
+    lease held and lives as long as the process (a daemon); it is made anew after a fork.
+    """
+
+    def __init__(self, leases: Leases) -> None:
+        self.leases = leases
+        self.interval_s = leases.lease_ms / 1000 / 3
+        self._held: dict[str, tuple[str, threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, job_id: str, token: str) -> threading.Event:
+        """Keep renewing `job_id`'s lease (claimed with `token`); the event is set if it is lost."""
+        lost = threading.Event()
+        with self._lock:
+            self._held[job_id] = (token, lost)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="gpujobs-leases", daemon=True
+                )
+                self._thread.start()
+        return lost
+
+    def drop(self, job_id: str, token: str, release: bool = True) -> None:
+        """Stop renewing `job_id`'s lease and release it (if this token still holds it);
+        release=False when the job's final write dropped it already."""
+        with self._lock:
+            if self._held.get(job_id, ("",))[0] == token:
+                del self._held[job_id]
+        if not release:
+            return
+        with contextlib.suppress(redis.RedisError):  # if the broker is gone it expires by itself
+            self.leases.release(job_id, token)
+
+    def renew_all(self) -> None:
+        """One round: renew every held lease in one round trip; flag and drop the lost ones."""
+        with self._lock:
+            held = list(self._held.items())
+        if not held:
+            return
+        renewed = self.leases.renew_many([(job_id, token) for job_id, (token, _) in held])
+        with self._lock:
+            for (job_id, (token, lost)), ok in zip(held, renewed, strict=True):
+                if not ok:
+                    lost.set()
+                    if self._held.get(job_id, ("",))[0] == token:
+                        del self._held[job_id]
+
+    def _run(self) -> None:
+        stop = threading.Event()  # never set: the thread lives as long as the process
+        while not stop.wait(self.interval_s):
+            try:
+                self.renew_all()
+            except redis.RedisError:
+                continue  # the broker dropped: try again next round, the lease has slack
+            except Exception:  # a renewer that dies would let every lease of the process lapse
+                log.exception("lease renewal round failed")
+
+
+class LeaseKeeper:
+    """Holds one job's lease while the job runs; `lost` is set when it cannot be renewed.
+
+    Use as a context manager around the work; the lease is released on exit. The renewing is
+    done by the process's one `LeaseRenewer` (made on first use), not by a thread per job.
     """
 
     def __init__(self, leases: Leases, job_id: str, token: str) -> None:
-        self.leases = leases
+        self.renewer = renewer_for(leases)
         self.job_id = job_id
         self.token = token
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
-
-    def _run(self) -> None:
-        interval_s = self.leases.lease_ms / 1000 / 3
-        while not self._stop.wait(interval_s):
-            try:
-                renewed = self.leases.renew(self.job_id, self.token)
-            except redis.RedisError:
-                continue  # the broker dropped: try again next round, the lease has slack
-            if not renewed:
-                self.lost.set()
-                return
+        # Set by the owner when its own final write (JobStore.update with its attempt) dropped
+        # the lease already: leaving the block then costs no round trip.
+        self.released = False
 
     def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
+        self.lost = self.renewer.hold(self.job_id, self.token)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):  # if the broker is gone it expires by itself
-            self.leases.release(self.job_id, self.token)
+        self.renewer.drop(self.job_id, self.token, release=not self.released)
+
+
+_renewers: dict[tuple[int, int], LeaseRenewer] = {}
+_renewers_lock = threading.Lock()
+
+
+def renewer_for(leases: Leases) -> LeaseRenewer:
+    """The renewer of this process for `leases` (one per process and Leases object)."""
+    key = (os.getpid(), id(leases))
+    with _renewers_lock:
+        renewer = _renewers.get(key)
+        if renewer is None or renewer.leases is not leases:
+            renewer = _renewers[key] = LeaseRenewer(leases)
+        return renewer
 
 
 def _text(value: bytes | str) -> str:

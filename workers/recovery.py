@@ -57,28 +57,24 @@ def requeue(
         return False
     entry = {"attempt": attempt, "worker": record.worker, "started_at": record.started_at,
              "ended_at": time.time(), "reason": reason}  # fmt: skip
+    # Each history entry is written with the state change it describes (one script).
     if max_attempts is not None and attempt >= max_attempts:
-        failed = store.update(
+        return store.update(
             job_id, only_from=(JobState.RUNNING,), attempt=attempt, state=JobState.FAILED,
             error=f"gave up after {attempt} attempts; last: {reason}", eta_s=None,
+            history={**entry, "outcome": "failed"},
         )  # fmt: skip
-        if failed:
-            store.add_attempt(job_id, {**entry, "outcome": "failed"})
-        return failed
     moved = store.update(
         job_id, only_from=(JobState.RUNNING,), attempt=attempt, state=JobState.QUEUED,
         error=f"attempt {attempt} ended: {reason}; requeued", percent=0.0, eta_s=None,
-        fps=None, speed=None,
+        fps=None, speed=None, history={**entry, "outcome": "requeued"},
     )  # fmt: skip
-    if not moved:
+    if not moved:  # (when it moved, the store's script dropped the lease with the change)
         return False
-    store.add_attempt(job_id, {**entry, "outcome": "requeued"})
-    store.redis.delete(keys.lease(job_id))
-    store.redis.zrem(keys.LEASES, job_id)
     if record.kind is JobKind.TRANSCODE:
         priority = int(record.spec.get("priority", 5))
         app.send_task(
-            TRANSCODE_TASK, args=[job_id, record.spec], task_id=job_id,
+            TRANSCODE_TASK, args=[job_id], task_id=job_id,
             queue=record.queue or TRANSCODE_QUEUE, argsrepr=task_argsrepr(record.spec),
             priority=broker_priority(priority), countdown=countdown_s or None,
         )  # fmt: skip

@@ -21,7 +21,9 @@ def register_tasks(app: Celery) -> None:
     register_inference_task(app)
 
     @app.task(name=TRANSCODE_TASK, bind=True)
-    def transcode(self: Task, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def transcode(self: Task, job_id: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        # The message carries the job id only (the spec is in the record, read once when the
+        # job is claimed); messages sent before that carry the spec too, and still work.
         rt = runtime()
         # Flower shows the job's progress (state PROGRESS, the Result column) while it runs.
         # An NVENC job holds one of the node's NVENC sessions, or waits in its queue for one.

@@ -166,17 +166,25 @@ def semaphore(rt: WorkerRuntime) -> NvencSemaphore:
 
 
 @contextmanager
-def job_slot(task: Any, rt: WorkerRuntime, job_id: str, spec: dict[str, Any]) -> Iterator[None]:
+def job_slot(
+    task: Any, rt: WorkerRuntime, job_id: str, spec: dict[str, Any] | None = None
+) -> Iterator[None]:
     """Around one delivery of a transcode job: when it will take the NVENC path, hold one of the
     node's NVENC slots while it runs. When every slot is taken, the job goes back to its queue
     for nvenc_wait_s seconds (default 5) through Celery's retry: the same queue (so a job sent
     to one GPU stays there), no attempt counted, its record left `queued`, never a failure.
 
-    task: the bound Celery task. Other paths, and jobs that will not run, take no slot.
+    task: the bound Celery task. spec: the job's spec when the message carries it (older
+    messages do), else it is read from the record. Other paths, and jobs that will not run,
+    take no slot; a worker without NVENC reads nothing.
     """
+    if not rt.capabilities.nvenc:  # no job of this worker can take the NVENC path
+        yield
+        return
     record = rt.store.get(job_id)
     try:
-        path: EncodePath | None = choose_path(TranscodeSpec.model_validate(spec), rt.capabilities)
+        given = spec if spec is not None else (record.spec if record is not None else {})
+        path: EncodePath | None = choose_path(TranscodeSpec.model_validate(given), rt.capabilities)
     except (NoGpuPath, ValidationError):
         path = None  # the job body records why it cannot run
     if path is not EncodePath.NVENC or record is None or record.state.terminal:

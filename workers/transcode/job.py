@@ -35,7 +35,8 @@ def run_transcode(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> d
     if not claim.claimed:
         log.info("job %s not run: %s", job_id, claim.outcome)
         return {"skipped": claim.outcome}
-    record = rt.store.get(job_id)
+    # The claim returns the record as it left it: no second read.
+    record = JobRecord.from_hash(claim.record) if claim.record else rt.store.get(job_id)
     assert record is not None
     with LeaseKeeper(rt.leases, job_id, claim.token) as keeper:
         attempt = TranscodeAttempt(rt, app, record, claim.attempt, keeper, worker)
@@ -63,12 +64,20 @@ class TranscodeAttempt:
         self.keeper = keeper
         self.worker = worker
         self.started_at = time.time()
+        # Fields to write with the next update rather than in a round trip of their own.
+        self._later: dict[str, Any] = {}
 
     def update(self, **fields: Any) -> bool:
-        """Write to the record while it is still this attempt's running job."""
-        return self.store.update(
+        """Write to the record while it is still this attempt's running job. Fields held back
+        (`later`) go with it; a final write drops the lease too (see JobStore.update)."""
+        fields = {**self._later, **fields}
+        self._later = {}
+        written = self.store.update(
             self.job_id, only_from=(JobState.RUNNING,), attempt=self.attempt, **fields
         )
+        if written and fields.get("state") is not None:
+            self.keeper.released = True  # the script dropped the lease with the change
+        return written
 
     def entry(self, outcome: str, reason: str | None = None) -> dict[str, Any]:
         """This attempt's line in the job's history."""
@@ -100,12 +109,8 @@ class TranscodeAttempt:
         """Stop when the job was cancelled or requeued, or this attempt lost its lease."""
         if self.keeper.lost.is_set():
             return True
-        current = self.store.get(self.job_id)
-        return (
-            current is None
-            or current.state is not JobState.RUNNING
-            or current.attempt != self.attempt
-        )
+        current = self.store.state_of(self.job_id)  # two fields, not the whole record
+        return current is None or current != (JobState.RUNNING, self.attempt)
 
     def run(self) -> dict[str, Any]:
         rt, spec = self.rt, self.spec
@@ -133,7 +138,7 @@ class TranscodeAttempt:
             stale.unlink(missing_ok=True)  # an earlier attempt died mid-write
         temp_path = tc.temporary_output(output_path, f"{self.job_id}.{self.attempt}")
         command = tc.build_command(rt.ffmpeg, spec, plan, route, str(source_path), str(temp_path))
-        self.update(encode_path=route.path.value)
+        self._later["encode_path"] = route.path.value  # written with the first progress or the end
         log.info("job %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))
         throttle = tc.Throttle(rt.settings.progress_interval_s)
         stop_check = tc.Throttle(0.5)
@@ -141,7 +146,8 @@ class TranscodeAttempt:
         total_s = expected_duration(source, plan)
 
         def on_progress(sample: tc.ProgressSample) -> None:
-            if not throttle.ready(force=sample.done):
+            # ffmpeg's last block is not forced through: the end's own write sets 100%.
+            if not throttle.ready():
                 return
             if total_s:
                 fraction: float | None = sample.out_time_s / total_s
