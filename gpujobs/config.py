@@ -83,12 +83,17 @@ class Settings(BaseSettings):
         "expire.",
     )
     lease_s: float = Field(
-        default=30.0,
-        description="Seconds a running job's lease lasts without renewal (renewed every third). "
-        "A dead worker's job is requeued about this long after it died. Default 30.",
+        default=10.0,
+        description="Seconds a running job's lease lasts without renewal (renewed every third, "
+        "by one thread per worker process for all its jobs). A dead worker's job is requeued "
+        "at most lease_s + watchdog_interval_s after it died (12 s by default). Cost: one "
+        "renewal script per running job every lease_s / 3; a worker stalled (or cut off from "
+        "Redis) longer than lease_s loses its job to another. Default 10.",
     )
     watchdog_interval_s: float = Field(
-        default=5.0, description="Seconds between two watchdog rounds (one winner per round)."
+        default=2.0,
+        description="Seconds between two watchdog rounds (one winner per round, a SET NX per "
+        "worker per round). Default 2.",
     )
     max_attempts: int = Field(
         default=3, ge=1, description="Attempts before a job that keeps losing its worker fails."
