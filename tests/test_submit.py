@@ -1,0 +1,166 @@
+"""The submit path, the state index and the per-process lease renewer, on a real Valkey and
+real workers: bulk submits, duplicates, priorities at scale, ls and counts from the index."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gpujobs import keys
+from gpujobs.client import Client
+from gpujobs.errors import InvalidSpec
+from gpujobs.specs import JobKind, JobState
+from tests.helpers import WorkerProcess, wait_for
+
+
+def queued_messages(client: Client, queue: str = "transcode") -> int:
+    return sum(int(client.redis.llen(name)) for name in keys.queue_lists(queue))
+
+
+def test_submit_many_queues_every_item_in_order(
+    client: Client, media_clip: Callable[..., Path]
+) -> None:
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    jobs = client.submit_many(
+        [clip, {"input": clip, "output": "out/b.mp4", "height": 90, "priority": 9}]
+    )
+    assert len({job.id for job in jobs}) == 2
+    first, second = (job.status() for job in jobs)
+    assert (first.spec["output"], first.spec["priority"]) == ("in/a.480p.mp4", 5)
+    assert (second.spec["output"], second.spec["height"], second.spec["priority"]) == (
+        "out/b.mp4",
+        90,
+        9,
+    )
+    assert queued_messages(client) == 2
+    # The priority-9 job sits in the list the Redis transport serves first.
+    assert client.redis.llen(keys.queue_lists("transcode")[0]) == 1
+    assert [r.id for r in client.list(states=(JobState.QUEUED,))] == [j.id for j in jobs][::-1]
+
+
+def test_submit_many_checks_everything_before_queueing_anything(
+    client: Client, media_clip: Callable[..., Path]
+) -> None:
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    with pytest.raises(InvalidSpec, match=r"^item 2: input .*missing\.mp4 does not exist$"):
+        client.submit_many([clip, clip.with_name("missing.mp4")])
+    with pytest.raises(InvalidSpec, match=r"^item 1: unknown setting 'colour'$"):
+        client.submit_many([{"input": clip, "colour": "red"}])
+    with pytest.raises(InvalidSpec, match=r"^item 1: cq"):
+        client.submit_many([{"input": clip, "cq": 99}])
+    assert not client.redis.keys(keys.job("*"))
+    assert queued_messages(client) == 0
+
+
+def test_duplicates_in_one_batch_and_across_batches_return_the_first_job(
+    client: Client, media_clip: Callable[..., Path]
+) -> None:
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    first, again = client.submit_many([clip, clip])
+    assert again.id == first.id
+    assert client.submit_transcode(clip).id == first.id
+    assert client.submit_many([clip], force=True)[0].id != first.id
+    assert queued_messages(client) == 2
+
+
+def test_the_state_index_follows_every_change_and_counts_jobs(
+    client: Client, media_clip: Callable[..., Path]
+) -> None:
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    jobs = client.submit_many([{"input": clip, "output": f"o/{i}.mp4"} for i in range(4)])
+    store = client.store
+    store.update(jobs[1].id, state=JobState.RUNNING)
+    store.update(jobs[2].id, state=JobState.RUNNING)
+    store.update(jobs[2].id, state=JobState.SUCCEEDED)
+    jobs[3].cancel()
+    counts = store.counts()
+    transcode = {state: counts[(JobKind.TRANSCODE, state)] for state in JobState}
+    assert transcode == {
+        JobState.QUEUED: 1, JobState.RUNNING: 1, JobState.SUCCEEDED: 1,
+        JobState.FAILED: 0, JobState.CANCELLED: 1,
+    }  # fmt: skip
+    assert [r.id for r in client.list(states=(JobState.RUNNING,))] == [jobs[1].id]
+    assert [r.id for r in client.list()] == [j.id for j in reversed(jobs)]
+    assert [r.id for r in client.list(limit=2)] == [jobs[3].id, jobs[2].id]
+    # A finished record that expired leaves the index when listed, and when pruned.
+    client.redis.delete(keys.job(jobs[2].id))
+    assert [r.id for r in client.list()] == [jobs[3].id, jobs[1].id, jobs[0].id]
+    client.redis.delete(keys.job(jobs[3].id))
+    client.redis.zadd(  # as if created longer ago than the record TTL
+        keys.state_index("transcode", "cancelled"), {jobs[3].id: 1.0}
+    )
+    assert store.prune_expired() == 1
+    assert store.counts()[(JobKind.TRANSCODE, JobState.CANCELLED)] == 0
+
+
+def test_metrics_find_node_queues_without_scanning(
+    client: Client, media_clip: Callable[..., Path]
+) -> None:
+    from gpujobs.monitor.metrics import queue_depths, queue_names
+
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    prepared = client.prepare_transcode(clip, "o/x.mp4")
+    client.enqueue_many([prepared], queue="transcode.node-7.gpu1")
+    client.submit_transcode(clip, "o/y.mp4")
+    names = queue_names(client.redis)
+    assert names == ["inference", "transcode", "transcode.node-7.gpu1"]
+    assert queue_depths(client.redis, names) == {
+        "inference": 0, "transcode": 1, "transcode.node-7.gpu1": 1,
+    }  # fmt: skip
+
+
+def test_one_renewer_thread_keeps_every_lease_of_a_process(
+    client: Client, media_clip: Callable[..., Path]
+) -> None:
+    from workers.lease import LeaseKeeper, Leases
+
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    jobs = client.submit_many([{"input": clip, "output": f"o/{i}.mp4"} for i in range(3)])
+    leases = Leases(client.redis, lease_s=2.0)
+    claims = [leases.claim(job.id, "w1", "node", "cpu") for job in jobs]
+    assert all(claim.claimed for claim in claims)
+    before = {t.name for t in threading.enumerate()}
+    keepers = [
+        LeaseKeeper(leases, job.id, claim.token).__enter__()
+        for job, claim in zip(jobs, claims, strict=True)
+    ]
+    started = {t.name for t in threading.enumerate()} - before
+    assert started <= {"gpujobs-leases"}
+    # Two lease lifetimes later every lease is still held: renewed, not expired.
+    for _ in range(4):
+        threading.Event().wait(1.0)
+        assert all(client.redis.exists(keys.lease(job.id)) for job in jobs)
+    # A lease taken away (the watchdog requeued the job) is reported lost at the next round.
+    client.redis.delete(keys.lease(jobs[0].id))
+    wait_for(lambda: keepers[0].lost.is_set(), timeout_s=10)
+    assert not keepers[1].lost.is_set()
+    for keeper in keepers:
+        keeper.__exit__(None, None, None)
+    assert not any(client.redis.exists(keys.lease(job.id)) for job in jobs)
+
+
+def test_priority_9_behind_1000_priority_0_jobs_starts_first(
+    client: Client,
+    media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    clip = media_clip("in/a.mp4", seconds=0.5, size="160x90")
+    low = client.submit_many(
+        [{"input": clip, "output": f"low/{i}.mp4", "priority": 0} for i in range(1000)]
+    )
+    urgent = client.submit_transcode(clip, "urgent.mp4", priority=9)
+    assert queued_messages(client) == 1001
+    worker = start_worker()  # one job at a time
+    wait_for(
+        lambda: client.store.counts()[(JobKind.TRANSCODE, JobState.SUCCEEDED)] >= 2,
+        timeout_s=120,
+    )
+    worker.kill()
+    started = client.list(limit=20, states=(JobState.RUNNING, JobState.SUCCEEDED))
+    first = min(started, key=lambda record: record.started_at or float("inf"))
+    assert first.id == urgent.id
+    assert urgent.status().state is JobState.SUCCEEDED
+    assert len(low) == 1000
