@@ -41,6 +41,14 @@ class WorkerRuntime:
         return self.settings.ffmpeg_binary()
 
     @cached_property
+    def ffmpeg_version(self) -> str:
+        """The ffmpeg build's version, asked once per process (`ffmpeg -version` is a process
+        start, tens of milliseconds: too much to pay per job)."""
+        from workers.transcode.command import ffmpeg_version
+
+        return ffmpeg_version(self.ffmpeg)
+
+    @cached_property
     def capabilities(self) -> Capabilities:
         return detect_capabilities(self.ffmpeg)
 

@@ -210,7 +210,7 @@ class TranscodeAttempt:
             "encode_path": route.path.value,
             "decode": "gpu" if route.gpu_decode else "cpu",
             "decode_fallback": route.fallback,
-            "ffmpeg": tc.ffmpeg_version(rt.ffmpeg),
+            "ffmpeg": rt.ffmpeg_version,
             "elapsed_s": round(time.monotonic() - began, 3),
         }
         summary = {k: v for k, v in summary.items() if v is not None}
