@@ -38,6 +38,7 @@ from gpujobs.specs import (
     JobKind,
     JobRecord,
     JobState,
+    SplitSetting,
     SubtitleMode,
     TranscodeSpec,
 )
@@ -102,6 +103,7 @@ class Client:
         subtitles: SubtitleMode | None = None,
         fps: float | None = None,
         overwrite: bool = False,
+        split: SplitSetting | None = None,
         node: str | None = None,
         gpu_index: int | None = None,
         copy_outside: bool = False,
@@ -120,6 +122,8 @@ class Client:
         audio_tracks: all (default) or first. subtitles: drop (default) or keep (text
         subtitles, as mov_text in MP4). fps: None keeps the source's frame timing, a number
         gives that constant rate. overwrite: replace an existing output (default: refused).
+        split: None (one piece); N: cut at keyframes into N pieces encoded by N workers at
+        once and joined; "auto": N from the idle workers and the length (pieces >= 30 s).
         node, gpu_index: run it on that node, or on GPU `gpu_index` (nvidia-smi index) of that
         node; an InvalidSpec when no worker there has a live heartbeat. Default: any worker.
         copy_outside: copy an input from outside the media root into `<media root>/inbox`
@@ -135,6 +139,7 @@ class Client:
             "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
             "audio_tracks": audio_tracks, "subtitles": subtitles, "fps": fps,
             "overwrite": overwrite or None,
+            "split": split,
         }  # fmt: skip
         prepared = self.prepare_transcode(input, output, copy_outside, **params)
         return self.enqueue(prepared, force=force, queue=self.route(node, gpu_index))
@@ -476,14 +481,16 @@ class Job:
         return last
 
     def cancel(self) -> bool:
-        """Cancel a queued or running job; False when it had already ended."""
-        self.status()  # JobNotFound for an unknown id
-        return self.client.store.update(
-            self.id,
-            only_from=(JobState.QUEUED, JobState.RUNNING),
-            state=JobState.CANCELLED,
-            eta_s=None,
+        """Cancel a queued or running job (a split job: with all its pieces); False when it
+        had already ended."""
+        record = self.status()  # JobNotFound for an unknown id
+        active = (JobState.QUEUED, JobState.RUNNING)
+        cancelled = self.client.store.update(
+            self.id, only_from=active, state=JobState.CANCELLED, eta_s=None
         )
+        for piece in record.pieces or []:
+            self.client.store.update(piece, only_from=active, state=JobState.CANCELLED, eta_s=None)
+        return cancelled
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the job and return its result; JobFailed when it failed or was cancelled."""
@@ -533,6 +540,7 @@ def submit_transcode(
     subtitles: SubtitleMode | None = None,
     fps: float | None = None,
     overwrite: bool = False,
+    split: SplitSetting | None = None,
     node: str | None = None,
     gpu_index: int | None = None,
     copy_outside: bool = False,
@@ -543,8 +551,8 @@ def submit_transcode(
     return Client().submit_transcode(
         input, output, width=width, height=height, codec=codec, preset=preset, cq=cq,
         audio=audio, threads=threads, priority=priority, gpu=gpu, audio_tracks=audio_tracks,
-        subtitles=subtitles, fps=fps, overwrite=overwrite, node=node, gpu_index=gpu_index,
-        copy_outside=copy_outside, force=force,
+        subtitles=subtitles, fps=fps, overwrite=overwrite, split=split, node=node,
+        gpu_index=gpu_index, copy_outside=copy_outside, force=force,
     )  # fmt: skip
 
 

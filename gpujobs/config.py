@@ -152,6 +152,13 @@ class Settings(BaseSettings):
         "gpujobs-vllm. Unset: no header (a server without a key).",
     )
 
+    split_min_piece_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Shortest piece, in seconds, that `--split auto` cuts a video into: shorter "
+        "pieces spend more on starting encoders and joining than they save. Default 30.",
+    )
+
     # Batch inference (gpujobs/batch.py, workers/inference/). The endpoint is vllm_endpoint.
     inference_concurrency: int = Field(
         default=10,

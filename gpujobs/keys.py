@@ -170,3 +170,13 @@ API_BATCHES = PREFIX + ":api:batches"
 
 def api_batch(job_id: str) -> str:
     return API_BATCH.format(job_id=job_id)
+
+
+# --- Split transcodes (workers/transcode/split.py) --------------------------------------------
+# Set per split job of the piece numbers whose encode succeeded; the piece whose success
+# completes the set sends the join. Expires with the record (record_ttl_s after its last write).
+SPLIT_DONE = PREFIX + ":split:{job_id}:done"
+
+
+def split_done(job_id: str) -> str:
+    return SPLIT_DONE.format(job_id=job_id)

@@ -19,6 +19,10 @@ GpuPolicy = Literal["auto", "require", "forbid"]
 AudioTracks = Literal["all", "first"]
 SubtitleMode = Literal["keep", "drop"]
 
+# How many pieces a transcode is cut into (see TranscodeSpec.split): a number, or "auto".
+SplitSetting = int | Literal["auto"]
+MAX_SPLIT = 64
+
 
 class JobState(StrEnum):
     """The life of a job. The last three are terminal: nothing moves a job out of them."""
@@ -106,6 +110,9 @@ class TranscodeSpec(MediaJobSpec):
     fps: None keeps the source's frame timing (variable rates too); a number makes the output
     that constant rate (frames per second, 1..240).
     overwrite: replace an existing output (default False: the job is refused).
+    split: None (default) encodes in one piece; N (1..64) cuts the video at keyframes into N
+    pieces that N workers encode at once, then joins them (workers/transcode/split.py); "auto"
+    picks N from the idle workers and the length (pieces of at least split_min_piece_s).
     """
 
     output_suffixes = (".mp4", ".mkv", ".mov", ".m4v", ".ts")
@@ -122,11 +129,19 @@ class TranscodeSpec(MediaJobSpec):
     subtitles: SubtitleMode = "drop"
     fps: float | None = Field(default=None, gt=0, le=240)
     overwrite: bool = False
+    split: SplitSetting | None = None
 
     @property
     def output_suffix(self) -> str:
         """The output's extension, lower case (".mp4")."""
         return PurePosixPath(self.output).suffix.lower()
+
+    @field_validator("split")
+    @classmethod
+    def _split_pieces(cls, value: SplitSetting | None) -> SplitSetting | None:
+        if isinstance(value, int) and not 1 <= value <= MAX_SPLIT:
+            raise ValueError(f"must be auto or 1..{MAX_SPLIT} pieces, got {value}")
+        return value
 
     @field_validator("width", "height")
     @classmethod
@@ -221,7 +236,7 @@ class Progress(BaseModel):
 
 
 # Record fields stored as JSON text inside the job's Redis hash.
-_JSON_FIELDS = ("spec", "result")
+_JSON_FIELDS = ("spec", "result", "pieces")
 
 
 class JobRecord(BaseModel):
@@ -249,6 +264,10 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float | None = None
+    # A split transcode (TranscodeSpec.split): the parent lists its pieces' job ids in order;
+    # each piece names its parent.
+    pieces: list[str] | None = None
+    parent: str | None = None
 
     def to_hash(self) -> dict[str, str]:
         """Flatten for a Redis hash: JSON for nested fields, no entry for None."""

@@ -13,6 +13,7 @@ from workers.flower_progress import FlowerProgress
 from workers.gpu import nvenc
 from workers.inference.chunk import register_inference_task
 from workers.runtime import runtime
+from workers.transcode import split
 from workers.transcode.job import run_transcode
 
 
@@ -25,10 +26,22 @@ def register_tasks(app: Celery) -> None:
         # The message carries the job id only (the spec is in the record, read once when the
         # job is claimed); messages sent before that carry the spec too, and still work.
         rt = runtime()
+        worker = self.request.hostname or "worker"
+        if spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
+            with FlowerProgress(self, rt.store.redis, job_id):
+                return split.run_split(rt, self.app, job_id, worker)
         # Flower shows the job's progress (state PROGRESS, the Result column) while it runs.
         # An NVENC job holds one of the node's NVENC sessions, or waits in its queue for one.
-        with nvenc.job_slot(self, rt, job_id, spec), FlowerProgress(self, rt.store.redis, job_id):
-            result = run_transcode(rt, self.app, job_id, worker=self.request.hostname or "worker")
+        # A piece of a split job also keeps its parent's combined progress current.
+        with (
+            nvenc.job_slot(self, rt, job_id, spec),
+            FlowerProgress(self, rt.store.redis, job_id),
+            split.piece_progress(rt.store, job_id),
+        ):
+            try:
+                result = run_transcode(rt, self.app, job_id, worker=worker)
+            finally:  # a failed piece fails its parent too
+                split.after_piece(rt, self.app, job_id)
         cancelled = JobState.CANCELLED.value
         if cancelled in (result.get("stopped"), result.get("skipped")):
             # Flower shows the job REVOKED rather than SUCCESS; Ignore acks without an event.

@@ -45,6 +45,10 @@ def submit(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output file.")
     ] = False,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Cut into N pieces encoded by N workers at once, or auto."),
+    ] = None,
     node: Annotated[
         str | None, typer.Option(help="Run on this node only (it must have a live worker).")
     ] = None,
@@ -71,6 +75,7 @@ def submit(
         "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
         "audio_tracks": audio_tracks, "subtitles": subtitles, "fps": fps,
         "overwrite": overwrite or None,
+        "split": split_setting(split),
     }  # fmt: skip
     if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
         batch_only = {"priority": priority}
@@ -107,6 +112,16 @@ def submit(
                 out_path = client.settings.media / str(record.output)
                 console.print(f"{record.id} succeeded: {out_path}", markup=False, soft_wrap=True)
     exit_for(records)
+
+
+def split_setting(value: str | None) -> int | str | None:
+    """`--split 4` -> 4, `--split auto` -> "auto"; anything else is one line."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidSpec(f"--split takes a number of pieces or auto, got {value!r}") from None
 
 
 def register(app: typer.Typer) -> None:
