@@ -9,6 +9,7 @@ from gpujobs.client import (
     get_job,
     submit_inference,
     submit_many,
+    submit_ladder,
     submit_transcode,
 )
 from gpujobs.config import Settings
@@ -19,6 +20,7 @@ from gpujobs.errors import (
     JobFailed,
     JobNotFound,
 )
+from gpujobs.ladder import LadderSpec
 from gpujobs.specs import InferenceSpec, JobRecord, JobState, Progress, TranscodeSpec
 
 __all__ = [
@@ -32,11 +34,13 @@ __all__ = [
     "JobNotFound",
     "JobRecord",
     "JobState",
+    "LadderSpec",
     "Progress",
     "Settings",
     "TranscodeSpec",
     "get_job",
     "submit_inference",
     "submit_many",
+    "submit_ladder",
     "submit_transcode",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from gpujobs import batch, keys
+from gpujobs import batch, keys, ladder
 from gpujobs.app import (
     TRANSCODE_QUEUE,
     gpu_queue,
@@ -353,6 +353,64 @@ class Client:
             except InvalidSpec as exc:
                 raise InvalidSpec(f"item {number}: {exc}") from None
 
+    def submit_ladder(
+        self,
+        input: str | Path,
+        output: str | Path | None = None,
+        *,
+        renditions: list[int] | None = None,
+        package: ladder.Package | None = None,
+        segment_s: float | None = None,
+        preset: Preset | None = None,
+        cq: int | None = None,
+        audio: ladder.LadderAudio | None = None,
+        threads: int | None = None,
+        priority: int | None = None,
+        gpu: GpuPolicy | None = None,
+        copy_outside: bool = False,
+    ) -> Job:
+        """Queue an ABR ladder of `input` (gpujobs/ladder.py) and return its Job.
+
+        output: a folder under the media root, default `<input stem>.hls` (or `.dash`) beside
+        the input; it appears whole once every playlist is written. renditions: heights in
+        pixels, default 1080, 720, 480 (those above the source's are skipped). package: hls
+        (default) or dash. segment_s: seconds per segment, default 4. preset, cq (default 23,
+        capped by the bitrate table), threads, priority, gpu: as for submit_transcode.
+        audio: aac (default) or none. None means the default.
+        Raises InvalidSpec (one line: what is wrong), BrokerUnreachable.
+        """
+        given = {
+            "renditions": renditions, "package": package, "segment_s": segment_s,
+            "preset": preset, "cq": cq, "audio": audio, "threads": threads,
+            "priority": priority, "gpu": gpu,
+        }  # fmt: skip
+        values = {k: v for k, v in given.items() if v is not None}
+        _make_ladder_spec({**values, "input": "in.mp4", "output": "out"})
+        source, copy_from = self._input_path(Path(input), copy_outside)
+        if output is None:
+            output_rel = ladder.default_output(source, package or "hls").as_posix()
+        else:
+            output_rel = media_relative(Path(output), self.settings.media, "output")
+        spec = _make_ladder_spec({**values, "input": source.as_posix(), "output": output_rel})
+        if copy_from is not None:
+            copy_file(copy_from, self.settings.media / spec.input)
+        job_id = uuid.uuid4().hex[:12]
+        dumped = spec.model_dump(mode="json")
+        self.store.create(JobRecord(
+            id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED, spec=dumped,
+            queue=TRANSCODE_QUEUE, created_at=time.time(),
+        ))  # fmt: skip
+        try:
+            self.app.send_task(
+                TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=TRANSCODE_QUEUE,
+                argsrepr=f"{spec.input} -> {spec.output} | ladder {spec.renditions} {spec.package}",
+                priority=broker_priority(spec.priority),
+            )  # fmt: skip
+        except Exception:
+            self.store.delete(job_id)
+            raise
+        return Job(job_id, self)
+
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         """The live heartbeat of every node by name (see workers/heartbeat.py for the shape);
         nodes whose heartbeat expired are dropped from keys.NODES on the way."""
@@ -523,6 +581,13 @@ def _make_spec(values: dict[str, Any]) -> TranscodeSpec:
         raise InvalidSpec.from_validation(exc) from None
 
 
+def _make_ladder_spec(values: dict[str, Any]) -> ladder.LadderSpec:
+    try:
+        return ladder.LadderSpec.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidSpec.from_validation(exc) from None
+
+
 def submit_transcode(
     input: str | Path,
     output: str | Path | None = None,
@@ -565,6 +630,30 @@ def submit_many(
     """Queue many transcodes with a new Client (settings from GPUJOBS_*), `batch_size` per
     round trip; see Client.submit_many for the items."""
     return Client().submit_many(items, force=force, batch_size=batch_size)
+
+
+def submit_ladder(
+    input: str | Path,
+    output: str | Path | None = None,
+    *,
+    renditions: list[int] | None = None,
+    package: ladder.Package | None = None,
+    segment_s: float | None = None,
+    preset: Preset | None = None,
+    cq: int | None = None,
+    audio: ladder.LadderAudio | None = None,
+    threads: int | None = None,
+    priority: int | None = None,
+    gpu: GpuPolicy | None = None,
+    copy_outside: bool = False,
+) -> Job:
+    """Queue an ABR ladder with a new Client (settings from GPUJOBS_*); see
+    Client.submit_ladder for every parameter."""
+    return Client().submit_ladder(
+        input, output, renditions=renditions, package=package, segment_s=segment_s,
+        preset=preset, cq=cq, audio=audio, threads=threads, priority=priority, gpu=gpu,
+        copy_outside=copy_outside,
+    )  # fmt: skip
 
 
 def submit_inference(

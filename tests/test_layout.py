@@ -29,12 +29,14 @@ SDK = [
     "JobNotFound",
     "JobRecord",
     "JobState",
+    "LadderSpec",
     "Progress",
     "Settings",
     "TranscodeSpec",
     "get_job",
     "submit_inference",
     "submit_many",
+    "submit_ladder",
     "submit_transcode",
 ]
 
@@ -77,6 +79,12 @@ def test_the_submit_functions_say_what_they_take() -> None:
         params = inspect.signature(function).parameters
         assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), function
         for name in ("width", "height", "codec", "preset", "cq", "audio", "priority", "gpu"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+            assert params[name].default is None, name
+    for function in (gpujobs.submit_ladder, gpujobs.Client.submit_ladder):
+        params = inspect.signature(function).parameters
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), function
+        for name in ("renditions", "package", "segment_s", "preset", "cq", "audio", "gpu"):
             assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
             assert params[name].default is None, name
     for function in (gpujobs.submit_inference, gpujobs.Client.submit_inference):

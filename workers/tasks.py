@@ -13,7 +13,7 @@ from workers.flower_progress import FlowerProgress
 from workers.gpu import nvenc
 from workers.inference.chunk import register_inference_task
 from workers.runtime import runtime
-from workers.transcode import split
+from workers.transcode import ladder, split
 from workers.transcode.job import run_transcode
 
 
@@ -27,6 +27,13 @@ def register_tasks(app: Celery) -> None:
         # job is claimed); messages sent before that carry the spec too, and still work.
         rt = runtime()
         worker = self.request.hostname or "worker"
+        if "renditions" in spec:  # an ABR ladder: one NVENC session per rendition
+            with (
+                ladder.job_slots(self, rt, job_id, spec),
+                FlowerProgress(self, rt.store.redis, job_id),
+            ):
+                result = ladder.run_ladder(rt, self.app, job_id, worker)
+            return result
         if spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
             with FlowerProgress(self, rt.store.redis, job_id):
                 return split.run_split(rt, self.app, job_id, worker)

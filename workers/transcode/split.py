@@ -53,7 +53,7 @@ class StreamFacts:
     frame_s: one frame's duration (1 / average frame rate); keyframes: their times, seconds;
     monotonic: video decode timestamps strictly increase; audio_end_s: end of the last audio
     packet (None without audio); audio_gaps: audio packets that do not start where the one
-    before ended.
+    before ended; width, height: the coded video size, pixels.
     """
 
     frames: int
@@ -63,6 +63,8 @@ class StreamFacts:
     monotonic: bool
     audio_end_s: float | None
     audio_gaps: int
+    width: int = 0
+    height: int = 0
 
 
 def read_facts(path: Path) -> StreamFacts:
@@ -74,6 +76,7 @@ def read_facts(path: Path) -> StreamFacts:
         video = container.streams.video[0]
         audio = container.streams.audio[0] if container.streams.audio else None
         rate = video.average_rate or video.guessed_rate or Fraction(30)
+        width, height = video.codec_context.width, video.codec_context.height
         frames, video_end, last_dts, monotonic = 0, Fraction(0), None, True
         keyframes: list[float] = []
         audio_end: Fraction | None = None
@@ -106,6 +109,8 @@ def read_facts(path: Path) -> StreamFacts:
         monotonic=monotonic,
         audio_end_s=None if audio_end is None else float(audio_end),
         audio_gaps=gaps,
+        width=width,
+        height=height,
     )
 
 

@@ -1,0 +1,95 @@
+"""Adaptive bitrate ladders: one input encoded once per rendition height, packaged for HLS (fMP4
+segments, a master playlist) or DASH (an MPD), written as one folder.
+
+The bitrate table: each rendition is encoded at constant quality (cq/crf, default 23) with its
+bitrate capped (VBV: `maxrate`, buffer twice that), so simple content stays small and busy
+content never exceeds what a player on that rung expects. Values (kbit/s, H.264, 30 fps) follow
+Apple's HLS authoring guidance, rounded:
+
+    height   2160   1440   1080   720   540   480   360   240
+    maxrate 16000   9000   5000  3000  2000  1400   800   400
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from gpujobs.config import Preset
+from gpujobs.specs import GpuPolicy, MediaJobSpec
+
+# Rendition height (pixels) -> capped video bitrate (kbit/s); see the module docstring.
+BITRATE_CAP_KBPS: dict[int, int] = {
+    2160: 16000,
+    1440: 9000,
+    1080: 5000,
+    720: 3000,
+    540: 2000,
+    480: 1400,
+    360: 800,
+    240: 400,
+}
+AUDIO_KBPS = 128
+DEFAULT_RENDITIONS = (1080, 720, 480)
+Package = Literal["hls", "dash"]
+LadderAudio = Literal["aac", "none"]
+# What a ladder's folder holds at its top: the file a player opens.
+ENTRY_FILES = {"hls": "master.m3u8", "dash": "manifest.mpd"}
+
+
+class LadderSpec(MediaJobSpec):
+    """One ABR ladder job. output: a folder (relative to the media root) that appears whole.
+
+    renditions: heights in pixels from BITRATE_CAP_KBPS, largest first (default 1080, 720, 480);
+    heights above the source's are skipped at run time. package: "hls" (fMP4 segments,
+    master.m3u8) or "dash" (manifest.mpd). segment_s: seconds per segment, default 4; every
+    rendition has a keyframe at each segment boundary. preset: p1 (fastest)..p7 (NVENC; the
+    x264 preset of the same rank on the CPU). cq: constant quality under the cap, default 23.
+    audio: "aac" (one AAC 128 kbit/s track per rendition in HLS, one shared set in DASH) or
+    "none". threads: decoder threads. priority: 0..9. gpu: auto, require or forbid.
+    """
+
+    renditions: list[int] = Field(default_factory=lambda: list(DEFAULT_RENDITIONS))
+    package: Package = "hls"
+    segment_s: float = Field(default=4.0, ge=1.0, le=20.0)
+    preset: Preset = "p1"
+    cq: int = Field(default=23, ge=0, le=51)
+    audio: LadderAudio = "aac"
+    threads: int = Field(default=2, ge=1, le=64)
+    priority: int = Field(default=5, ge=0, le=9)
+    gpu: GpuPolicy = "auto"
+
+    @field_validator("renditions")
+    @classmethod
+    def _known_heights(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one rendition height")
+        unknown = [h for h in value if h not in BITRATE_CAP_KBPS]
+        if unknown:
+            known = ", ".join(str(h) for h in BITRATE_CAP_KBPS)
+            raise ValueError(f"no bitrate for height {unknown[0]} (heights: {known})")
+        if len(set(value)) != len(value):
+            raise ValueError("a height is listed twice")
+        return sorted(value, reverse=True)
+
+    @field_validator("output")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        if PurePosixPath(value).suffix.lower() in (".mp4", ".mkv", ".mov", ".m4v", ".ts", ".m3u8"):
+            raise ValueError(f"a ladder's output is a folder, not a file: {value!r}")
+        return value
+
+
+def parse_renditions(text: str) -> list[int]:
+    """`"1080,720,480"` -> [1080, 720, 480]; ValueError with one line for anything else."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--ladder takes heights like 1080,720,480, got {text!r}") from None
+
+
+def default_output(input: PurePosixPath, package: Package) -> PurePosixPath:
+    """`in/talk.mp4` -> `in/talk.hls` (or `in/talk.dash`) beside it."""
+    return input.with_name(f"{input.stem}.{package}")
