@@ -384,14 +384,25 @@ class Client:
             "preset": preset, "cq": cq, "audio": audio, "threads": threads,
             "priority": priority, "gpu": gpu,
         }  # fmt: skip
-        values = {k: v for k, v in given.items() if v is not None}
+        return self.enqueue_ladder(*self.prepare_ladder(input, output, copy_outside, **given))
+
+    def prepare_ladder(
+        self, input: str | Path, output: str | Path | None, copy_outside: bool, **params: Any
+    ) -> tuple[ladder.LadderSpec, Path | None]:
+        """Check a ladder without changing anything: its spec, and the file to copy into the
+        media root first (None when the input lies under it). InvalidSpec if bad."""
+        values = {k: v for k, v in params.items() if v is not None}
         _make_ladder_spec({**values, "input": "in.mp4", "output": "out"})
         source, copy_from = self._input_path(Path(input), copy_outside)
         if output is None:
-            output_rel = ladder.default_output(source, package or "hls").as_posix()
+            output_rel = ladder.default_output(source, values.get("package", "hls")).as_posix()
         else:
             output_rel = media_relative(Path(output), self.settings.media, "output")
         spec = _make_ladder_spec({**values, "input": source.as_posix(), "output": output_rel})
+        return spec, copy_from
+
+    def enqueue_ladder(self, spec: ladder.LadderSpec, copy_from: Path | None = None) -> Job:
+        """Copy the input in if needed, record the ladder job and queue it."""
         if copy_from is not None:
             copy_file(copy_from, self.settings.media / spec.input)
         job_id = uuid.uuid4().hex[:12]

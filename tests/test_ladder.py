@@ -154,3 +154,44 @@ def test_a_ladder_from_one_decode_has_aligned_keyframes_in_every_variant(
     else:
         mpd = (folder / "manifest.mpd").read_text()
         assert 'height="360"' in mpd and 'height="240"' in mpd and "audio/mp4" in mpd
+
+
+BAD_CLI = [
+    (["--ladder", "1080,abc"], "--ladder takes heights like 1080,720,480, got '1080,abc'"),
+    (["--ladder", "720", "--hls", "--dash"], "--hls and --dash are two ladders"),
+    (["--ladder", "720", "--height", "480"], "--height does not apply to a ladder"),
+    (["--dash", "--split", "2"], "--split does not apply to a ladder"),
+    (["--ladder", "1000"], "renditions: no bitrate for height 1000"),
+    (["--hls", "--audio", "copy"], "audio: Input should be 'aac' or 'none'"),
+    (["--split", "x"], "--split takes a number of pieces or auto, got 'x'"),
+    (["--split", "0"], "split: must be auto or 1..64 pieces, got 0"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_CLI)
+def test_bad_ladder_and_split_options_are_one_line(
+    settings: Settings, ffmpeg: str, args: list[str], message: str
+) -> None:
+    from tests.test_cli import assert_nothing_queued, gpujobs
+
+    source = gop_clip(ffmpeg, settings.media / "cli.mp4", 1, "320x240")
+    result = gpujobs("submit", str(source), *args)
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert_nothing_queued(settings.broker_url or "")
+
+
+@pytest.mark.timeout(240)
+def test_the_cli_makes_a_dash_ladder_and_says_where(
+    settings: Settings, ffmpeg: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    from tests.test_cli import gpujobs
+
+    source = gop_clip(ffmpeg, settings.media / "show.mp4", 4, "640x360")
+    start_worker()
+    result = gpujobs("submit", str(source), "--ladder", "360,240", "--dash", "--wait", timeout=200)
+    assert result.returncode == 0, result.stderr
+    entry = settings.media / "show.dash" / "manifest.mpd"
+    assert f"succeeded: {entry}" in result.stdout.replace("\n", "")
+    assert entry.is_file()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from gpujobs.cli import inference as cli_inference
+from gpujobs.cli import ladder as cli_ladder
 from gpujobs.cli.render import console, exit_for, follow, record_json
 from gpujobs.client import Client, PreparedJob
 from gpujobs.config import Settings
@@ -49,6 +50,12 @@ def submit(
         str | None,
         typer.Option(help="Cut into N pieces encoded by N workers at once, or auto."),
     ] = None,
+    ladder: Annotated[
+        str | None,
+        typer.Option(help="An ABR ladder of these heights, e.g. 1080,720,480 (HLS by default)."),
+    ] = None,
+    hls: Annotated[bool, typer.Option("--hls", help="Package the ladder as HLS (fMP4).")] = False,
+    dash: Annotated[bool, typer.Option("--dash", help="Package the ladder as DASH.")] = False,
     node: Annotated[
         str | None, typer.Option(help="Run on this node only (it must have a live worker).")
     ] = None,
@@ -77,6 +84,14 @@ def submit(
         "overwrite": overwrite or None,
         "split": split_setting(split),
     }  # fmt: skip
+    asked = cli_ladder.ladder_options(ladder, hls, dash)
+    if asked is not None:  # an ABR ladder per input instead of one output each
+        shared = {"preset": preset, "cq": cq, "audio": audio, "threads": threads,
+                  "priority": priority, "gpu": gpu}  # fmt: skip
+        only = {"width": width, "height": height, "codec": codec, "split": split, "node": node,
+                "gpu_index": gpu_index}  # fmt: skip
+        cli_ladder.submit_ladders(files, output, asked, shared, only, copy, wait, timeout, as_json)
+        return
     if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
         batch_only = {"priority": priority}
         others = {**{k: v for k, v in params.items() if k != "priority"}, "node": node,
