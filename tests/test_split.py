@@ -204,3 +204,23 @@ def test_cancelling_a_split_job_cancels_every_piece(
         assert piece.state is JobState.CANCELLED
     assert not (settings.media / "stop.540p.mp4").exists()
     wait_for(lambda: not list(settings.media.glob(".*split*")), 30)  # the pieces' folder goes
+
+
+@pytest.mark.timeout(120)
+def test_auto_on_a_short_clip_is_one_single_pass_encode(
+    client: Client,
+    settings: Settings,
+    start_worker: Callable[..., WorkerProcess],
+    ffmpeg: str,
+) -> None:
+    source = gop_clip(ffmpeg, settings.media / "short.mp4", 4, "320x240")
+    start_worker()
+    job = client.submit_transcode(source, split="auto", height=240)
+    final = job.wait(timeout=90)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert final.pieces is None and "split" not in final.spec
+    assert (final.result or {}).get("encode_path") == "cpu"
+    wait_for(lambda: len(client.store.attempts(job.id)) == 2, 10)
+    history = client.store.attempts(job.id)
+    assert [h["outcome"] for h in history] == ["planned", "succeeded"]
+    assert "one piece (1 asked)" in history[0]["reason"]

@@ -33,22 +33,22 @@ def register_tasks(app: Celery) -> None:
                 FlowerProgress(self, rt.store.redis, job_id),
             ):
                 result = ladder.run_ladder(rt, self.app, job_id, worker)
-            return result
-        if spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
+        elif spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
             with FlowerProgress(self, rt.store.redis, job_id):
-                return split.run_split(rt, self.app, job_id, worker)
-        # Flower shows the job's progress (state PROGRESS, the Result column) while it runs.
-        # An NVENC job holds one of the node's NVENC sessions, or waits in its queue for one.
-        # A piece of a split job also keeps its parent's combined progress current.
-        with (
-            nvenc.job_slot(self, rt, job_id, spec),
-            FlowerProgress(self, rt.store.redis, job_id),
-            split.piece_progress(rt.store, job_id),
-        ):
-            try:
-                result = run_transcode(rt, self.app, job_id, worker=worker)
-            finally:  # a failed piece fails its parent too
-                split.after_piece(rt, self.app, job_id)
+                result = split.run_split(rt, self.app, job_id, worker)
+        else:
+            # Flower shows the job's progress (state PROGRESS, the Result column) while it runs.
+            # An NVENC job holds one of the node's NVENC sessions, or waits in its queue for one.
+            # A piece of a split job also keeps its parent's combined progress current.
+            with (
+                nvenc.job_slot(self, rt, job_id, spec),
+                FlowerProgress(self, rt.store.redis, job_id),
+                split.piece_progress(rt.store, job_id),
+            ):
+                try:
+                    result = run_transcode(rt, self.app, job_id, worker=worker)
+                finally:  # a failed piece fails its parent too
+                    split.after_piece(rt, self.app, job_id)
         cancelled = JobState.CANCELLED.value
         if cancelled in (result.get("stopped"), result.get("skipped")):
             # Flower shows the job REVOKED rather than SUCCESS; Ignore acks without an event.

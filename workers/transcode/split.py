@@ -308,7 +308,7 @@ class SplitAttempt(TranscodeAttempt):
         if not cuts:
             log.info("job %s: one piece (%d asked, keyframes %s)", self.job_id, pieces,
                      facts.keyframes[:8])  # fmt: skip
-            return super().run()  # nothing to split: an ordinary single-pass encode
+            return self.single_pass(pieces)
         work = work_dir(output_path, self.job_id)
         shutil.rmtree(work, ignore_errors=True)  # an earlier plan attempt died half-way
         work.mkdir(parents=True)
@@ -340,6 +340,23 @@ class SplitAttempt(TranscodeAttempt):
         self.history("planned", f"{len(ids)} pieces cut at {', '.join(f'{c:.3f}' for c in cuts)} s")
         log.info("job %s split into %d pieces at %s", self.job_id, len(ids), cuts)
         return {"pieces": ids, "cuts_s": cuts}
+
+    def single_pass(self, asked: int) -> dict[str, Any]:
+        """Nothing to split (one piece asked, or too few keyframes): the job goes back to its
+        queue as an ordinary transcode (its spec without `split`), where it takes an NVENC slot
+        like any other."""
+        whole = self.spec.model_dump(mode="json", exclude={"split"})
+        reason = f"one piece ({asked} asked): queued as a single-pass encode"
+        if not self.update(state=JobState.QUEUED, spec=whole, percent=0.0, eta_s=None):
+            return self.stopped()
+        self.history("planned", reason)
+        record = self.store.get(self.job_id)
+        queue = record.queue if record is not None and record.queue else TRANSCODE_QUEUE
+        self.app.send_task(
+            TRANSCODE_TASK, args=[self.job_id, whole], task_id=self.job_id, queue=queue,
+            argsrepr=task_argsrepr(whole), priority=broker_priority(self.spec.priority),
+        )  # fmt: skip
+        return {"single_pass": reason}
 
     def join(self, record: JobRecord) -> dict[str, Any]:
         assert record.pieces is not None
