@@ -256,6 +256,16 @@ def cancel_pieces(store: JobStore, pieces: list[str]) -> None:
 
 def run_split(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> dict[str, Any]:
     """One delivery of a split job's parent: plan it, or join it once every piece succeeded."""
+    before = rt.store.get(job_id)
+    if (
+        before is not None
+        and before.state is JobState.RUNNING
+        and before.pieces
+        and rt.store.redis.scard(keys.split_done(job_id)) < len(before.pieces)
+        and not any(p and p.state is JobState.FAILED for p in map(rt.store.get, before.pieces))
+    ):
+        # A duplicate delivery while the pieces run: nothing to do, and no attempt to spend.
+        return {"skipped": "pieces running"}
     claim = rt.leases.claim(job_id, worker, rt.settings.node_name, rt.gpu_label)
     if not claim.claimed:
         log.info("split job %s not run: %s", job_id, claim.outcome)
