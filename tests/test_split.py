@@ -141,6 +141,11 @@ def test_split_output_matches_the_source_and_a_single_pass_encode(
         assert min(near) > 40, (cut, near)
     assert min(psnr) > 40
     assert not list(settings.media.glob(".*split*")), "the pieces' folder is removed"
+    from tests.test_cli import gpujobs
+
+    shown = gpujobs("status", job.id).stdout
+    assert "pieces" in shown and f"{job.id}-p0, {job.id}-p1, {job.id}-p2" in shown, shown
+    assert re.search(rf"piece of +{job.id}", gpujobs("status", f"{job.id}-p1").stdout)
 
 
 @pytest.mark.timeout(300)
