@@ -367,6 +367,7 @@ class Client:
         threads: int | None = None,
         priority: int | None = None,
         gpu: GpuPolicy | None = None,
+        split: SplitSetting | None = None,
         copy_outside: bool = False,
     ) -> Job:
         """Queue an ABR ladder of `input` (gpujobs/ladder.py) and return its Job.
@@ -376,13 +377,14 @@ class Client:
         pixels, default 1080, 720, 480 (those above the source's are skipped). package: hls
         (default) or dash. segment_s: seconds per segment, default 4. preset, cq (default 23,
         capped by the bitrate table), threads, priority, gpu: as for submit_transcode.
-        audio: aac (default) or none. None means the default.
+        audio: aac (default) or none. split: None, N or "auto": the ladder of each of N pieces
+        made by its own worker, then packaged as one (see submit_transcode). None: the default.
         Raises InvalidSpec (one line: what is wrong), BrokerUnreachable.
         """
         given = {
             "renditions": renditions, "package": package, "segment_s": segment_s,
             "preset": preset, "cq": cq, "audio": audio, "threads": threads,
-            "priority": priority, "gpu": gpu,
+            "priority": priority, "gpu": gpu, "split": split,
         }  # fmt: skip
         return self.enqueue_ladder(*self.prepare_ladder(input, output, copy_outside, **given))
 
@@ -656,6 +658,7 @@ def submit_ladder(
     threads: int | None = None,
     priority: int | None = None,
     gpu: GpuPolicy | None = None,
+    split: SplitSetting | None = None,
     copy_outside: bool = False,
 ) -> Job:
     """Queue an ABR ladder with a new Client (settings from GPUJOBS_*); see
@@ -663,7 +666,7 @@ def submit_ladder(
     return Client().submit_ladder(
         input, output, renditions=renditions, package=package, segment_s=segment_s,
         preset=preset, cq=cq, audio=audio, threads=threads, priority=priority, gpu=gpu,
-        copy_outside=copy_outside,
+        split=split, copy_outside=copy_outside,
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from gpujobs.config import Preset
-from gpujobs.specs import GpuPolicy, MediaJobSpec
+from gpujobs.specs import MAX_SPLIT, GpuPolicy, MediaJobSpec, SplitSetting
 
 # Rendition height (pixels) -> capped video bitrate (kbit/s); see the module docstring.
 BITRATE_CAP_KBPS: dict[int, int] = {
@@ -33,10 +33,12 @@ BITRATE_CAP_KBPS: dict[int, int] = {
 }
 AUDIO_KBPS = 128
 DEFAULT_RENDITIONS = (1080, 720, 480)
-Package = Literal["hls", "dash"]
+# hls and dash are for players; mp4 (one MP4 file per rendition) is what the pieces of a split
+# ladder make, and what tools that package ladders themselves take.
+Package = Literal["hls", "dash", "mp4"]
 LadderAudio = Literal["aac", "none"]
 # What a ladder's folder holds at its top: the file a player opens.
-ENTRY_FILES = {"hls": "master.m3u8", "dash": "manifest.mpd"}
+ENTRY_FILES = {"hls": "master.m3u8", "dash": "manifest.mpd", "mp4": ""}
 
 
 class LadderSpec(MediaJobSpec):
@@ -44,11 +46,15 @@ class LadderSpec(MediaJobSpec):
 
     renditions: heights in pixels from BITRATE_CAP_KBPS, largest first (default 1080, 720, 480);
     heights above the source's are skipped at run time. package: "hls" (fMP4 segments,
-    master.m3u8) or "dash" (manifest.mpd). segment_s: seconds per segment, default 4; every
-    rendition has a keyframe at each segment boundary. preset: p1 (fastest)..p7 (NVENC; the
+    master.m3u8), "dash" (manifest.mpd) or "mp4" (`<height>p.mp4` per rendition).
+    segment_s: seconds per segment, default 4; every rendition has a keyframe at each segment
+    boundary. preset: p1 (fastest)..p7 (NVENC; the
     x264 preset of the same rank on the CPU). cq: constant quality under the cap, default 23.
     audio: "aac" (one AAC 128 kbit/s track per rendition in HLS, one shared set in DASH) or
     "none". threads: decoder threads. priority: 0..9. gpu: auto, require or forbid.
+    split: None, N or "auto" as for a transcode: each piece's worker makes the ladder of its
+    piece (one decode, every rendition, as MP4), then one stream-copy pass joins each rendition
+    and packages the whole with the source's audio (workers/transcode/ladder_split.py).
     """
 
     renditions: list[int] = Field(default_factory=lambda: list(DEFAULT_RENDITIONS))
@@ -60,6 +66,14 @@ class LadderSpec(MediaJobSpec):
     threads: int = Field(default=2, ge=1, le=64)
     priority: int = Field(default=5, ge=0, le=9)
     gpu: GpuPolicy = "auto"
+    split: SplitSetting | None = None
+
+    @field_validator("split")
+    @classmethod
+    def _split_pieces(cls, value: SplitSetting | None) -> SplitSetting | None:
+        if isinstance(value, int) and not 1 <= value <= MAX_SPLIT:
+            raise ValueError(f"must be auto or 1..{MAX_SPLIT} pieces, got {value}")
+        return value
 
     @field_validator("renditions")
     @classmethod
@@ -91,5 +105,7 @@ def parse_renditions(text: str) -> list[int]:
 
 
 def default_output(input: PurePosixPath, package: Package) -> PurePosixPath:
-    """`in/talk.mp4` -> `in/talk.hls` (or `in/talk.dash`) beside it."""
+    """`in/talk.mp4` -> `in/talk.hls` (`.dash`, `.mp4s`) beside it."""
+    if package == "mp4":
+        return input.with_name(f"{input.stem}.mp4s")
     return input.with_name(f"{input.stem}.{package}")

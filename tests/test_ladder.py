@@ -160,7 +160,7 @@ BAD_CLI = [
     (["--ladder", "1080,abc"], "--ladder takes heights like 1080,720,480, got '1080,abc'"),
     (["--ladder", "720", "--hls", "--dash"], "--hls and --dash are two ladders"),
     (["--ladder", "720", "--height", "480"], "--height does not apply to a ladder"),
-    (["--dash", "--split", "2"], "--split does not apply to a ladder"),
+    (["--dash", "--codec", "hevc"], "--codec does not apply to a ladder"),
     (["--ladder", "1000"], "renditions: no bitrate for height 1000"),
     (["--hls", "--audio", "copy"], "audio: Input should be 'aac' or 'none'"),
     (["--split", "x"], "--split takes a number of pieces or auto, got 'x'"),
@@ -195,3 +195,40 @@ def test_the_cli_makes_a_dash_ladder_and_says_where(
     entry = settings.media / "show.dash" / "manifest.mpd"
     assert f"succeeded: {entry}" in result.stdout.replace("\n", "")
     assert entry.is_file()
+
+
+@pytest.mark.timeout(300)
+def test_a_split_ladder_is_made_per_piece_and_packaged_once(
+    client: Client,
+    settings: Settings,
+    start_worker: Callable[..., WorkerProcess],
+    ffmpeg: str,
+) -> None:
+    source = gop_clip(ffmpeg, settings.media / "long.mp4", 12, "640x360")
+    start_worker("--hostname", "a@test")
+    start_worker("--hostname", "b@test")
+    job = client.submit_ladder(source, renditions=[360, 240], segment_s=2, split=2)
+    final = job.wait(timeout=240)
+    assert final.state is JobState.SUCCEEDED, final.error
+    assert final.pieces is not None and len(final.pieces) == 2
+    for piece_id in final.pieces:
+        piece = client.store.get(piece_id)
+        assert piece is not None and piece.state is JobState.SUCCEEDED
+        assert piece.spec["package"] == "mp4" and piece.parent == job.id
+    folder = settings.media / "long.hls"
+    rungs = ladder.plan_renditions([360, 240], 640, 360)
+    variants = ladder.variant_facts(folder, LadderSpec.model_validate(final.spec), rungs)
+    src = read_facts(source)
+    assert all(v.frames == src.frames == 360 and v.monotonic for v in variants)
+    assert src.audio_end_s is not None
+    for v in variants:  # the source's audio, encoded once for the whole, no gap at the cut
+        assert v.audio_end_s is not None and v.audio_gaps == 0
+        assert abs(v.audio_end_s - src.audio_end_s) <= 0.05, (v.audio_end_s, src.audio_end_s)
+    keyframes = [[round(k, 3) for k in v.keyframes] for v in variants]
+    assert keyframes[0] == keyframes[1]
+    # Every 2 s from each piece's start (the cut is a source keyframe, 6 s here).
+    starts = [round(k - keyframes[0][0], 3) for k in keyframes[0]]
+    assert starts == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0], starts
+    master = (folder / "master.m3u8").read_text()
+    assert master.count("#EXT-X-STREAM-INF:") == 2 and "mp4a.40.2" in master
+    assert not list(settings.media.glob(".long*")), "no work or temporary folder remains"

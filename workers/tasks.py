@@ -15,6 +15,7 @@ from workers.inference.chunk import register_inference_task
 from workers.runtime import runtime
 from workers.transcode import ladder, split
 from workers.transcode.job import run_transcode
+from workers.transcode.ladder_split import LadderSplitAttempt
 
 
 def register_tasks(app: Celery) -> None:
@@ -27,12 +28,19 @@ def register_tasks(app: Celery) -> None:
         # job is claimed); messages sent before that carry the spec too, and still work.
         rt = runtime()
         worker = self.request.hostname or "worker"
-        if "renditions" in spec:  # an ABR ladder: one NVENC session per rendition
+        if "renditions" in spec and spec.get("split") is not None:  # a split ladder's parent
+            with FlowerProgress(self, rt.store.redis, job_id):
+                result = split.run_split(rt, self.app, job_id, worker, LadderSplitAttempt)
+        elif "renditions" in spec:  # an ABR ladder (or a piece of one): an NVENC session each
             with (
                 ladder.job_slots(self, rt, job_id, spec),
                 FlowerProgress(self, rt.store.redis, job_id),
+                split.piece_progress(rt.store, job_id),
             ):
-                result = ladder.run_ladder(rt, self.app, job_id, worker)
+                try:
+                    result = ladder.run_ladder(rt, self.app, job_id, worker)
+                finally:
+                    split.after_piece(rt, self.app, job_id)
         elif spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
             with FlowerProgress(self, rt.store.redis, job_id):
                 result = split.run_split(rt, self.app, job_id, worker)

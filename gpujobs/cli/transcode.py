@@ -87,8 +87,8 @@ def submit(
     asked = cli_ladder.ladder_options(ladder, hls, dash)
     if asked is not None:  # an ABR ladder per input instead of one output each
         shared = {"preset": preset, "cq": cq, "audio": audio, "threads": threads,
-                  "priority": priority, "gpu": gpu}  # fmt: skip
-        only = {"width": width, "height": height, "codec": codec, "split": split, "node": node,
+                  "priority": priority, "gpu": gpu, "split": params["split"]}  # fmt: skip
+        only = {"width": width, "height": height, "codec": codec, "node": node,
                 "gpu_index": gpu_index}  # fmt: skip
         cli_ladder.submit_ladders(files, output, asked, shared, only, copy, wait, timeout, as_json)
         return

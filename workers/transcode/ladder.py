@@ -132,15 +132,41 @@ def build_command(
         args += ["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"]
     args += ["-threads", str(spec.threads), "-i", input_file]
     args += ["-filter_complex", filter_graph(path, renditions)]
+    if spec.package == "mp4":  # one output file per rendition, each with its own options
+        for i, r in enumerate(renditions):
+            args += ["-map", f"[v{i}]", *(["-map", "0:a:0"] if audio else [])]
+            args += video_args(spec, path, [r], fps)
+            args += audio_args() if audio else ["-an"]
+            args += ["-y", str(folder / f"{r.name}.mp4")]
+        return args
     for i in range(len(renditions)):
         args += ["-map", f"[v{i}]"]
-    # HLS: each variant carries its own audio; DASH: one audio set all renditions share.
-    audio_maps = (len(renditions) if spec.package == "hls" else 1) if audio else 0
+    audio_maps = audio_streams(spec, renditions) if audio else 0
     for _ in range(audio_maps):
         args += ["-map", "0:a:0"]
+    args += video_args(spec, path, renditions, fps)
+    if audio_maps:
+        args += audio_args()
+    return args + package_args(spec, folder, renditions, audio)
+
+
+def audio_streams(spec: LadderSpec, renditions: list[Rendition]) -> int:
+    """HLS: each variant carries its own audio; DASH: one audio set all renditions share."""
+    return len(renditions) if spec.package == "hls" else 1
+
+
+def audio_args() -> list[str]:
+    return ["-c:a", "aac", "-b:a", f"{AUDIO_KBPS}k", "-ac", "2"]
+
+
+def video_args(
+    spec: LadderSpec, path: EncodePath, renditions: list[Rendition], fps: float
+) -> list[str]:
+    """One encoder per rendition (on the GPU: one NVENC session each), a GOP of one segment,
+    keyframes forced at segment boundaries, the bitrate capped per rendition."""
     gop = gop_frames(fps, spec.segment_s)
-    # One encoder per rendition (on the GPU: one NVENC session each).
     encoder = "h264_nvenc" if path is EncodePath.NVENC else "libx264"
+    args: list[str] = []
     for i in range(len(renditions)):
         args += [f"-c:v:{i}", encoder]
     if path is EncodePath.NVENC:
@@ -152,30 +178,33 @@ def build_command(
     args += ["-force_key_frames", f"expr:gte(t,n_forced*{spec.segment_s:g})"]
     for i, r in enumerate(renditions):
         args += [f"-maxrate:v:{i}", f"{r.maxrate_kbps}k", f"-bufsize:v:{i}", f"{r.bufsize_kbps}k"]
-    if audio_maps:
-        args += ["-c:a", "aac", "-b:a", f"{AUDIO_KBPS}k", "-ac", "2"]
+    return args
+
+
+def package_args(
+    spec: LadderSpec, folder: Path, renditions: list[Rendition], audio: bool
+) -> list[str]:
+    """The HLS or DASH muxer writing into `folder` (video streams first, then audio)."""
     if spec.package == "hls":
         streams = [
             f"v:{i},a:{i},name:{r.name}" if audio else f"v:{i},name:{r.name}"
             for i, r in enumerate(renditions)
         ]
-        args += [
+        return [
             "-f", "hls", "-hls_time", f"{spec.segment_s:g}", "-hls_playlist_type", "vod",
             "-hls_segment_type", "fmp4", "-hls_flags", "independent_segments",
             "-hls_segment_filename", str(folder / "%v" / "seg%05d.m4s"),
             "-master_pl_name", ENTRY_FILES["hls"], "-var_stream_map", " ".join(streams),
             "-y", str(folder / "%v" / "index.m3u8"),
         ]  # fmt: skip
-    else:
-        sets = "id=0,streams=v id=1,streams=a" if audio else "id=0,streams=v"
-        args += [
-            "-f", "dash", "-seg_duration", f"{spec.segment_s:g}", "-use_template", "1",
-            "-use_timeline", "0", "-adaptation_sets", sets,
-            "-init_seg_name", "init-$RepresentationID$.m4s",
-            "-media_seg_name", "chunk-$RepresentationID$-$Number%05d$.m4s",
-            "-y", str(folder / ENTRY_FILES["dash"]),
-        ]  # fmt: skip
-    return args
+    sets = "id=0,streams=v id=1,streams=a" if audio else "id=0,streams=v"
+    return [
+        "-f", "dash", "-seg_duration", f"{spec.segment_s:g}", "-use_template", "1",
+        "-use_timeline", "0", "-adaptation_sets", sets,
+        "-init_seg_name", "init-$RepresentationID$.m4s",
+        "-media_seg_name", "chunk-$RepresentationID$-$Number%05d$.m4s",
+        "-y", str(folder / ENTRY_FILES["dash"]),
+    ]  # fmt: skip
 
 
 def hold_slots(slots: nvenc.NvencSemaphore, job_id: str, count: int) -> ExitStack:
@@ -319,7 +348,7 @@ class LadderAttempt(TranscodeAttempt):
             shutil.rmtree(temp, ignore_errors=True)
         summary = {
             "output": spec.output,
-            "entry": f"{spec.output}/{ENTRY_FILES[spec.package]}",
+            "entry": f"{spec.output}/{ENTRY_FILES[spec.package]}".rstrip("/"),
             "package": spec.package,
             "renditions": [
                 {
@@ -364,6 +393,8 @@ def variant_facts(folder: Path, spec: LadderSpec, renditions: list[Rendition]) -
     """Every rendition read back with PyAV: HLS through its media playlist; DASH from its init
     segment and media segments joined (the wheels' FFmpeg has no DASH demuxer)."""
     facts = []
+    if spec.package == "mp4":
+        return [read_facts(folder / f"{r.name}.mp4") for r in renditions]
     if spec.package == "hls":
         master = (folder / ENTRY_FILES["hls"]).read_text()
         for r in renditions:

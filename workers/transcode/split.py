@@ -33,6 +33,7 @@ from celery import Celery
 from gpujobs import keys
 from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_argsrepr
 from gpujobs.config import AudioMode
+from gpujobs.ladder import LadderSpec
 from gpujobs.specs import MAX_SPLIT, JobKind, JobRecord, JobState, TranscodeSpec
 from gpujobs.store import JobStore, parse_published
 from workers.lease import LeaseKeeper
@@ -223,19 +224,19 @@ def piece_spec(parent: TranscodeSpec, piece_input: str, piece_output: str) -> Tr
 
 
 def send_piece(
-    store: JobStore, app: Celery, parent: JobRecord, index: int, spec: TranscodeSpec
+    store: JobStore, app: Celery, parent: JobRecord, index: int, spec: dict[str, Any]
 ) -> str:
     """Record piece `index` of `parent` and queue it on the shared transcode queue (pieces go to
     whichever workers are free); its id."""
     job_id = piece_id(parent.id, index)
-    dumped = spec.model_dump(mode="json")
+    dumped = spec
     store.create(JobRecord(
         id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED, spec=dumped,
         queue=TRANSCODE_QUEUE, parent=parent.id, created_at=time.time(),
     ))  # fmt: skip
     app.send_task(
         TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=TRANSCODE_QUEUE,
-        argsrepr=task_argsrepr(dumped), priority=broker_priority(spec.priority),
+        argsrepr=task_argsrepr(dumped), priority=broker_priority(int(spec.get("priority", 5))),
     )  # fmt: skip
     return job_id
 
@@ -254,8 +255,15 @@ def cancel_pieces(store: JobStore, pieces: list[str]) -> None:
         store.update(piece, only_from=ACTIVE, state=JobState.CANCELLED, eta_s=None)
 
 
-def run_split(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> dict[str, Any]:
-    """One delivery of a split job's parent: plan it, or join it once every piece succeeded."""
+def run_split(
+    rt: WorkerRuntime,
+    app: Celery,
+    job_id: str,
+    worker: str,
+    attempt_class: type[SplitAttempt] | None = None,
+) -> dict[str, Any]:
+    """One delivery of a split job's parent: plan it, or join it once every piece succeeded.
+    attempt_class: SplitAttempt (default) or a subclass that makes and joins other pieces."""
     before = rt.store.get(job_id)
     if (
         before is not None
@@ -273,7 +281,8 @@ def run_split(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> dict[
     record = rt.store.get(job_id)
     assert record is not None
     with LeaseKeeper(rt.leases, job_id, claim.token) as keeper:
-        result = SplitAttempt(rt, app, record, claim.attempt, keeper, worker).run()
+        kind = attempt_class or SplitAttempt
+        result = kind(rt, app, record, claim.attempt, keeper, worker).run()
     # A piece that finished while this delivery held the lease had its join turned away: if the
     # set is complete now, send the join again (a duplicate finds the job leased or finished).
     current = rt.store.get(job_id)
@@ -289,7 +298,39 @@ def run_split(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> dict[
 
 
 class SplitAttempt(TranscodeAttempt):
-    """One attempt of a split job's parent: `plan` while it has no pieces, else `join`."""
+    """One attempt of a split job's parent: `plan` while it has no pieces, else `join`.
+
+    A split ladder (workers/transcode/ladder_split.py) changes what a piece is
+    (`piece_values`) and how the pieces are joined (`join_pieces`)."""
+
+    whole: TranscodeSpec | LadderSpec
+
+    def __init__(
+        self,
+        rt: WorkerRuntime,
+        app: Celery,
+        record: JobRecord,
+        attempt: int,
+        keeper: LeaseKeeper,
+        worker: str,
+    ) -> None:
+        self.rt, self.app, self.store = rt, app, rt.store
+        self.job_id = record.id
+        self.attempt, self.keeper, self.worker = attempt, keeper, worker
+        self.started_at = time.time()
+        self.whole = self.parse(record.spec)
+
+    def parse(self, spec: dict[str, Any]) -> TranscodeSpec | LadderSpec:
+        return TranscodeSpec.model_validate(spec)
+
+    def piece_values(
+        self, index: int, piece_input: str, work: Path, output: Path
+    ) -> dict[str, Any]:
+        """Piece `index`'s spec: an encode of its cut piece into the work folder, no audio."""
+        assert isinstance(self.whole, TranscodeSpec)
+        media = self.rt.settings.media.resolve()
+        encoded = (work / f"enc{index:03d}{output.suffix}").relative_to(media).as_posix()
+        return piece_spec(self.whole, piece_input, encoded).model_dump(mode="json")
 
     def run(self) -> dict[str, Any]:
         record = self.store.get(self.job_id)
@@ -298,7 +339,7 @@ class SplitAttempt(TranscodeAttempt):
         return self.plan()
 
     def plan(self) -> dict[str, Any]:
-        rt, spec = self.rt, self.spec
+        rt, spec = self.rt, self.whole
         try:
             source_path = rt.media_path(spec.input)
             output_path = rt.media_path(spec.output)
@@ -342,8 +383,8 @@ class SplitAttempt(TranscodeAttempt):
         media = rt.settings.media.resolve()
         for index, cut_file in enumerate(cut_files):
             piece_in = cut_file.relative_to(media).as_posix()
-            piece_out = (work / f"enc{index:03d}{output_path.suffix}").relative_to(media).as_posix()
-            send_piece(self.store, self.app, record, index, piece_spec(spec, piece_in, piece_out))
+            values = self.piece_values(index, piece_in, work, output_path)
+            send_piece(self.store, self.app, record, index, values)
         if self.should_stop():  # cancelled while the pieces were sent
             cancel_pieces(self.store, ids)
             return self.stopped()
@@ -355,7 +396,7 @@ class SplitAttempt(TranscodeAttempt):
         """Nothing to split (one piece asked, or too few keyframes): the job goes back to its
         queue as an ordinary transcode (its spec without `split`), where it takes an NVENC slot
         like any other."""
-        whole = self.spec.model_dump(mode="json", exclude={"split"})
+        whole = self.whole.model_dump(mode="json", exclude={"split"})
         reason = f"one piece ({asked} asked): queued as a single-pass encode"
         if not self.update(state=JobState.QUEUED, spec=whole, percent=0.0, eta_s=None):
             return self.stopped()
@@ -364,7 +405,7 @@ class SplitAttempt(TranscodeAttempt):
         queue = record.queue if record is not None and record.queue else TRANSCODE_QUEUE
         self.app.send_task(
             TRANSCODE_TASK, args=[self.job_id, whole], task_id=self.job_id, queue=queue,
-            argsrepr=task_argsrepr(whole), priority=broker_priority(self.spec.priority),
+            argsrepr=task_argsrepr(whole), priority=broker_priority(self.whole.priority),
         )  # fmt: skip
         return {"single_pass": reason}
 
@@ -377,7 +418,12 @@ class SplitAttempt(TranscodeAttempt):
                 return self.fail(f"piece {index + 1}/{len(pieces)} failed: {piece.error}")
         if not all(p is not None and p.state is JobState.SUCCEEDED for p in pieces):
             return {"waiting": [p.id for p in pieces if p is not None and not p.state.terminal]}
-        rt, spec = self.rt, self.spec
+        return self.join_pieces(record, [p for p in pieces if p is not None])
+
+    def join_pieces(self, record: JobRecord, pieces: list[JobRecord]) -> dict[str, Any]:
+        """Every piece succeeded: concat them, mux the audio in, check, rename into place."""
+        rt, spec = self.rt, self.whole
+        assert isinstance(spec, TranscodeSpec)
         try:
             source_path = rt.media_path(spec.input)
             output_path = rt.media_path(spec.output)
