@@ -50,8 +50,8 @@ class LadderSpec(MediaJobSpec):
     segment_s: seconds per segment, default 4; every rendition has a keyframe at each segment
     boundary. preset: p1 (fastest)..p7 (NVENC; the
     x264 preset of the same rank on the CPU). cq: constant quality under the cap, default 23.
-    audio: "aac" (one AAC 128 kbit/s track per rendition in HLS, one shared set in DASH) or
-    "none". threads: decoder threads. priority: 0..9. gpu: auto, require or forbid.
+    audio: "aac" (AAC in every HLS variant, one shared track in DASH: the source's copied when
+    it is AAC already, else encoded at 128 kbit/s stereo) or "none". threads: decoder threads. priority: 0..9. gpu: auto, require or forbid.
     split: None, N or "auto" as for a transcode: each piece's worker makes the ladder of its
     piece (one decode, every rendition, as MP4), then one stream-copy pass joins each rendition
     and packages the whole with the source's audio (workers/transcode/ladder_split.py).

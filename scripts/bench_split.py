@@ -6,7 +6,10 @@ ffmpeg has one core's worth of encoder threads, as each would have one GPU: the 
 measures the mechanism (cut, two pieces at once, join, validation) on a 2-core machine. Runs
 alternate so that machine noise hits both alike; medians and their ratio are printed.
 
-    .venv/bin/python scripts/bench_split.py [--runs 3] [--seconds 60]
+    .venv/bin/python scripts/bench_split.py [--runs 3] [--seconds 60] [--ladder 720,480]
+
+With --ladder, both jobs are HLS ladders of those heights: one worker makes the whole ladder,
+against two workers making a split ladder (the ladder per piece, then packaged once).
 """
 
 from __future__ import annotations
@@ -50,10 +53,16 @@ def start_worker(env: dict[str, str], log: Path, core: int, name: str) -> subpro
     return spawn_ready(args, env, log)
 
 
-def timed(client: Client, clip: Path, output: Path, split: int | None) -> float:
+def timed(
+    client: Client, clip: Path, output: Path, split: int | None, ladder: list[int] | None
+) -> float:
     """Seconds from submit to the validated output; prints where a split job's time went."""
     began = time.perf_counter()
-    record = client.submit_transcode(clip, output, split=split, force=True).wait(timeout=1800)
+    if ladder:
+        job = client.submit_ladder(clip, output.with_suffix(".hls"), renditions=ladder, split=split)
+    else:
+        job = client.submit_transcode(clip, output, split=split, force=True)
+    record = job.wait(timeout=1800)
     elapsed = time.perf_counter() - began
     if record.state is not JobState.SUCCEEDED:
         raise SystemExit(f"job failed: {record.error}")
@@ -73,7 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--ladder", help="heights of an HLS ladder, e.g. 720,480")
     options = parser.parse_args()
+    ladder = [int(h) for h in options.ladder.split(",")] if options.ladder else None
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs two CPU cores")
 
@@ -98,10 +109,10 @@ def main() -> None:
     two: list[float] = []
     try:
         for run in range(options.runs):
-            one.append(timed(client, clip, media / f"one{run}.mp4", None))
+            one.append(timed(client, clip, media / f"one{run}.mp4", None, ladder))
             if len(workers) == 1:
                 workers.append(start_worker(env, work / "b.log", 1, "b@bench"))
-            two.append(timed(client, clip, media / f"two{run}.mp4", 2))
+            two.append(timed(client, clip, media / f"two{run}.mp4", 2, ladder))
             # The single-piece job must have one worker only: stop the second between pairs.
             second = workers.pop()
             second.terminate()
@@ -113,7 +124,8 @@ def main() -> None:
             worker.terminate()
             worker.wait(30)
         server.stop()
-    print(f"clip: {options.seconds:g} s 1080p30 -> 480p (defaults: h264, p1, cq 28, audio copy)")
+    what = f"HLS ladder {options.ladder}" if ladder else "480p (h264, p1, cq 28, audio copy)"
+    print(f"clip: {options.seconds:g} s 1080p30 -> {what}")
     print(f"median one worker: {statistics.median(one):.2f} s; "
           f"median two workers --split 2: {statistics.median(two):.2f} s")  # fmt: skip
     print(f"median speed-up: {statistics.median(one) / statistics.median(two):.2f} "

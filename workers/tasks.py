@@ -13,7 +13,7 @@ from workers.flower_progress import FlowerProgress
 from workers.gpu import nvenc
 from workers.inference.chunk import register_inference_task
 from workers.runtime import runtime
-from workers.transcode import ladder, split
+from workers.transcode import ladder, split, split_progress
 from workers.transcode.job import run_transcode
 from workers.transcode.ladder_split import LadderSplitAttempt
 
@@ -35,7 +35,7 @@ def register_tasks(app: Celery) -> None:
             with (
                 ladder.job_slots(self, rt, job_id, spec),
                 FlowerProgress(self, rt.store.redis, job_id),
-                split.piece_progress(rt.store, job_id),
+                split_progress.piece_progress(rt.store, job_id),
             ):
                 try:
                     result = ladder.run_ladder(rt, self.app, job_id, worker)
@@ -51,7 +51,7 @@ def register_tasks(app: Celery) -> None:
             with (
                 nvenc.job_slot(self, rt, job_id, spec),
                 FlowerProgress(self, rt.store.redis, job_id),
-                split.piece_progress(rt.store, job_id),
+                split_progress.piece_progress(rt.store, job_id),
             ):
                 try:
                     result = run_transcode(rt, self.app, job_id, worker=worker)

@@ -124,8 +124,10 @@ def build_command(
     renditions: list[Rendition],
     fps: float,
     has_audio: bool,
+    copy_audio: bool = False,
 ) -> list[str]:
-    """The ffmpeg argument list for a ladder written into `folder`. No shell ever sees it."""
+    """The ffmpeg argument list for a ladder written into `folder`. No shell ever sees it.
+    copy_audio: the source's audio is AAC already: copy it rather than encode it again."""
     audio = has_audio and spec.audio == "aac"
     args = [ffmpeg]
     if path is not EncodePath.CPU:
@@ -136,7 +138,7 @@ def build_command(
         for i, r in enumerate(renditions):
             args += ["-map", f"[v{i}]", *(["-map", "0:a:0"] if audio else [])]
             args += video_args(spec, path, [r], fps)
-            args += audio_args() if audio else ["-an"]
+            args += audio_args(copy_audio) if audio else ["-an"]
             args += ["-y", str(folder / f"{r.name}.mp4")]
         return args
     for i in range(len(renditions)):
@@ -146,7 +148,7 @@ def build_command(
         args += ["-map", "0:a:0"]
     args += video_args(spec, path, renditions, fps)
     if audio_maps:
-        args += audio_args()
+        args += audio_args(copy_audio)
     return args + package_args(spec, folder, renditions, audio)
 
 
@@ -155,8 +157,9 @@ def audio_streams(spec: LadderSpec, renditions: list[Rendition]) -> int:
     return len(renditions) if spec.package == "hls" else 1
 
 
-def audio_args() -> list[str]:
-    return ["-c:a", "aac", "-b:a", f"{AUDIO_KBPS}k", "-ac", "2"]
+def audio_args(copy: bool = False) -> list[str]:
+    """AAC for every rendition: the source's copied when it is AAC, else encoded (stereo)."""
+    return ["-c:a", "copy"] if copy else ["-c:a", "aac", "-b:a", f"{AUDIO_KBPS}k", "-ac", "2"]
 
 
 def video_args(
@@ -309,7 +312,7 @@ class LadderAttempt(TranscodeAttempt):
         temp.mkdir()
         command = build_command(
             rt.ffmpeg, spec, path, str(source_path), temp, renditions, 1 / source.frame_s,
-            source.audio_end_s is not None,
+            source.audio_end_s is not None, copy_audio=source.audio_codec == "aac",
         )  # fmt: skip
         self.update(encode_path=path.value)
         log.info("ladder %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))

@@ -37,9 +37,10 @@ def join_command(
     folder: Path,
     renditions: list[ladder.Rendition],
     audio: bool,
+    copy_audio: bool = False,
 ) -> list[str]:
     """Package the joined renditions (one concat list each, video copied) and the source's
-    audio (AAC, encoded once per audio stream the package carries) into `folder`."""
+    audio (copied when it is AAC, else encoded) into `folder`."""
     args = [ffmpeg]
     for concat_list in lists:
         args += ["-f", "concat", "-safe", "0", "-i", str(concat_list)]
@@ -48,7 +49,7 @@ def join_command(
     if spec.package == "mp4":
         for i, r in enumerate(renditions):
             args += ["-map", f"{i}:v:0", *(["-map", f"{audio_input}:a:0"] if audio else [])]
-            args += ["-c:v", "copy", *(ladder.audio_args() if audio else ["-an"])]
+            args += ["-c:v", "copy", *(ladder.audio_args(copy_audio) if audio else ["-an"])]
             args += ["-y", str(folder / f"{r.name}.mp4")]
         return args
     for i in range(len(renditions)):
@@ -56,7 +57,7 @@ def join_command(
     audio_maps = ladder.audio_streams(spec, renditions) if audio else 0
     for _ in range(audio_maps):
         args += ["-map", f"{audio_input}:a:0"]
-    args += ["-c:v", "copy", *(ladder.audio_args() if audio_maps else [])]
+    args += ["-c:v", "copy", *(ladder.audio_args(copy_audio) if audio_maps else [])]
     return args + ladder.package_args(spec, folder, renditions, audio)
 
 
@@ -102,7 +103,10 @@ class LadderSplitAttempt(SplitAttempt):
         temp = output_path.with_name(f".{output_path.name}.{self.job_id}.{self.attempt}.part")
         temp.mkdir()
         audio = source.audio_end_s is not None and spec.audio == "aac"
-        command = join_command(rt.ffmpeg, spec, lists, source_path, temp, renditions, audio)
+        command = join_command(
+            rt.ffmpeg, spec, lists, source_path, temp, renditions, audio,
+            copy_audio=source.audio_codec == "aac",
+        )  # fmt: skip
         began = time.monotonic()
         try:
             outcome = tc.run_ffmpeg(command, lambda _: None, self.should_stop)

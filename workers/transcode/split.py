@@ -16,11 +16,10 @@ The parent is fenced like any job: whatever deliveries race, it succeeds once.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,7 +34,7 @@ from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_a
 from gpujobs.config import AudioMode
 from gpujobs.ladder import LadderSpec
 from gpujobs.specs import MAX_SPLIT, JobKind, JobRecord, JobState, TranscodeSpec
-from gpujobs.store import JobStore, parse_published
+from gpujobs.store import JobStore
 from workers.lease import LeaseKeeper
 from workers.runtime import PathOutsideMediaRoot, WorkerRuntime
 from workers.transcode import command as tc
@@ -43,7 +42,6 @@ from workers.transcode.job import TranscodeAttempt
 
 log = logging.getLogger(__name__)
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
-PIECE_PROGRESS_INTERVAL_S = 0.5  # at most two combined-progress writes a second per piece
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ class StreamFacts:
     frame_s: one frame's duration (1 / average frame rate); keyframes: their times, seconds;
     monotonic: video decode timestamps strictly increase; audio_end_s: end of the last audio
     packet (None without audio); audio_gaps: audio packets that do not start where the one
-    before ended; width, height: the coded video size, pixels.
+    before ended; width, height: the coded video size, pixels; audio_codec: e.g. "aac".
     """
 
     frames: int
@@ -66,6 +64,7 @@ class StreamFacts:
     audio_gaps: int
     width: int = 0
     height: int = 0
+    audio_codec: str | None = None
 
 
 def read_facts(path: Path) -> StreamFacts:
@@ -112,6 +111,7 @@ def read_facts(path: Path) -> StreamFacts:
         audio_gaps=gaps,
         width=width,
         height=height,
+        audio_codec=None if audio is None else audio.codec_context.name,
     )
 
 
@@ -133,8 +133,6 @@ def choose_cuts(keyframes: list[float], duration_s: float, pieces: int) -> list[
 def idle_workers(client: redis.Redis) -> int:
     """Worker processes with nothing to run, over every node's live heartbeat, counting the one
     asking (it is about to hand its job to the pieces); at least 1."""
-    import json
-
     total = 0
     for name in client.smembers(keys.NODES):
         raw = client.get(keys.heartbeat(str(name)))
@@ -523,68 +521,3 @@ def remove_work_when_settled(rt: WorkerRuntime, parent: JobRecord) -> None:
     if all(p is None or p.state.terminal for p in pieces):
         with contextlib.suppress(PathOutsideMediaRoot):
             shutil.rmtree(work_dir(rt.media_path(str(parent.spec["output"])), parent.id), True)
-
-
-def combined_progress(pieces: list[JobRecord | None]) -> dict[str, Any]:
-    """The parent's progress from its pieces': percent the mean (a piece counts 100 once it
-    succeeded; at most 99 until the join), fps and speed the sums over running pieces, ETA the
-    longest running piece's while none waits in the queue (else unknown)."""
-    percents = [100.0 if p and p.state is JobState.SUCCEEDED else (p.percent if p else 0.0)
-                for p in pieces]  # fmt: skip
-    running = [p for p in pieces if p is not None and p.state is JobState.RUNNING]
-    waiting = any(p is None or p.state is JobState.QUEUED for p in pieces)
-    etas = [p.eta_s for p in running if p.eta_s is not None]
-    return {
-        "percent": round(min(99.0, sum(percents) / max(1, len(percents))), 1),
-        "fps": round(sum(p.fps or 0.0 for p in running), 1) or None,
-        "speed": round(sum(p.speed or 0.0 for p in running), 2) or None,
-        "eta_s": None if waiting or not etas else max(etas),
-    }
-
-
-def refresh_parent(store: JobStore, parent_id: str) -> None:
-    """Write the parent's combined progress (only while it runs)."""
-    parent = store.get(parent_id)
-    if parent is None or parent.state is not JobState.RUNNING or not parent.pieces:
-        return
-    fields = combined_progress([store.get(piece) for piece in parent.pieces])
-    store.update(parent_id, only_from=(JobState.RUNNING,), **fields)
-
-
-@contextlib.contextmanager
-def piece_progress(store: JobStore, job_id: str) -> Iterator[None]:
-    """Around a delivery of a piece: a thread follows the piece's channel and writes its
-    parent's combined progress (at most every PIECE_PROGRESS_INTERVAL_S). Other jobs: nothing."""
-    record = store.get(job_id)
-    if record is None or record.parent is None:
-        yield
-        return
-    parent_id = record.parent
-    stop = threading.Event()
-    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.subscribe(keys.job_events(job_id))
-
-    def relay() -> None:
-        last = 0.0
-        while not stop.is_set():
-            try:
-                message = pubsub.get_message(timeout=0.5)
-                if message is None or parse_published(message["data"]) is None:
-                    continue
-                if time.monotonic() - last >= PIECE_PROGRESS_INTERVAL_S:
-                    last = time.monotonic()
-                    refresh_parent(store, parent_id)
-            except (redis.RedisError, ValueError) as exc:  # progress is best effort
-                log.warning("combined progress of %s: %s", parent_id, exc)
-                stop.wait(1.0)
-
-    thread = threading.Thread(target=relay, name=f"split-progress-{job_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):
-            pubsub.close()
-            refresh_parent(store, parent_id)

@@ -1,0 +1,85 @@
+"""A split job's combined progress: while a piece runs, its parent's record shows the pieces'
+progress together (percent, fps, speed, ETA), written from the piece's worker."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from gpujobs import keys
+from gpujobs.specs import JobRecord, JobState
+from gpujobs.store import JobStore, parse_published
+
+log = logging.getLogger(__name__)
+PIECE_PROGRESS_INTERVAL_S = 0.5  # at most two combined-progress writes a second per piece
+
+
+def combined_progress(pieces: list[JobRecord | None]) -> dict[str, Any]:
+    """The parent's progress from its pieces': percent the mean (a piece counts 100 once it
+    succeeded; at most 99 until the join), fps and speed the sums over running pieces, ETA the
+    longest running piece's while none waits in the queue (else unknown)."""
+    percents = [100.0 if p and p.state is JobState.SUCCEEDED else (p.percent if p else 0.0)
+                for p in pieces]  # fmt: skip
+    running = [p for p in pieces if p is not None and p.state is JobState.RUNNING]
+    waiting = any(p is None or p.state is JobState.QUEUED for p in pieces)
+    etas = [p.eta_s for p in running if p.eta_s is not None]
+    return {
+        "percent": round(min(99.0, sum(percents) / max(1, len(percents))), 1),
+        "fps": round(sum(p.fps or 0.0 for p in running), 1) or None,
+        "speed": round(sum(p.speed or 0.0 for p in running), 2) or None,
+        "eta_s": None if waiting or not etas else max(etas),
+    }
+
+
+def refresh_parent(store: JobStore, parent_id: str) -> None:
+    """Write the parent's combined progress (only while it runs)."""
+    parent = store.get(parent_id)
+    if parent is None or parent.state is not JobState.RUNNING or not parent.pieces:
+        return
+    fields = combined_progress([store.get(piece) for piece in parent.pieces])
+    store.update(parent_id, only_from=(JobState.RUNNING,), **fields)
+
+
+@contextlib.contextmanager
+def piece_progress(store: JobStore, job_id: str) -> Iterator[None]:
+    """Around a delivery of a piece: a thread follows the piece's channel and writes its
+    parent's combined progress (at most every PIECE_PROGRESS_INTERVAL_S). Other jobs: nothing."""
+    record = store.get(job_id)
+    if record is None or record.parent is None:
+        yield
+        return
+    parent_id = record.parent
+    stop = threading.Event()
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub.subscribe(keys.job_events(job_id))
+
+    def relay() -> None:
+        last = 0.0
+        while not stop.is_set():
+            try:
+                message = pubsub.get_message(timeout=0.5)
+                if message is None or parse_published(message["data"]) is None:
+                    continue
+                if time.monotonic() - last >= PIECE_PROGRESS_INTERVAL_S:
+                    last = time.monotonic()
+                    refresh_parent(store, parent_id)
+            except (redis.RedisError, ValueError) as exc:  # progress is best effort
+                log.warning("combined progress of %s: %s", parent_id, exc)
+                stop.wait(1.0)
+
+    thread = threading.Thread(target=relay, name=f"split-progress-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            pubsub.close()
+            refresh_parent(store, parent_id)
