@@ -48,10 +48,11 @@ class LadderSpec(MediaJobSpec):
     heights above the source's are skipped at run time. package: "hls" (fMP4 segments,
     master.m3u8), "dash" (manifest.mpd) or "mp4" (`<height>p.mp4` per rendition).
     segment_s: seconds per segment, default 4; every rendition has a keyframe at each segment
-    boundary. preset: p1 (fastest)..p7 (NVENC; the
-    x264 preset of the same rank on the CPU). cq: constant quality under the cap, default 23.
-    audio: "aac" (AAC in every HLS variant, one shared track in DASH: the source's copied when
-    it is AAC already, else encoded at 128 kbit/s stereo) or "none". threads: decoder threads. priority: 0..9. gpu: auto, require or forbid.
+    boundary. preset: p1 (fastest)..p7 (NVENC; the x264 preset of the same rank on the CPU).
+    cq: constant quality under the cap, default 23. audio: "aac" (AAC in every HLS variant, one
+    shared track in DASH: the source's copied when it is AAC already, else encoded at 128
+    kbit/s stereo) or "none". threads: decoder threads. priority: 0..9. gpu: auto, require or
+    forbid.
     split: None, N or "auto" as for a transcode: each piece's worker makes the ladder of its
     piece (one decode, every rendition, as MP4), then one stream-copy pass joins each rendition
     and packages the whole with the source's audio (workers/transcode/ladder_split.py).
