@@ -8,8 +8,8 @@ from gpujobs.client import (
     Job,
     get_job,
     submit_inference,
-    submit_many,
     submit_ladder,
+    submit_many,
     submit_transcode,
 )
 from gpujobs.config import Settings
@@ -40,7 +40,7 @@ __all__ = [
     "TranscodeSpec",
     "get_job",
     "submit_inference",
-    "submit_many",
     "submit_ladder",
+    "submit_many",
     "submit_transcode",
 ]

@@ -394,35 +394,20 @@ class Client:
         """Check a ladder without changing anything: its spec, and the file to copy into the
         media root first (None when the input lies under it). InvalidSpec if bad."""
         values = {k: v for k, v in params.items() if v is not None}
-        _make_ladder_spec({**values, "input": "in.mp4", "output": "out"})
+        ladder.make_spec({**values, "input": "in.mp4", "output": "out"})
         source, copy_from = self._input_path(Path(input), copy_outside)
         if output is None:
             output_rel = ladder.default_output(source, values.get("package", "hls")).as_posix()
         else:
             output_rel = media_relative(Path(output), self.settings.media, "output")
-        spec = _make_ladder_spec({**values, "input": source.as_posix(), "output": output_rel})
+        spec = ladder.make_spec({**values, "input": source.as_posix(), "output": output_rel})
         return spec, copy_from
 
     def enqueue_ladder(self, spec: ladder.LadderSpec, copy_from: Path | None = None) -> Job:
         """Copy the input in if needed, record the ladder job and queue it."""
         if copy_from is not None:
             copy_file(copy_from, self.settings.media / spec.input)
-        job_id = uuid.uuid4().hex[:12]
-        dumped = spec.model_dump(mode="json")
-        self.store.create(JobRecord(
-            id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED, spec=dumped,
-            queue=TRANSCODE_QUEUE, created_at=time.time(),
-        ))  # fmt: skip
-        try:
-            self.app.send_task(
-                TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=TRANSCODE_QUEUE,
-                argsrepr=f"{spec.input} -> {spec.output} | ladder {spec.renditions} {spec.package}",
-                priority=broker_priority(spec.priority),
-            )  # fmt: skip
-        except Exception:
-            self.store.delete(job_id)
-            raise
-        return Job(job_id, self)
+        return Job(ladder.enqueue(spec, self.store, self.app), self)
 
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         """The live heartbeat of every node by name (see workers/heartbeat.py for the shape);
@@ -590,13 +575,6 @@ def _fingerprint(spec: TranscodeSpec, info: os.stat_result) -> str:
 def _make_spec(values: dict[str, Any]) -> TranscodeSpec:
     try:
         return TranscodeSpec.model_validate(values)
-    except ValidationError as exc:
-        raise InvalidSpec.from_validation(exc) from None
-
-
-def _make_ladder_spec(values: dict[str, Any]) -> ladder.LadderSpec:
-    try:
-        return ladder.LadderSpec.model_validate(values)
     except ValidationError as exc:
         raise InvalidSpec.from_validation(exc) from None
 

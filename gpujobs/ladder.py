@@ -12,13 +12,27 @@ Apple's HLS authoring guidance, rounded:
 
 from __future__ import annotations
 
+import time
+import uuid
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from celery import Celery
+from pydantic import Field, ValidationError, field_validator
 
+from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority
 from gpujobs.config import Preset
-from gpujobs.specs import MAX_SPLIT, GpuPolicy, MediaJobSpec, SplitSetting
+from gpujobs.errors import InvalidSpec
+from gpujobs.specs import (
+    MAX_SPLIT,
+    GpuPolicy,
+    JobKind,
+    JobRecord,
+    JobState,
+    MediaJobSpec,
+    SplitSetting,
+)
+from gpujobs.store import JobStore
 
 # Rendition height (pixels) -> capped video bitrate (kbit/s); see the module docstring.
 BITRATE_CAP_KBPS: dict[int, int] = {
@@ -110,3 +124,32 @@ def default_output(input: PurePosixPath, package: Package) -> PurePosixPath:
     if package == "mp4":
         return input.with_name(f"{input.stem}.mp4s")
     return input.with_name(f"{input.stem}.{package}")
+
+
+def make_spec(values: dict[str, Any]) -> LadderSpec:
+    """A checked LadderSpec; InvalidSpec (one line naming the field) when it is not."""
+    try:
+        return LadderSpec.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidSpec.from_validation(exc) from None
+
+
+def enqueue(spec: LadderSpec, store: JobStore, app: Celery) -> str:
+    """Record a ladder job and send it to the transcode queue; its id. The store and app are
+    handed in by the caller (Client.enqueue_ladder), as the batch code is."""
+    job_id = uuid.uuid4().hex[:12]
+    dumped = spec.model_dump(mode="json")
+    store.create(JobRecord(
+        id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED, spec=dumped,
+        queue=TRANSCODE_QUEUE, created_at=time.time(),
+    ))  # fmt: skip
+    try:
+        app.send_task(
+            TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=TRANSCODE_QUEUE,
+            argsrepr=f"{spec.input} -> {spec.output} | ladder {spec.renditions} {spec.package}",
+            priority=broker_priority(spec.priority),
+        )  # fmt: skip
+    except Exception:
+        store.delete(job_id)  # never leave a record for a job no queue holds
+        raise
+    return job_id

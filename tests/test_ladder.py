@@ -221,9 +221,11 @@ def test_a_split_ladder_is_made_per_piece_and_packaged_once(
     src = read_facts(source)
     assert all(v.frames == src.frames == 360 and v.monotonic for v in variants)
     assert src.audio_end_s is not None
-    for v in variants:  # the source's audio, encoded once for the whole, no gap at the cut
+    for v in variants:  # the source's audio, once for the whole, no gap at the cut
         assert v.audio_end_s is not None and v.audio_gaps == 0
-        assert abs(v.audio_end_s - src.audio_end_s) <= 0.05, (v.audio_end_s, src.audio_end_s)
+        # It ends with the video as in the source (a copied AAC's priming may shift both).
+        lag, source_lag = v.audio_end_s - v.video_end_s, src.audio_end_s - src.video_end_s
+        assert abs(lag - source_lag) <= 0.05, (v, src)
     keyframes = [[round(k, 3) for k in v.keyframes] for v in variants]
     assert keyframes[0] == keyframes[1]
     # Every 2 s from each piece's start (the cut is a source keyframe, 6 s here).

@@ -15,9 +15,11 @@ import pytest
 from gpujobs.client import Client, Job
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
-from gpujobs.specs import JobRecord, JobState
+from gpujobs.media import probe
+from gpujobs.specs import JobRecord, JobState, TranscodeSpec
 from tests.helpers import WorkerProcess, wait_for
 from workers.transcode import split
+from workers.transcode.plan import plan_streams
 
 FAST_RECOVERY = {"GPUJOBS_LEASE_S": "4", "GPUJOBS_WATCHDOG_INTERVAL_S": "0.5"}
 
@@ -71,15 +73,18 @@ def test_auto_counts_idle_workers_from_heartbeats(client: Client) -> None:
     assert split.idle_workers(client.redis) == 4
 
 
-def test_split_commands_cut_video_only_and_join_with_the_sources_audio() -> None:
+def test_split_commands_cut_video_only_and_join_with_the_sources_audio(
+    ffmpeg: str, tmp_path: Path
+) -> None:
     cut = split.cut_command("ffmpeg", Path("/m/in.mp4"), [4.0, 8.0], 1 / 30, Path("/w/cut%03d.mp4"))
     assert cut[cut.index("-map") + 1] == "0:v:0" and cut[cut.index("-c") + 1] == "copy"
     assert cut[cut.index("-segment_times") + 1] == "3.983333,7.983333"
-    join = split.join_command(
-        "ffmpeg", Path("/w/list"), Path("/m/in.mp4"), "copy", True, Path("/m/out.mp4")
-    )
-    assert join[:6] == ["ffmpeg", "-f", "concat", "-safe", "0", "-i"]
-    assert join[11:17] == ["-map", "1:a:0", "-c:v", "copy", "-c:a", "copy"]
+    # The join maps the source's audio as a single pass would (the stream plan of the job).
+    source = gop_clip(ffmpeg, tmp_path / "in.mp4", 1, "320x240")
+    plan = plan_streams(TranscodeSpec(input="in.mp4", output="out.mp4"), probe(source))
+    join = split.join_command("ffmpeg", Path("/w/list"), source, plan, Path("/m/out.mp4"))
+    assert join[:8] == ["ffmpeg", "-f", "concat", "-safe", "0", "-i", "/w/list", "-i"]
+    assert join[9:17] == ["-map", "0:v:0", "-map", "1:1", "-c:v", "copy", "-c:a:0", "copy"]
 
 
 def test_a_bad_split_is_one_line_and_queues_nothing(client: Client, ffmpeg: str) -> None:

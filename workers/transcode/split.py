@@ -33,12 +33,14 @@ from gpujobs import keys
 from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_argsrepr
 from gpujobs.config import AudioMode
 from gpujobs.ladder import LadderSpec
+from gpujobs.media import ProbeError, probe
 from gpujobs.specs import MAX_SPLIT, JobKind, JobRecord, JobState, TranscodeSpec
 from gpujobs.store import JobStore
 from workers.lease import LeaseKeeper
 from workers.runtime import PathOutsideMediaRoot, WorkerRuntime
 from workers.transcode import command as tc
 from workers.transcode.job import TranscodeAttempt
+from workers.transcode.plan import Plan, plan_streams
 
 log = logging.getLogger(__name__)
 ACTIVE = (JobState.QUEUED, JobState.RUNNING)
@@ -164,24 +166,36 @@ def cut_command(
 
 
 def join_command(
-    ffmpeg: str, concat_list: Path, source: Path, audio: AudioMode, has_audio: bool, output: Path
+    ffmpeg: str, concat_list: Path, source: Path, plan: Plan, output: Path
 ) -> list[str]:
-    """Join the encoded pieces (concat demuxer, video copied) and take the audio from the source
-    once: copied, encoded to AAC 128k, or left out."""
-    args = [ffmpeg, "-f", "concat", "-safe", "0", "-i", str(concat_list)]
-    if audio != "none" and has_audio:
-        args += ["-i", str(source), "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy"]
-        args += ["-c:a", "copy"] if audio == "copy" else ["-c:a", "aac", "-b:a", "128k"]
-    else:
-        args += ["-map", "0:v:0", "-c:v", "copy", "-an"]
+    """Join the encoded pieces (concat demuxer, video copied) and take the audio tracks and
+    subtitles from the source once, as a single pass would (`plan`: the stream plan of the
+    whole job, workers/transcode/plan.py): each copied or converted, or left out."""
+    args = [ffmpeg, "-f", "concat", "-safe", "0", "-i", str(concat_list), "-i", str(source)]
+    args += ["-map", "0:v:0"]
+    for choice in (*plan.audio, *plan.subtitles):
+        args += ["-map", f"1:{choice.index}"]
+    args += ["-c:v", "copy"]
+    for n, choice in enumerate(plan.audio):
+        if choice.action == "kept":
+            args += [f"-c:a:{n}", "copy"]
+        else:
+            args += [f"-c:a:{n}", "aac", f"-b:a:{n}", str(choice.bitrate)]
+    for n, choice in enumerate(plan.subtitles):
+        args += [f"-c:s:{n}", "copy" if choice.action == "kept" else str(choice.to)]
+    if plan.container in tc.MOOV_CONTAINERS:
+        args += ["-movflags", "+faststart"]
     return [*args, "-y", str(output)]
 
 
-def check_joined(source: StreamFacts, joined: StreamFacts, audio: AudioMode) -> str | None:
+def check_joined(
+    source: StreamFacts, joined: StreamFacts, audio: AudioMode, same_frames: bool = True
+) -> str | None:
     """None when the joined output matches the source, else one line saying what is wrong: the
-    same frame count, timestamps increasing, duration within one frame, audio (unless dropped)
-    as long as the source's (within one frame) and without gaps."""
-    if joined.frames != source.frames:
+    same frame count (unless `same_frames` is False: a constant output rate was asked for),
+    timestamps increasing, duration within one frame, audio (unless dropped) as long as the
+    source's (within one frame) and without gaps."""
+    if same_frames and joined.frames != source.frames:
         return f"joined output has {joined.frames} frames, the source {source.frames}"
     if not joined.monotonic:
         return "joined output's video timestamps go backwards"
@@ -437,10 +451,11 @@ class SplitAttempt(TranscodeAttempt):
             stale.unlink(missing_ok=True)
         temp_path = tc.temporary_output(output_path, f"{self.job_id}.{self.attempt}")
         began = time.monotonic()
-        command = join_command(
-            rt.ffmpeg, concat_list, source_path, spec.audio, source.audio_end_s is not None,
-            temp_path,
-        )  # fmt: skip
+        try:
+            plan = plan_streams(spec, probe(source_path, first_frame=False))
+        except (ProbeError, ValueError) as exc:
+            return self.fail(f"cannot read the input {spec.input}: {exc}")
+        command = join_command(rt.ffmpeg, concat_list, source_path, plan, temp_path)
         log.info("job %s join: %s", self.job_id, " ".join(command))
         try:
             outcome = tc.run_ffmpeg(command, lambda _: None, self.should_stop)
@@ -454,7 +469,7 @@ class SplitAttempt(TranscodeAttempt):
                 joined = read_facts(temp_path)
             except (av.FFmpegError, ValueError) as exc:
                 return self.fail(f"the joined output is unreadable: {exc}")
-            problem = check_joined(source, joined, spec.audio)
+            problem = check_joined(source, joined, spec.audio, same_frames=spec.fps is None)
             if problem:
                 return self.fail(f"joined output failed validation: {problem}")
             if self.should_stop():
