@@ -8,7 +8,6 @@ from gpujobs.client import (
     Job,
     get_job,
     submit_inference,
-    submit_ladder,
     submit_many,
     submit_transcode,
 )
@@ -20,7 +19,7 @@ from gpujobs.errors import (
     JobFailed,
     JobNotFound,
 )
-from gpujobs.ladder import LadderSpec
+from gpujobs.ladder import LadderSpec, submit_ladder
 from gpujobs.specs import InferenceSpec, JobRecord, JobState, Progress, TranscodeSpec
 
 __all__ = [

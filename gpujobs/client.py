@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 from pydantic import ValidationError
 
-from gpujobs import batch, keys, ladder
+from gpujobs import batch, keys
 from gpujobs.app import (
     TRANSCODE_QUEUE,
     gpu_queue,
@@ -353,62 +353,6 @@ class Client:
             except InvalidSpec as exc:
                 raise InvalidSpec(f"item {number}: {exc}") from None
 
-    def submit_ladder(
-        self,
-        input: str | Path,
-        output: str | Path | None = None,
-        *,
-        renditions: list[int] | None = None,
-        package: ladder.Package | None = None,
-        segment_s: float | None = None,
-        preset: Preset | None = None,
-        cq: int | None = None,
-        audio: ladder.LadderAudio | None = None,
-        threads: int | None = None,
-        priority: int | None = None,
-        gpu: GpuPolicy | None = None,
-        split: SplitSetting | None = None,
-        copy_outside: bool = False,
-    ) -> Job:
-        """Queue an ABR ladder of `input` (gpujobs/ladder.py) and return its Job.
-
-        output: a folder under the media root, default `<input stem>.hls` (or `.dash`) beside
-        the input; it appears whole once every playlist is written. renditions: heights in
-        pixels, default 1080, 720, 480 (those above the source's are skipped). package: hls
-        (default) or dash. segment_s: seconds per segment, default 4. preset, cq (default 23,
-        capped by the bitrate table), threads, priority, gpu: as for submit_transcode.
-        audio: aac (default) or none. split: None, N or "auto": the ladder of each of N pieces
-        made by its own worker, then packaged as one (see submit_transcode). None: the default.
-        Raises InvalidSpec (one line: what is wrong), BrokerUnreachable.
-        """
-        given = {
-            "renditions": renditions, "package": package, "segment_s": segment_s,
-            "preset": preset, "cq": cq, "audio": audio, "threads": threads,
-            "priority": priority, "gpu": gpu, "split": split,
-        }  # fmt: skip
-        return self.enqueue_ladder(*self.prepare_ladder(input, output, copy_outside, **given))
-
-    def prepare_ladder(
-        self, input: str | Path, output: str | Path | None, copy_outside: bool, **params: Any
-    ) -> tuple[ladder.LadderSpec, Path | None]:
-        """Check a ladder without changing anything: its spec, and the file to copy into the
-        media root first (None when the input lies under it). InvalidSpec if bad."""
-        values = {k: v for k, v in params.items() if v is not None}
-        ladder.make_spec({**values, "input": "in.mp4", "output": "out"})
-        source, copy_from = self._input_path(Path(input), copy_outside)
-        if output is None:
-            output_rel = ladder.default_output(source, values.get("package", "hls")).as_posix()
-        else:
-            output_rel = media_relative(Path(output), self.settings.media, "output")
-        spec = ladder.make_spec({**values, "input": source.as_posix(), "output": output_rel})
-        return spec, copy_from
-
-    def enqueue_ladder(self, spec: ladder.LadderSpec, copy_from: Path | None = None) -> Job:
-        """Copy the input in if needed, record the ladder job and queue it."""
-        if copy_from is not None:
-            copy_file(copy_from, self.settings.media / spec.input)
-        return Job(ladder.enqueue(spec, self.store, self.app), self)
-
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         """The live heartbeat of every node by name (see workers/heartbeat.py for the shape);
         nodes whose heartbeat expired are dropped from keys.NODES on the way."""
@@ -621,31 +565,6 @@ def submit_many(
     """Queue many transcodes with a new Client (settings from GPUJOBS_*), `batch_size` per
     round trip; see Client.submit_many for the items."""
     return Client().submit_many(items, force=force, batch_size=batch_size)
-
-
-def submit_ladder(
-    input: str | Path,
-    output: str | Path | None = None,
-    *,
-    renditions: list[int] | None = None,
-    package: ladder.Package | None = None,
-    segment_s: float | None = None,
-    preset: Preset | None = None,
-    cq: int | None = None,
-    audio: ladder.LadderAudio | None = None,
-    threads: int | None = None,
-    priority: int | None = None,
-    gpu: GpuPolicy | None = None,
-    split: SplitSetting | None = None,
-    copy_outside: bool = False,
-) -> Job:
-    """Queue an ABR ladder with a new Client (settings from GPUJOBS_*); see
-    Client.submit_ladder for every parameter."""
-    return Client().submit_ladder(
-        input, output, renditions=renditions, package=package, segment_s=segment_s,
-        preset=preset, cq=cq, audio=audio, threads=threads, priority=priority, gpu=gpu,
-        split=split, copy_outside=copy_outside,
-    )  # fmt: skip
 
 
 def submit_inference(

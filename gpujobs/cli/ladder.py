@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gpujobs import ladder as ladder_sdk
 from gpujobs.cli.render import console, exit_for, follow, record_json
 from gpujobs.client import Client
 from gpujobs.config import Settings
@@ -54,10 +55,10 @@ def submit_ladders(
     for file in files:
         given_path = file if file.is_absolute() else Path.cwd() / file
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
-        prepared.append(client.prepare_ladder(
-            given_path, out, copy, renditions=renditions, package=package, **params
+        prepared.append(ladder_sdk.prepare(
+            client, given_path, out, copy, renditions=renditions, package=package, **params
         ))  # fmt: skip
-    jobs = [client.enqueue_ladder(spec, copy_from) for spec, copy_from in prepared]
+    jobs = [ladder_sdk.enqueue_prepared(client, spec, copy_from) for spec, copy_from in prepared]
     if not wait:
         for job in jobs:
             if as_json:

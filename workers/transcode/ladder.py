@@ -285,6 +285,7 @@ class LadderAttempt(TranscodeAttempt):
         self.ladder = LadderSpec.model_validate(record.spec)
         self.attempt, self.keeper, self.worker = attempt, keeper, worker
         self.started_at = time.time()
+        self._later: dict[str, Any] = {}  # as TranscodeAttempt: fields held for the next write
 
     def run(self) -> dict[str, Any]:
         rt, spec = self.rt, self.ladder

@@ -330,6 +330,7 @@ class SplitAttempt(TranscodeAttempt):
         self.job_id = record.id
         self.attempt, self.keeper, self.worker = attempt, keeper, worker
         self.started_at = time.time()
+        self._later: dict[str, Any] = {}  # as TranscodeAttempt: fields held for the next write
         self.whole = self.parse(record.spec)
 
     def parse(self, spec: dict[str, Any]) -> TranscodeSpec | LadderSpec:
