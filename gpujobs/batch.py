@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -121,6 +123,94 @@ def _describe(value: object) -> str:
     return "a number" if isinstance(value, int | float) else "an object"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The byte-order marks an editor may put at the start of a file (Windows Notepad, Excel).
+_FOREIGN_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\xfe\xff", "UTF-16"),
+    (b"\xff\xfe", "UTF-16"),
+)
+_BOM = "\ufeff"
+_MAX_DEPTH = 200  # nesting deeper than any chat body needs; deeper would exhaust the stack
+
+
+def _field(path: str, name: object) -> str:
+    return f"{path}.{name}" if path else str(name)
+
+
+def json_problem(value: object, path: str = "", depth: int = 0) -> str | None:
+    """Why `value` cannot be written as standard JSON in UTF-8, naming the field; None if it can.
+
+    Finds every kind: a string (or key) holding a lone UTF-16 surrogate (`"\\ud83d"` is legal
+    JSON text, yet no UTF-8 can hold it), a number that is NaN or infinite (Python's json
+    writes them, standard JSON has none: `NaN`, `Infinity`, `1e999`), a value of no JSON type
+    (from the SDK), and nesting too deep to handle.
+    """
+    if depth > _MAX_DEPTH:
+        return f"{path or 'the request'} is nested more than {_MAX_DEPTH} levels deep"
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            code = f"\\u{ord(found.group()):04x}"
+            return (
+                f"{path or 'a value'} holds a lone UTF-16 surrogate ({code}) at character "
+                f"{found.start() + 1}, which is not a character and cannot be sent as UTF-8"
+            )
+        return None
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return None
+        shown = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return f"{path or 'a value'} is {shown}, which is not a JSON number (use a number or null)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path or 'an object'} has a key {key!r} that is not a string"
+            problem = json_problem(key, f"{path or 'an object'} key {key[:40]!r}", depth + 1)
+            problem = problem or json_problem(item, _field(path, key), depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = json_problem(item, f"{path}[{index}]", depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"{path or 'a value'} is a {type(value).__name__}, which JSON cannot hold"
+
+
+def parse_line(text: str) -> object:
+    """One JSONL line's value; ValueError with a message that names the column where the text
+    breaks (`cut off at column 41`), for a line cut off mid-object as for any other."""
+    text = text.rstrip("\r\n")
+    if text.startswith(_BOM):  # a BOM is not content (files glued together carry several)
+        text = text[1:]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        unclosed = exc.msg.startswith("Unterminated string")
+        if exc.pos >= len(text.rstrip()) or unclosed:
+            end = len(text.rstrip()) + 1
+            why = "a string is never closed" if unclosed else exc.msg.lower()
+            raise ValueError(
+                f"not valid JSON: the line is cut off at column {end} ({why})"
+            ) from None
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"not valid JSON: nested too deeply (over {_MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # an integer of over 4300 digits, say
+        raise ValueError(f"not valid JSON ({str(exc).split(';')[0]})") from None
+
+
+# A request's body field that turns its answer into server-sent events: a batch line holds one
+# JSON answer, so such a request is refused (as `vllm run-batch` does).
+STREAM_FIELDS = ("stream",)
+
+
 class BatchChecker:
     """Checks requests one by one; remembers custom_ids to catch repeats.
 
@@ -142,6 +232,9 @@ class BatchChecker:
     def _check(self, raw: object, where: str) -> Request:
         if not isinstance(raw, dict):
             raise ValueError(f"must be a JSON object, got {_describe(raw)}")
+        problem = json_problem(raw)
+        if problem:
+            raise ValueError(problem)
         custom_id = raw.get("custom_id")
         if custom_id is None:
             raise ValueError("custom_id is missing")
@@ -167,6 +260,12 @@ class BatchChecker:
             raise ValueError("body is missing")
         if not isinstance(body, dict):
             raise ValueError(f"body must be a JSON object, got {_describe(body)}")
+        for flag in STREAM_FIELDS:
+            if body.get(flag) not in (None, False):
+                raise ValueError(
+                    f"a batch request must not stream (body.{flag} is {json.dumps(body[flag])}); "
+                    "drop it: each line gets one whole answer"
+                )
         for image in image_urls(body):
             image["url"] = self._image(image["url"])
         self.seen[custom_id] = where
@@ -208,17 +307,25 @@ def iter_batch_file(path: Path, media: Path) -> Iterator[Request]:
     with handle:
         for number, raw_line in enumerate(handle, start=1):
             where = f"line {number}"
+            if number == 1:
+                for bom, encoding in _FOREIGN_BOMS:
+                    if raw_line.startswith(bom):
+                        raise InvalidSpec(
+                            f"batch file {shown} is {encoding} text (it starts with a {encoding} "
+                            "byte-order mark); save it as UTF-8"
+                        )
             try:
                 text = raw_line.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidSpec(f"{where}: not UTF-8 text") from None
-            if not text.strip():
+            except UnicodeDecodeError as exc:
+                raise InvalidSpec(
+                    f"{where}: not UTF-8 text (byte {exc.start + 1} is {raw_line[exc.start]:#04x})"
+                ) from None
+            if not text.lstrip(_BOM).strip():
                 continue  # blank lines carry nothing (vllm run-batch skips them too)
             try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as exc:
-                message = f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
-                raise InvalidSpec(message) from None
+                raw = parse_line(text)
+            except ValueError as exc:
+                raise InvalidSpec(f"{where}: {exc}") from None
             yield checker.check(raw, where)
 
 
@@ -255,11 +362,11 @@ def check_request_list(items: Iterable[object], media: Path) -> list[Request]:
     requests: list[Request] = []
     for number, item in enumerate(items, start=1):
         where = f"item {number}"
-        try:
-            # A deep copy that is also proof the request can travel as JSON.
-            raw = json.loads(json.dumps(item))
-        except (TypeError, ValueError) as exc:
-            raise InvalidSpec(f"{where}: cannot be written as JSON ({exc})") from None
+        problem = json_problem(item)
+        if problem:
+            raise InvalidSpec(f"{where}: {problem}")
+        # A deep copy, made as it will travel.
+        raw = json.loads(json.dumps(item, ensure_ascii=False, allow_nan=False))
         requests.append(checker.check(raw, where))
     if not requests:
         raise InvalidSpec("the batch is empty (no requests)")
@@ -388,7 +495,9 @@ def write_requests(
                 if index % chunk_size == 0:
                     count = max(0, min(chunk_size, total - index))
                     chunks.append(Chunk(index=len(chunks), start=index, count=count, offset=offset))
-                line = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
+                line = json.dumps(
+                    request, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+                ).encode()
                 handle.write(line + b"\n")
                 offset += len(line) + 1
                 written = index + 1
@@ -445,6 +554,29 @@ def batch_summary(
     }
 
 
+def stage_batch(prepared: PreparedBatch, settings: Settings) -> list[Chunk]:
+    """Write a checked batch's requests file into the media root; its chunk plan.
+
+    InvalidSpec, and nothing left behind, when the file changed since its check.
+    """
+    spec = prepared.spec
+    try:
+        return write_requests(
+            prepared.requests, settings.media / spec.input, spec.chunk_size, spec.requests
+        )
+    except BaseException:
+        unstage_batch(prepared, settings)
+        raise
+
+
+def unstage_batch(prepared: PreparedBatch, settings: Settings) -> None:
+    """Remove what stage_batch wrote (a batch that is not going to be queued)."""
+    folder = settings.media / BATCHES / prepared.job_id
+    (folder / REQUESTS_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def enqueue_batch(
     prepared: PreparedBatch, *, settings: Settings, store: JobStore, app: Celery
 ) -> str:
@@ -454,17 +586,31 @@ def enqueue_batch(
     needs nothing from the client. Returns the job id; InvalidSpec when the file changed since
     its check; nothing is left behind when queueing fails.
     """
+    return enqueue_batches([prepared], settings=settings, store=store, app=app)[0]
+
+
+def enqueue_batches(
+    prepared: list[PreparedBatch], *, settings: Settings, store: JobStore, app: Celery
+) -> list[str]:
+    """Queue several checked batches, all or none: every requests file is written (which
+    reads each input again) before any job is queued, so a file that fails then leaves
+    nothing queued. Returns the job ids in order."""
+    staged: list[tuple[PreparedBatch, list[Chunk]]] = []
+    try:
+        for batch in prepared:
+            staged.append((batch, stage_batch(batch, settings)))
+    except BaseException:
+        for batch, _ in staged:
+            unstage_batch(batch, settings)
+        raise
+    return [_queue_staged(batch, chunks, settings, store, app) for batch, chunks in staged]
+
+
+def _queue_staged(
+    prepared: PreparedBatch, chunks: list[Chunk], settings: Settings, store: JobStore, app: Celery
+) -> str:
     spec = prepared.spec
     job_id = prepared.job_id
-    folder = settings.media / BATCHES / job_id
-    try:
-        chunks = write_requests(
-            prepared.requests, settings.media / spec.input, spec.chunk_size, spec.requests
-        )
-    except BaseException:
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-        raise
     ttl = settings.record_ttl_s
     redis_client: redis.Redis = store.redis
     with redis_client.pipeline() as pipe:
@@ -496,9 +642,7 @@ def enqueue_batch(
         # and are skipped.
         store.delete(job_id)
         redis_client.delete(keys.batch_stats(job_id))
-        (folder / REQUESTS_FILE).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+        unstage_batch(prepared, settings)
         raise
     return job_id
 

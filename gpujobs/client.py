@@ -442,6 +442,14 @@ class Client:
         )
         return Job(job_id, self)
 
+    def enqueue_batches(self, prepared: list[batch.PreparedBatch]) -> list[Job]:
+        """Queue several checked batches, all or none (every requests file is written before
+        any job is queued); their Jobs in order."""
+        ids = batch.enqueue_batches(
+            prepared, settings=self.settings, store=self.store, app=self.app
+        )
+        return [Job(job_id, self) for job_id in ids]
+
     def list(self, limit: int = 50, states: tuple[JobState, ...] = ()) -> list[JobRecord]:
         return self.store.list(limit=limit, states=states)
 

@@ -162,6 +162,28 @@ InferenceUrl = Literal["/v1/chat/completions", "/v1/completions", "/v1/embedding
 INFERENCE_URLS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
+# Routes an OpenAI-compatible server (vLLM) serves under its base URL: an endpoint that ends
+# in one names a route, not the server.
+SERVER_ROUTES: tuple[str, ...] = (
+    "chat/completions", "completions", "embeddings", "models", "health", "metrics", "batches",
+    "files", "responses", "score", "rerank", "pooling", "classify", "tokenize", "detokenize",
+    "audio/transcriptions", "audio/translations", "version", "ping",
+)  # fmt: skip
+
+
+def endpoint_route(url: str) -> str | None:
+    """The route part of an endpoint that names one (`/chat/completions` of
+    `http://h:9999/v1/chat/completions`, anything after `/v1/`); None for a base URL."""
+    path = "/" + url.partition("://")[2].partition("/")[2].rstrip("/")
+    _, sep, tail = path.partition("/v1/")
+    if sep:
+        return "/" + tail
+    for route in SERVER_ROUTES:
+        if path.endswith("/" + route):
+            return "/" + route
+    return None
+
+
 class InferenceSpec(MediaJobSpec):
     """One batch of OpenAI-style requests sent to an OpenAI-compatible server (vLLM).
 
@@ -203,6 +225,12 @@ class InferenceSpec(MediaJobSpec):
         scheme, sep, rest = value.partition("://")
         if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
             raise ValueError(f"must be an http(s) URL (http://host:9999/v1), got {value!r}")
+        route = endpoint_route(value)
+        if route:
+            base = value[: len(value) - len(route)]
+            raise ValueError(
+                f"{value!r} names a route ({route}), not the server's base URL: give {base!r}"
+            )
         return value
 
     @field_validator("model")

@@ -163,21 +163,23 @@ def test_server_wait_sees_a_loading_server_come_up(server: FakeOpenAI) -> None:
 
     async def go() -> None:
         async with InferenceClient(server.url) as client:
-            assert await client.probe() == "/health answered HTTP 503"
+            assert await client.probe() == f"{server.root}/health answered HTTP 503"
             asyncio.get_running_loop().call_later(0.2, setattr, server, "healthy", True)
             await client.wait_for_server(5, poll_s=0.05)
 
     asyncio.run(go())
 
 
-def test_connection_errors_are_reported_per_request() -> None:
+def test_a_server_that_is_not_there_pauses_requests_then_says_so() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    outcomes = run({"retry": RetryPolicy(max_retries=1, backoff_s=0.01)}, [chat(0, "x")],
-                   f"http://127.0.0.1:{port}/v1")  # fmt: skip
-    line = outcomes["c0"].line
-    assert line["response"] is None and line["error"]["code"] == "connection_error"
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=r"went away and did not come back in 0.5 s: "
+                       "connection refused"):  # fmt: skip
+        run({"retry": RetryPolicy(max_retries=1, backoff_s=0.01), "server_wait_s": 0.5},
+            [chat(0, "x")], f"http://127.0.0.1:{port}/v1")  # fmt: skip
+    assert time.monotonic() - started < 10
 
 
 def test_local_images_are_sent_inline(server: FakeOpenAI, tmp_path: Path) -> None:

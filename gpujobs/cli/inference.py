@@ -107,7 +107,7 @@ def submit_batches(
     client = Client(Settings())
     out = None if output is None else _cwd_path(output)
     prepared = [prepare_batch(client.settings, _cwd_path(f), out, **params) for f in files]
-    jobs = [client.enqueue_batch(p) for p in prepared]
+    jobs = client.enqueue_batches(prepared)  # all or none
     if not wait:
         for job, batch in zip(jobs, prepared, strict=True):
             if as_json:

@@ -20,6 +20,10 @@ import base64
 import datetime
 import email.utils
 import itertools
+import json
+import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -34,15 +38,17 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_exponential_jitter,
 )
 
-from gpujobs.batch import image_mime, image_urls, local_image_path
+from gpujobs.batch import image_mime, image_urls, json_problem, local_image_path
 
+log = logging.getLogger(__name__)
 # Statuses worth another try: overload (429), a request timeout (408), and server-side errors.
 RETRY_STATUSES = frozenset({408, 429})
 PROBE_TIMEOUT_S = 5.0  # one /health or /v1/models probe
+OUTAGE_POLL_S = 0.5  # how often a paused client asks a server that went away whether it is back
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RetryPolicy(BaseModel):
@@ -86,12 +92,26 @@ class ImageError(ValueError):
 
 
 class _Retryable(Exception):
-    """An attempt that may succeed if tried again: a retryable status, or no response."""
+    """An attempt that may succeed if tried again: a retryable status, or no response.
 
-    def __init__(self, response: httpx.Response | None = None, error: Exception | None = None):
+    down: no connection could be made at all (refused, unreachable): the server is away, and
+    the client pauses until it answers again rather than spending the request's retries.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response | None = None,
+        error: BaseException | None = None,
+        down: bool = False,
+    ) -> None:
         super().__init__(str(error) if error else f"HTTP {response and response.status_code}")
         self.response = response
         self.error = error
+        self.down = down
+
+
+class _Timeout(Exception):
+    """A request that got no whole answer within the request timeout."""
 
 
 def server_root(endpoint: str) -> str:
@@ -164,6 +184,14 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
 def transport_reason(exc: BaseException) -> str:
     """Why a connection failed, in words: the OS's reason when one is in the chain
     (`connection refused`), rather than anyio's "All connection attempts failed"."""
+    if isinstance(exc, httpx.TimeoutException | TimeoutError | _Timeout):
+        return (
+            "no answer in time"
+            if not isinstance(exc, httpx.ConnectTimeout)
+            else ("connect timed out")
+        )
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "the server closed the connection without a whole answer"
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ConnectionRefusedError):
@@ -186,11 +214,69 @@ def _usage(body: Any) -> dict[str, int]:
     return counts
 
 
-def _json_or_text(response: httpx.Response) -> Any:
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
+def scrub(value: Any) -> Any:
+    """A JSON value with every lone UTF-16 surrogate (from a `\\udXXX` escape that pairs with
+    nothing) replaced by U+FFFD, so that it can be written as UTF-8."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {scrub(k): scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def parse_answer(response: httpx.Response) -> tuple[Any, str | None]:
+    """A response's body (parsed JSON, else its text) and, when it is no usable JSON, why.
+
+    Standard JSON only: NaN, Infinity and numbers out of range are refused as not JSON. Lone
+    surrogates in strings are replaced with U+FFFD (the answer is kept).
+    """
+    text = response.text
+    if "text/event-stream" in response.headers.get("content-type", ""):
+        return text, "the server streamed its answer (text/event-stream); a batch needs one JSON"
     try:
-        return response.json()
-    except ValueError:
-        return response.text
+        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        return text, f"the server's answer is not JSON ({exc.msg} at character {exc.pos + 1})"
+    except (ValueError, RecursionError) as exc:
+        return text, f"the server's answer is not standard JSON ({exc})"
+    if json_problem(payload) is not None:
+        payload = scrub(payload)
+        log.warning("a lone surrogate in the server's answer was replaced with U+FFFD")
+    return payload, None
+
+
+def safe_line(line: dict[str, Any]) -> str:
+    """An output line as one line of standard JSON that UTF-8 can hold, whatever it carries
+    (a stray surrogate or NaN is replaced rather than fail the chunk)."""
+    try:
+        text = json.dumps(line, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+        return text
+    except (ValueError, UnicodeError):
+        return json.dumps(_sanitize(line), ensure_ascii=False, separators=(",", ":"))
+
+
+def _sanitize(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {scrub(str(k)): _sanitize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sanitize(v) for v in value]
+    return scrub(value) if isinstance(value, str) else value
 
 
 def inline_images(body: dict[str, Any], resolve: Callable[[str], Path]) -> dict[str, Any]:
@@ -229,15 +315,43 @@ def _deep_copy(value: Any) -> Any:
     return value
 
 
+class Slots:
+    """At most `limit` requests in flight; the limit may change while requests wait (adaptive
+    concurrency lowers or raises it), and waiting requests follow at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.active = 0
+        self._changed = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.active < self.limit)
+            self.active += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._changed:
+            self.active -= 1
+            self._changed.notify_all()
+
+    async def set_limit(self, limit: int) -> None:
+        async with self._changed:
+            self.limit = max(1, limit)
+            self._changed.notify_all()
+
+
 class InferenceClient:
     """Sends batch requests to one OpenAI-compatible server. Use as an async context manager.
 
     endpoint: the server's base URL (`http://localhost:9999/v1`; the /v1 may be left out).
-    concurrency: requests in flight at most (default 10). timeout_s: seconds per request.
-    model: overrides every body's model; None keeps it, and a body without one gets the
-    server's only model. resolve_image: media path -> file, for local images (None: refused).
-    api_key: sent as `Authorization: Bearer <key>` with every request (vLLM's --api-key);
-    None sends no header.
+    concurrency: requests in flight at most (default 10). timeout_s: seconds one request may
+    take, its whole answer included (default 600). model: overrides every body's model; None
+    keeps it, and a body without one gets the server's only model. resolve_image: media path
+    -> file, for local images (None: refused). server_wait_s: seconds the client waits for a
+    server that went away mid-batch to answer again before ServerUnavailable (default 120);
+    meanwhile requests pause without spending their retries. on_waiting: told, about twice a
+    second while the server is away, "waiting for URL: why, N s left" (None once it is back).
+    api_key: sent as `Authorization: Bearer` (vLLM's --api-key).
     """
 
     def __init__(
@@ -249,20 +363,29 @@ class InferenceClient:
         retry: RetryPolicy | None = None,
         model: str | None = None,
         resolve_image: Callable[[str], Path] | None = None,
+        server_wait_s: float = 120.0,
+        on_waiting: Callable[[str | None], None] | None = None,
         api_key: str | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.root = server_root(endpoint)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.model = model
         self.resolve_image = resolve_image
+        self.server_wait_s = server_wait_s
+        self.on_waiting = on_waiting
+        self.api_key = api_key
         self._http: httpx.AsyncClient | None = None
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Slots(concurrency)
         self._default_model: str | None = None
         self._model_lock = asyncio.Lock()
+        self._up = asyncio.Event()
+        self._up.set()
+        self._outage: asyncio.Task[None] | None = None
+        self._gone: str | None = None  # why the server is given up on, once it is
+        self.outages = 0  # times the server went away during run()
         self._backoff = wait_exponential_jitter(
             multiplier=self.retry.backoff_s,
             max=self.retry.backoff_max_s,
@@ -270,17 +393,19 @@ class InferenceClient:
         )
 
     async def __aenter__(self) -> InferenceClient:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
         self._http = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-            ),
-            # The semaphore bounds the requests; the pool never makes one wait on top.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.concurrency),
+            # The slots bound the requests; the pool never makes one wait on top.
             timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s), pool=None),
-            headers=self._headers,
+            headers=headers,
         )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._outage is not None:
+            self._outage.cancel()
+            await asyncio.gather(self._outage, return_exceptions=True)
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -294,35 +419,79 @@ class InferenceClient:
     # --- the server ------------------------------------------------------------------------
 
     async def probe(self) -> str | None:
-        """None when the server answers /health (else /v1/models) with 200; why not, if not."""
+        """None when the server answers /health (else /v1/models) with 200; why not, if not,
+        naming the URL tried (`http://h:9999/v1/models answered HTTP 404`)."""
+        health = f"{self.root}/health"
         try:
-            health = await self.http.get(f"{self.root}/health", timeout=PROBE_TIMEOUT_S)
-            if health.status_code == 200:
+            answer = await self.http.get(health, timeout=PROBE_TIMEOUT_S)
+            if answer.status_code == 200:
                 return None
-            if health.status_code != 404:
-                return f"/health answered HTTP {health.status_code}"
+            if answer.status_code != 404:
+                return f"{shown_url(health)} answered HTTP {answer.status_code}"
             # No /health (not vLLM): an OpenAI-compatible server that lists models is up.
-            models = await self.http.get(f"{self.endpoint}/models", timeout=PROBE_TIMEOUT_S)
-            if models.status_code == 200:
+            models = f"{self.endpoint}/models"
+            answer = await self.http.get(models, timeout=PROBE_TIMEOUT_S)
+            if answer.status_code == 200:
                 return None
-            return f"/v1/models answered HTTP {models.status_code}"
+            return f"{shown_url(models)} answered HTTP {answer.status_code}"
         except httpx.TransportError as exc:
             return transport_reason(exc)
 
     async def wait_for_server(self, wait_s: float, poll_s: float = 0.5) -> None:
-        """Return once the server answers; ServerUnavailable after `wait_s` seconds of trying."""
+        """Return once the server answers; ServerUnavailable after `wait_s` seconds of trying.
+        Meanwhile `on_waiting` hears why it waits and for how much longer."""
+        problem = await self._wait_until_up(wait_s, poll_s)
+        if problem is not None:
+            raise ServerUnavailable(
+                f"inference server {shown_url(self.endpoint)} did not come up in "
+                f"{wait_s:g} s: {problem}"
+            )
+
+    async def _wait_until_up(self, wait_s: float, poll_s: float) -> str | None:
+        """Probe until the server answers (None) or `wait_s` passes (the last problem)."""
         deadline = time.monotonic() + wait_s
+        waiting = False
         while True:
             problem = await self.probe()
             if problem is None:
-                return
+                if waiting and self.on_waiting is not None:
+                    self.on_waiting(None)
+                return None
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerUnavailable(
-                    f"inference server {shown_url(self.endpoint)} did not come up in "
-                    f"{wait_s:g} s: {problem}"
+                return problem
+            waiting = True
+            if self.on_waiting is not None:
+                self.on_waiting(
+                    f"waiting for {shown_url(self.endpoint)}: {problem}, {max(0, left):.0f} s left"
                 )
             await asyncio.sleep(min(poll_s, left))
+
+    def _server_away(self) -> None:
+        """A request found no server: pause every request until it answers again."""
+        if self._up.is_set() and self._gone is None:
+            self._up.clear()
+            self.outages += 1
+            log.warning("inference server %s went away; requests pause until it is back",
+                        shown_url(self.endpoint))  # fmt: skip
+            self._outage = asyncio.create_task(self._await_return())
+
+    async def _await_return(self) -> None:
+        problem = await self._wait_until_up(self.server_wait_s, OUTAGE_POLL_S)
+        if problem is not None:
+            self._gone = (
+                f"inference server {shown_url(self.endpoint)} went away and did not come back "
+                f"in {self.server_wait_s:g} s: {problem}"
+            )
+        else:
+            log.warning("inference server %s is back", shown_url(self.endpoint))
+        self._up.set()
+
+    async def _server_here(self) -> None:
+        """Wait while the server is away; ServerUnavailable once it is given up on."""
+        await self._up.wait()
+        if self._gone is not None:
+            raise ServerUnavailable(self._gone)
 
     async def served_models(self) -> list[str]:
         """The model ids the server lists at /v1/models."""
@@ -360,13 +529,14 @@ class InferenceClient:
         in flight are abandoned (not reported) and run() returns that reason. None: all done.
         Requests are taken in order and at most twice `concurrency` are under way at once (in
         flight, backing off, or with their images read and waiting for a slot), so memory stays
-        bounded however many are given.
+        bounded however many are given. ServerUnavailable when the server went away for longer
+        than `server_wait_s`.
         """
         queued = iter(requests)
-        window = 2 * self.concurrency
         pending: set[asyncio.Task[Outcome]] = set()
 
         def top_up() -> None:
+            window = 2 * max(self.concurrency, self._slots.limit)
             for request in itertools.islice(queued, max(0, window - len(pending))):
                 pending.add(asyncio.create_task(self.send(request)))
 
@@ -393,38 +563,79 @@ class InferenceClient:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def send(self, request: BatchRequest) -> Outcome:
-        """One request, retried as the policy says; always an Outcome, never an exception."""
+        """One request, retried as the policy says; an Outcome, never an exception but
+        ServerUnavailable (the server went away for longer than `server_wait_s`).
+
+        While the server is away (no connection can be made) the request pauses and its
+        retries are not spent; a timeout, a dropped connection, 408, 429 and 5xx spend one.
+        """
         try:
             body = await self._body(request)
+            content = encode_body(body)
         except ImageError as exc:
             return self._failure(request, "invalid_image", str(exc))
         except httpx.HTTPError as exc:  # asking /v1/models for the default model
             return self._failure(request, "model_lookup_failed", str(exc) or type(exc).__name__)
+        except _BadBody as exc:
+            return self._failure(request, "invalid_request", str(exc))
         except ValueError as exc:
             return self._failure(request, "model_required", str(exc))
         url = f"{self.root}{request.url}"
+        tries = 0  # attempts that got an answer, a timeout or a dropped connection
+
+        def spent(state: RetryCallState) -> bool:
+            return tries > self.retry.max_retries
+
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.retry.max_retries + 1),
+                stop=spent,
                 wait=self._wait,
-                retry=retry_if_exception_type(_Retryable),
+                retry=retry_if_exception_type((_Retryable, _Timeout)),
                 reraise=True,
             ):
                 with attempt:
-                    response = await self._post(url, body)
+                    await self._server_here()
+                    try:
+                        response = await self._post(url, content)
+                    except _Retryable as exc:
+                        if exc.down:
+                            self._server_away()
+                        else:
+                            tries += 1
+                        raise
+                    except _Timeout:
+                        tries += 1
+                        raise
             return self._answered(request, response)
+        except _Timeout:
+            return self._failure(
+                request, "timeout", f"no answer within the request timeout "
+                f"({self.timeout_s:g} s), {_tries(tries)}",
+            )  # fmt: skip
         except _Retryable as exc:
             if exc.response is not None:
                 return self._answered(request, exc.response)
             assert exc.error is not None
-            return self._failure(request, "connection_error", transport_reason(exc.error))
+            reason = transport_reason(exc.error)
+            return self._failure(request, "connection_error", f"{reason}, {_tries(tries)}")
         except httpx.HTTPError as exc:  # not worth a retry (an undecodable body, say)
             return self._failure(request, "http_error", str(exc) or type(exc).__name__)
 
-    async def _post(self, url: str, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, url: str, content: bytes) -> httpx.Response:
         async with self._slots:
             try:
-                response = await self.http.post(url, json=body)
+                # The whole answer within the timeout: httpx's own limit is per read, and a
+                # server that trickles a byte at a time would never reach it.
+                async with asyncio.timeout(self.timeout_s):
+                    response = await self.http.post(
+                        url, content=content, headers={"Content-Type": "application/json"}
+                    )
+            except (TimeoutError, httpx.TimeoutException) as exc:
+                if isinstance(exc, httpx.ConnectTimeout):
+                    raise _Retryable(error=exc, down=True) from exc
+                raise _Timeout() from exc
+            except httpx.ConnectError as exc:
+                raise _Retryable(error=exc, down=True) from exc
             except httpx.TransportError as exc:
                 raise _Retryable(error=exc) from exc
         if response.status_code in RETRY_STATUSES or response.status_code >= 500:
@@ -432,8 +643,11 @@ class InferenceClient:
         return response
 
     def _wait(self, state: RetryCallState) -> float:
-        """Retry-After when the server sent one (at most backoff_max_s), else backoff + jitter."""
+        """No wait after a server that went away (the pause is the wait); Retry-After when the
+        server sent one (at most backoff_max_s); else backoff + jitter."""
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.down:
+            return 0.0
         if isinstance(exc, _Retryable) and exc.response is not None:
             asked = retry_after_s(exc.response.headers)
             if asked is not None:
@@ -453,7 +667,7 @@ class InferenceClient:
         return body
 
     def _answered(self, request: BatchRequest, response: httpx.Response) -> Outcome:
-        payload = _json_or_text(response)
+        payload, problem = parse_answer(response)
         request_id = response.headers.get("x-request-id")
         if request_id is None and isinstance(payload, dict) and isinstance(payload.get("id"), str):
             request_id = payload["id"]
@@ -462,11 +676,12 @@ class InferenceClient:
             "request_id": request_id or f"req_{uuid.uuid4().hex[:24]}",
             "body": payload,
         }
-        if response.is_success and isinstance(payload, dict):
+        if response.is_success and problem is None and isinstance(payload, dict):
             line = output_line(request.custom_id, response=data)
             return Outcome(request.index, request.custom_id, line, False, _usage(payload))
         if response.is_success:
-            error = {"code": "invalid_response", "message": "the server answered with no JSON"}
+            message = problem or "the server's answer is not a JSON object"
+            error = {"code": "invalid_response", "message": message}
         else:
             error = error_from_body(response.status_code, payload)
         line = output_line(request.custom_id, response=data, error=error)
@@ -475,3 +690,20 @@ class InferenceClient:
     def _failure(self, request: BatchRequest, code: str, message: str) -> Outcome:
         line = failure_line(request.custom_id, code, message)
         return Outcome(request.index, request.custom_id, line, True)
+
+
+class _BadBody(ValueError):
+    """A body that cannot be sent as standard JSON in UTF-8."""
+
+
+def encode_body(body: dict[str, Any]) -> bytes:
+    """The request body as sent: standard JSON (no NaN/Infinity), UTF-8; _BadBody naming the
+    field when it cannot be (a batch checked by gpujobs never has one)."""
+    problem = json_problem(body)
+    if problem is not None:
+        raise _BadBody(f"the body cannot be sent: {problem}")
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _tries(count: int) -> str:
+    return f"{count} {'try' if count == 1 else 'tries'}"
