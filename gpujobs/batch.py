@@ -180,7 +180,7 @@ def json_problem(value: object, path: str = "", depth: int = 0) -> str | None:
             if problem:
                 return problem
         return None
-    return f"{path or 'a value'} is a {type(value).__name__}, which JSON cannot hold"
+    return f"{path or 'a value'} is of type {type(value).__name__}, which JSON cannot hold"
 
 
 def parse_line(text: str) -> object:
@@ -527,12 +527,15 @@ def batch_summary(
 ) -> dict[str, Any]:
     """What a batch job's record carries in `result`: counts, rates and where the output goes.
 
+    partial: the job ended before every request finished (cancelled, failed); then
+    `not_attempted` counts the requests never sent (or abandoned), apart from the failed ones.
+
     requests_per_s and tokens_per_s (total tokens, from each response's `usage`) are measured
     from the job's start; completion_tokens_per_s counts generated tokens only.
     """
     done = stats.get("completed", 0) + stats.get("failed", 0)
     rate = (lambda n: round(n / elapsed_s, 2)) if elapsed_s else (lambda n: 0.0)
-    return {
+    summary = {
         "request_counts": {
             "total": spec.requests,
             "completed": stats.get("completed", 0),
@@ -552,6 +555,9 @@ def batch_summary(
         "errors_output": spec.errors_output,
         "partial": partial,
     }
+    if partial:  # the job ended early: what it never sent is neither completed nor failed
+        summary["not_attempted"] = max(0, spec.requests - done)
+    return summary
 
 
 def stage_batch(prepared: PreparedBatch, settings: Settings) -> list[Chunk]:

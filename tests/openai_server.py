@@ -8,9 +8,15 @@ Knobs, settable while it runs:
 - capacity: requests it serves at once (vLLM's --max-num-seqs); one more is answered 429 when
   `enforce` is set, else served and counted in `violations` (`peak` keeps the highest);
 - faults: per request key, what successive attempts get before one succeeds: an HTTP status
-  (429 carries Retry-After: `retry_after_s`) or "disconnect" (the socket closes, no answer);
+  (429 carries Retry-After: `retry_after_s`) or a misbehaviour (MISBEHAVIOURS: "disconnect"
+  closes the socket with no answer, "hang" never answers, "trickle" sends headers then a byte
+  a second forever, "truncate" closes halfway through the body, "garbage" answers 200 with
+  bytes that are not JSON, "surrogate" answers JSON whose text holds an escape that is no
+  Unicode character, "nan" answers with NaN in the JSON, "sse" answers as a stream);
   permanent: per key, what every attempt gets;
-- healthy: False answers /health with 503 (a server still loading its model).
+- healthy: False answers /health with 503 (a server still loading its model);
+- go_away() closes the listening socket and every open connection (a server that stopped),
+  come_back() listens again on the same port.
 
 Errors have vLLM's shape: `{"error": {"message", "type", "code"}}`. A request's key is its text:
 the last chat message's text, the prompt, or the embedding input. Every request is logged
@@ -23,7 +29,9 @@ prints `listening <base url>` and serves until killed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -32,14 +40,16 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Fault = int | str  # an HTTP status, or "disconnect"
+Fault = int | str  # an HTTP status, or one of MISBEHAVIOURS
+MISBEHAVIOURS = ("disconnect", "hang", "trickle", "truncate", "garbage", "surrogate", "nan", "sse")
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 @dataclass
 class LogEntry:
-    """One request as the server saw it. outcome: ok, error, rejected (over capacity),
-    disconnect. images: the image urls of a chat request."""
+    """One request as the server saw it. outcome: ok, error, rejected (over capacity), one of
+    MISBEHAVIOURS, or dropped (answered, but the connection was gone: the server went away).
+    images: the image urls of a chat request."""
 
     path: str
     key: str
@@ -114,21 +124,40 @@ class FakeOpenAI:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.on_request: Callable[[LogEntry], None] | None = None
+        self._port = 0
+        self._connections: set[socket.socket] = set()
+        self.stopping = threading.Event()  # set by stop(): hanging handlers give up
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self, port: int = 0) -> FakeOpenAI:
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = _Server(("127.0.0.1", port), handler)
+        self._server = _Server(("127.0.0.1", port or self._port), handler)
+        self._port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
+        self.go_away()
+
+    def go_away(self) -> None:
+        """Stop listening and cut every open connection, as a server that stopped does: a
+        request in flight is never answered, a new one is refused."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def come_back(self) -> None:
+        """Listen again on the same port (a restarted server)."""
+        self.start(self._port)
 
     def __enter__(self) -> FakeOpenAI:
         return self.start()
@@ -222,8 +251,66 @@ class _Handler(BaseHTTPRequestHandler):
     wbufsize = 1 << 16
     disable_nagle_algorithm = True
 
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._lock:
+            self.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._lock:
+            self.fake._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # a client or go_away() cut the connection
+            super().handle()
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the request log is `fake.log`
+
+    def _misbehave(self, fault: str, entry: LogEntry, key: str) -> None:
+        """Answer as a broken server does (see MISBEHAVIOURS)."""
+        fake = self.fake
+        self.close_connection = True
+        if fault == "disconnect":
+            return  # the socket closes with no answer
+        if fault == "hang":  # accept, read, never answer
+            fake.stopping.wait()
+            return
+        chat = {"id": "chatcmpl-bad", "object": "chat.completion", "model": "fake-model",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "TEXT"}}]}  # fmt: skip
+        text = json.dumps(chat)
+        bodies = {
+            "garbage": (b'{"id": "x", "choices": [\xff\xfe <html>', "application/json"),
+            "surrogate": (text.replace("TEXT", "half an emoji \\ud83d").encode(),
+                          "application/json"),
+            "nan": (text.replace('"index": 0', '"index": 0, "logprob": NaN').encode(),
+                    "application/json"),
+            "sse": (b"data: " + text.encode() + b"\n\ndata: [DONE]\n\n", "text/event-stream"),
+            "truncate": (text.encode(), "application/json"),
+            "trickle": (text.encode(), "application/json"),
+        }  # fmt: skip
+        data, kind = bodies[fault]
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if fault == "truncate":
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            return
+        if fault == "trickle":  # a byte a second: each read is quick, the whole never comes
+            for byte in data:
+                if fake.stopping.wait(1.0):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            return
+        entry.status = 200
+        self.wfile.write(data)
+        self.wfile.flush()
 
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode() if body is not None else b""
@@ -235,6 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+        self.wfile.flush()  # here, so that a connection already gone shows now
 
     def _refused(self) -> bool:
         """Answer 401 as vLLM does when a key is set and this request lacks it."""
@@ -287,10 +375,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             fault = fake._next_fault(key)
-            if fault == "disconnect":
-                entry.outcome = "disconnect"
-                self.close_connection = True
-                return  # the socket closes with no answer
+            if isinstance(fault, str):
+                fake._leave()
+                entry.outcome = fault
+                fake._record(entry)  # now: a hanging answer may never end
+                with contextlib.suppress(OSError):
+                    self._misbehave(fault, entry, key)
+                return
             if isinstance(fault, int):
                 entry.status, entry.outcome = fault, "error"
                 headers = {}
@@ -313,11 +404,14 @@ class _Handler(BaseHTTPRequestHandler):
             # Out of the count before the answer leaves: a client that sends its next request
             # on receipt must never be seen as one over capacity.
             fake._leave()
-            self._send(200, self._answer(key, body))
+            try:
+                self._send(200, self._answer(key, body))
+            except OSError:  # the server went away (go_away) before the answer left
+                entry.outcome = "dropped"
+                self.close_connection = True
         finally:
-            if entry.outcome == "disconnect":
-                fake._leave()
-            fake._record(entry)
+            if entry.outcome not in MISBEHAVIOURS:
+                fake._record(entry)
 
     def _answer(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
         created = int(time.time())

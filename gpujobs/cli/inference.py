@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from gpujobs.batch import prepare_batch
@@ -69,6 +70,8 @@ class BatchBars:
             "tps": f"{float(result.get('tokens_per_s', 0.0)):.0f}",
             "state": f"[{STATE_STYLES[record.state]}]{record.state.value}[/]",
         }
+        if result.get("waiting") and not record.state.terminal:  # the server is away
+            fields["state"] = f"[yellow]{escape(str(result['waiting']))}[/]"
         task = self._tasks.get(record.id)
         if task is None:
             label = f"{record.id} {Path(str(record.spec.get('source') or '')).name}"
@@ -147,6 +150,8 @@ def summary_line(client: Client, record: JobRecord) -> str:
         f"{record.id} {record.state.value}: {counts.get('completed', 0)} completed, "
         f"{counts.get('failed', 0)} failed"
     )
+    if result.get("not_attempted"):
+        text += f", {result['not_attempted']} not attempted"
     if result.get("output") and (media / result["output"]).exists():
         text += f"; output {media / result['output']}; errors {media / result['errors_output']}"
     return text

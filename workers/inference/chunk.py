@@ -57,7 +57,63 @@ def register_inference_task(app: Celery) -> None:
         self: Task, job_id: str, chunk: int, start: int, count: int, offset: int
     ) -> dict[str, Any]:
         ref = ChunkRef(job_id=job_id, index=chunk, start=start, count=count, offset=offset)
-        return run_chunk(runtime(), ref, worker=self.request.hostname or "worker")
+        rt = runtime()
+        try:
+            return run_chunk(rt, ref, worker=self.request.hostname or "worker")
+        except ChunkFailed:
+            raise  # the job's failure is recorded already
+        except Exception as exc:
+            # Anything outside per-request handling: a chunk never leaves its job running.
+            tries = int(self.request.retries) + 1
+            if tries < rt.settings.max_attempts:
+                delay = min(60.0, rt.settings.retry_backoff_s * 2 ** (tries - 1))
+                log.exception("batch %s chunk %d: try %d failed; again in %g s",
+                              job_id, chunk, tries, delay)  # fmt: skip
+                raise self.retry(exc=exc, countdown=delay, max_retries=None) from None
+            problem = fail_chunk(rt, ref, tries, exc)
+            raise ChunkFailed(problem) from exc
+
+
+def fail_chunk(rt: WorkerRuntime, ref: ChunkRef, tries: int, exc: BaseException) -> str:
+    """A chunk failed `tries` times for a reason outside per-request handling: fail the job
+    with that reason and write the partial output (everything finished so far). The reason."""
+    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+    problem = (
+        f"chunk {ref.index} failed {tries} {'time' if tries == 1 else 'times'}; the last: "
+        f"{type(exc).__name__}{': ' + detail if detail else ''}"
+    )
+    fail_job(rt, ref.job_id, problem)
+    return problem
+
+
+def fail_job(rt: WorkerRuntime, job_id: str, problem: str) -> bool:
+    """Fail a queued or running batch with `problem` and its partial output (everything that
+    finished); False when it had ended already. The failure is recorded even if the output
+    cannot be written."""
+    try:
+        record = rt.store.get(job_id)
+        if record is None:
+            return False
+        spec = InferenceSpec.model_validate(record.spec)
+        state = BatchState(rt.store.redis, job_id, rt.settings.record_ttl_s)
+        return BatchOutput(rt, spec, job_id).fail(state, problem)
+    except Exception:  # the merge lock or Redis: record the failure without the output
+        log.exception("batch %s: writing the partial output failed", job_id)
+        return rt.store.update(job_id, only_from=(JobState.QUEUED, JobState.RUNNING),
+                               state=JobState.FAILED, error=problem, eta_s=None)  # fmt: skip
+
+
+def write_failed_output(rt: WorkerRuntime, job_id: str) -> None:
+    """Add what this chunk finished to a failed batch's partial output; never raises."""
+    try:
+        record = rt.store.get(job_id)
+        if record is None or record.state is not JobState.FAILED:
+            return
+        spec = InferenceSpec.model_validate(record.spec)
+        state = BatchState(rt.store.redis, job_id, rt.settings.record_ttl_s)
+        BatchOutput(rt, spec, job_id).write_partial(state)
+    except Exception:  # the failure is recorded; a missing partial output must not hide it
+        log.exception("batch %s: writing the partial output failed", job_id)
 
 
 def run_chunk(rt: WorkerRuntime, ref: ChunkRef, worker: str) -> dict[str, Any]:
@@ -130,7 +186,8 @@ def _run_leased(
     if reason == "lease lost":
         log.warning("batch %s chunk %d: lease lost; another delivery goes on", *ref_ids(ref))
         return {"stopped": "lease lost"}
-    if reason == "ended":  # another chunk failed the job (its server never came up)
+    if reason == "ended":  # another chunk failed the job: add what this one finished
+        write_failed_output(rt, ref.job_id)
         return {"stopped": "job ended"}
     if reason == "cancelled":
         output.settle_cancelled(state, ref)
@@ -184,13 +241,11 @@ def _send_chunk(
         return None
 
     try:
-        return asyncio.run(_send_all(rt, spec, pending, on_outcome, should_stop, deadline))
+        return asyncio.run(
+            _send_all(rt, spec, pending, on_outcome, should_stop, deadline, reporter.waiting)
+        )
     except ServerUnavailable as exc:
-        failed = store.update(
-            ref.job_id, only_from=(JobState.RUNNING,), state=JobState.FAILED, error=str(exc),
-            eta_s=None,
-        )  # fmt: skip
-        if failed:
+        if fail_job(rt, ref.job_id, str(exc)):
             raise ChunkFailed(str(exc)) from None
         current = store.get(ref.job_id)  # another chunk failed it first, or it was cancelled
         cancelled = current is not None and current.state is JobState.CANCELLED
@@ -237,8 +292,12 @@ async def _send_all(
     on_outcome: Any,
     should_stop: Any,
     deadline: float | None,
+    on_waiting: Callable[[str | None], None] | None = None,
 ) -> str | None:
-    """Wait for the server, then send the pending requests; the reason it stopped, if any."""
+    """Wait for the server, then send the pending requests; the reason it stopped, if any.
+
+    While the server is away (before the first request, or gone mid-batch) `on_waiting`
+    hears why and for how long it is waited for."""
     settings = rt.settings
     retry = RetryPolicy(
         max_retries=spec.max_retries,
@@ -250,6 +309,7 @@ async def _send_all(
     async with InferenceClient(
         spec.endpoint, concurrency=spec.max_concurrency, timeout_s=spec.request_timeout_s,
         retry=retry, model=spec.model, resolve_image=image_resolver(rt), api_key=api_key,
+        server_wait_s=spec.server_wait_s, on_waiting=on_waiting,
     ) as client:  # fmt: skip
         if deadline is not None and time.time() >= deadline:
             return "deadline"
@@ -303,6 +363,17 @@ class Reporter:
         self.started_at = record.started_at or time.time()
         self.interval_s = interval_s
         self._last = 0.0
+        self._waiting: str | None = None
+
+    def waiting(self, message: str | None) -> None:
+        """The server is away ("waiting for URL: connection refused, 110 s left"), or back
+        (None): shown in the record's result as `waiting` at once."""
+        changed = (message is None) != (self._waiting is None)
+        self._waiting = message
+        if changed:
+            self.report()
+        else:
+            self.maybe_report()
 
     def maybe_report(self) -> None:
         if time.monotonic() - self._last >= self.interval_s:
@@ -315,6 +386,8 @@ class Reporter:
         summary = batch_summary(
             self.spec, stats, stats.get("chunks", 0), len(self.state.done_chunks()), elapsed
         )
+        if self._waiting is not None:
+            summary["waiting"] = self._waiting
         done = stats.get("completed", 0) + stats.get("failed", 0)
         rate = done / elapsed
         eta = (self.spec.requests - done) / rate if rate > 0 else None

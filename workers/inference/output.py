@@ -126,9 +126,52 @@ class BatchOutput:
         )  # fmt: skip
         if not finished:  # cancelled: the output holds everything that finished
             summary["partial"] = completed + failed < self.spec.requests
+            if summary["partial"]:
+                summary["not_attempted"] = self.spec.requests - completed - failed
             store.update(self.job_id, only_from=(JobState.CANCELLED,), result=summary)
         shutil.rmtree(self.parts, ignore_errors=True)
         log.info("batch %s finished: %s", self.job_id, summary["request_counts"])
+
+    def fail(self, state: BatchState, problem: str) -> bool:
+        """Fail the running (or queued) job with `problem`, its partial output written first
+        and its counts (`not_attempted` among them) in the same record update, so that whoever
+        sees `failed` sees them too. False when the job had already ended."""
+        return self._write_partial(state, problem)
+
+    def write_partial(self, state: BatchState) -> bool:
+        """The job failed: write its output and errors files again from everything finished
+        so far (each chunk that stops because the job failed does, so the last one has every
+        finished line), and its counts. False when the job is not failed."""
+        return self._write_partial(state, None)
+
+    def _write_partial(self, state: BatchState, problem: str | None) -> bool:
+        with self.merging():
+            record = self.rt.store.get(self.job_id)
+            if record is None:
+                return False
+            if problem is None and record.state is not JobState.FAILED:
+                return False
+            if problem is not None and record.state not in (JobState.QUEUED, JobState.RUNNING):
+                return False
+            stats = state.stats()
+            total = stats.get("chunks", 0)
+            started = record.started_at
+            elapsed = time.time() - started if started else None
+            done = len(state.done_chunks())
+            summary = batch_summary(self.spec, stats, total, done, elapsed, partial=True)
+            fields: dict[str, Any] = {"result": summary}
+            if stats.get("completed", 0) + stats.get("failed", 0) > 0:  # else no files
+                try:
+                    self.write_outputs(state, total)
+                    fields["output"] = self.spec.output
+                except (OSError, PathOutsideMediaRoot, redis.RedisError) as exc:
+                    log.warning("batch %s: no partial output (%s)", self.job_id, exc)
+            if problem is None:
+                return self.rt.store.update(self.job_id, only_from=(JobState.FAILED,), **fields)
+            return self.rt.store.update(
+                self.job_id, only_from=(JobState.QUEUED, JobState.RUNNING),
+                state=JobState.FAILED, error=problem, eta_s=None, **fields,
+            )  # fmt: skip
 
     def settle_cancelled(self, state: BatchState, ref: ChunkRef) -> None:
         """The job was cancelled: keep what this chunk finished as its part, and rewrite the
