@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,13 @@ from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobState
 from tests.helpers import WorkerProcess, wait_for
 from tests.openai_server import FakeOpenAI
-from workers.inference.client import BatchRequest, InferenceClient, Outcome, RetryPolicy
+from workers.inference.client import (
+    BatchRequest,
+    InferenceClient,
+    Outcome,
+    RetryPolicy,
+    safe_line,
+)
 
 FAST = {"GPUJOBS_INFERENCE_BACKOFF_S": "0.02", "GPUJOBS_INFERENCE_BACKOFF_MAX_S": "0.2"}
 QUICK = RetryPolicy(max_retries=2, backoff_s=0.01, backoff_max_s=0.05)
@@ -268,8 +275,6 @@ def test_answers_that_are_broken_fail_alone_and_every_line_stays_utf8_json(
     closes = by_key["closes"].line["error"]
     assert closes == {"code": "connection_error", "message": "the server closed the connection "
                       "without a whole answer, 3 tries"}  # fmt: skip
-    from workers.inference.client import safe_line
-
     for outcome in outcomes.values():  # each line as checkpointed: strict JSON, UTF-8
         text = safe_line(outcome.line)
         json.loads(text.encode("utf-8"), parse_constant=lambda c: pytest.fail(c))
@@ -285,8 +290,6 @@ def test_a_server_that_goes_away_and_comes_back_loses_nothing(server: FakeOpenAI
         server.go_away()
         wait_for(lambda: any(w and "connection refused" in w for w in waits), timeout_s=30)
         server.come_back()
-
-    import threading
 
     thread = threading.Thread(target=outage)
     thread.start()
@@ -365,3 +368,78 @@ def test_misbehaving_answers_in_a_whole_job_end_it_with_every_line(
                      "r5": "invalid_response", "r6": "invalid_response",
                      "r7": "connection_error", "r8": "timeout"}  # fmt: skip
     assert (record.result or {})["request_counts"] == {"total": 20, "completed": 15, "failed": 5}
+
+
+def watch_waiting(job: Any, seen: list[str]) -> Any:
+    """Follow a job to its end, keeping every `waiting` message its record showed."""
+    final = None
+    for record in job.watch(timeout=300):
+        message = (record.result or {}).get("waiting")
+        if message and (not seen or seen[-1] != message):
+            seen.append(message)
+        final = record
+        if record.state.terminal:
+            break
+    return final
+
+
+@pytest.mark.slow
+def test_a_server_away_for_60_s_mid_batch_loses_no_request_and_sends_none_twice(
+    client: Client, settings: Settings, start_worker: Callable[..., WorkerProcess],
+) -> None:  # fmt: skip
+    rows = [request(f"r{i:04d}", f"q{i}") for i in range(1000)]
+    with FakeOpenAI(latency_s=0.01, capacity=8) as server:
+        start_worker("--queues", "inference", env=FAST)
+        job = client.submit_inference(rows, endpoint=server.url, max_concurrency=8,
+                                      chunk_size=250)  # fmt: skip
+        server.wait_for(lambda s: len(s.entries("ok")) >= 400, timeout_s=120)
+        server.go_away()
+        away = time.monotonic()
+        seen: list[str] = []
+        back = threading.Timer(60, server.come_back)
+        back.start()
+        try:
+            record = watch_waiting(job, seen)
+        finally:
+            back.cancel()
+        assert time.monotonic() - away >= 60
+        served = server.served()
+
+    assert record.state is JobState.SUCCEEDED, record.error
+    assert (record.result or {})["request_counts"] == {"total": 1000, "completed": 1000,
+                                                       "failed": 0}  # fmt: skip
+    lines = (settings.media / InferenceSpec.model_validate(record.spec).output).read_text()
+    assert [json.loads(x)["custom_id"] for x in lines.splitlines()] == [
+        r["custom_id"] for r in rows
+    ]
+    # The server's log: every request answered once; none sent again after its answer.
+    assert len(served) == 1000 and set(served.values()) == {1}
+    # While it waited, the job said so: the URL, the reason, the time left.
+    assert seen and seen[0].startswith(f"waiting for {server.url}: connection refused, ")
+    lefts = [int(m.rsplit(", ", 1)[1].removesuffix(" s left")) for m in seen]
+    assert lefts == sorted(lefts, reverse=True) and lefts[0] <= 120
+
+
+def test_a_server_that_does_not_come_back_fails_the_job_with_what_finished(
+    client: Client, settings: Settings, start_worker: Callable[..., WorkerProcess],
+) -> None:  # fmt: skip
+    rows = [request(f"r{i:03d}", f"q{i}") for i in range(200)]
+    with FakeOpenAI(latency_s=0.01, capacity=4) as server:
+        start_worker("--queues", "inference", env=FAST)
+        job = client.submit_inference(rows, endpoint=server.url, max_concurrency=4,
+                                      chunk_size=50, server_wait_s=2)  # fmt: skip
+        server.wait_for(lambda s: len(s.entries("ok")) >= 60, timeout_s=60)
+        server.go_away()
+        record = job.wait(timeout=60)
+        served = server.served()
+
+    assert record.state is JobState.FAILED
+    assert record.error == (f"inference server {server.url} went away and did not come back "
+                            "in 2 s: connection refused")  # fmt: skip
+    result = record.result or {}
+    counts = result["request_counts"]
+    assert counts["completed"] == len(served) and counts["failed"] == 0
+    assert result["partial"] is True and result["not_attempted"] == 200 - len(served)
+    output = settings.media / InferenceSpec.model_validate(record.spec).output
+    ids = [json.loads(x)["custom_id"] for x in output.read_text().splitlines()]
+    assert ids == sorted(ids) and len(ids) == len(served)

@@ -132,12 +132,13 @@ def test_500_requests_shared_by_two_workers(
     assert result["tokens"]["completion"] == 5 * (495 - 99)  # embeddings generate nothing
     assert result["chunks"] == {"total": 5, "done": 5} and result["partial"] is False
     assert record.percent == 100.0
-    # Nothing left behind: part files and checkpoints are gone.
-    # The merging worker removes the parts just after it records the end (a crash in between
-    # leaves parts behind, never a running job without them): wait for it.
+    # Nothing left behind: part files, checkpoints and leases are gone. The merging worker
+    # removes the parts just after it records the end (a crash in between leaves parts behind,
+    # never a running job without them): wait for it.
     wait_for(lambda: not (settings.media / BATCHES / job.id / "parts").exists(), timeout_s=10)
     assert not client.redis.keys(f"{keys.PREFIX}:batch:{job.id}:chunk:*")
-    assert not client.redis.keys(f"{keys.PREFIX}:batch:{job.id}:lease:*")
+    # The last chunk lets go of its lease once it returns, just after the job ends.
+    wait_for(lambda: not client.redis.keys(f"{keys.PREFIX}:batch:{job.id}:lease:*"), timeout_s=10)
 
 
 def finished_custom_ids(client: Client, settings: Settings, job_id: str) -> set[str]:
@@ -278,6 +279,8 @@ def test_cli_infer_submit_results_and_a_refused_endpoint(
     assert message.endswith(f"failed: inference server http://127.0.0.1:{port}/v1 did not "
                             "come up in 1 s: connection refused")  # fmt: skip
     failed_id = message.split()[1]
+    # What was never sent is counted as such, not as "0 failed".
+    assert f"{failed_id} failed: 0 completed, 0 failed, 30 not attempted" in refused.stdout
     missing = gpujobs("results", failed_id)
     assert missing.returncode == 1 and "failed with no output" in missing.stderr
 
