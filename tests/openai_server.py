@@ -167,9 +167,8 @@ class FakeOpenAI:
 
     @property
     def root(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        assert self._port, "start() the server first"
+        return f"http://127.0.0.1:{self._port}"  # the same while away (go_away) and after
 
     @property
     def url(self) -> str:
