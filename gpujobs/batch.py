@@ -400,6 +400,7 @@ def spec_defaults(settings: Settings) -> dict[str, Any]:
     return {
         "endpoint": settings.vllm_endpoint,
         "max_concurrency": settings.inference_concurrency,
+        "adaptive": settings.inference_adaptive,
         "chunk_size": settings.inference_chunk_size,
         "request_timeout_s": settings.inference_request_timeout_s,
         "max_retries": settings.inference_max_retries,

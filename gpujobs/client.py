@@ -410,6 +410,7 @@ class Client:
         deadline_s: float | None = None,
         server_wait_s: float | None = None,
         priority: int | None = None,
+        adaptive: bool | None = None,
     ) -> Job:
         """Queue a batch of OpenAI-style requests; its Job. None means the setting's default.
 
@@ -424,6 +425,8 @@ class Client:
         request, default 600. max_retries: per request on 429/5xx/connection errors, default 5.
         deadline_s: seconds for the whole batch, default none. server_wait_s: how long a chunk
         waits for the server to come up, default 120. priority: 0..9, 9 first, default 5.
+        adaptive: share and adapt the requests in flight to the server's load (default true,
+        GPUJOBS_INFERENCE_ADAPTIVE); False keeps max_concurrency fixed per chunk.
         The checks and the chunking live in gpujobs/batch.py. Raises InvalidSpec (one line
         naming the line and field at fault), BrokerUnreachable.
         """
@@ -431,7 +434,7 @@ class Client:
             "endpoint": endpoint, "model": model, "max_concurrency": max_concurrency,
             "chunk_size": chunk_size, "request_timeout_s": request_timeout_s,
             "max_retries": max_retries, "deadline_s": deadline_s, "server_wait_s": server_wait_s,
-            "priority": priority,
+            "priority": priority, "adaptive": adaptive,
         }  # fmt: skip
         return self.enqueue_batch(batch.prepare_batch(self.settings, input, output, **params))
 

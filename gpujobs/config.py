@@ -165,6 +165,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests in flight per chunk: the server's --max-num-seqs. Default 10.",
     )
+    inference_adaptive: bool = Field(
+        default=True,
+        description="Follow the server's load (vLLM's /metrics, latency, 429/503): the workers "
+        "sending to one server share a window of requests in flight, raised by one while "
+        "nothing waits, cut by a quarter when requests wait. The concurrency is where it "
+        "starts. False: a fixed concurrency per chunk. Default true.",
+    )
     inference_chunk_size: int = Field(
         default=250,
         ge=1,

@@ -180,3 +180,21 @@ SPLIT_DONE = PREFIX + ":split:{job_id}:done"
 
 def split_done(job_id: str) -> str:
     return SPLIT_DONE.format(job_id=job_id)
+
+
+# Adaptive concurrency (workers/inference/adaptive.py), per inference server (endpoint id: a
+# hash of its base URL). A hash {window, changed}: the total requests in flight that every
+# worker sending to that server shares (AIMD), and when it last changed (server time), so
+# that workers seeing the same overload decrease it once, not once each.
+ENDPOINT_WINDOW = PREFIX + ":endpoint:{endpoint}:window"
+# Sorted set of the clients sending to that server now (member: a token; score: expiry by the
+# server's clock, renewed each tick): the window is split between the live ones.
+ENDPOINT_CLIENTS = PREFIX + ":endpoint:{endpoint}:clients"
+
+
+def endpoint_window(endpoint: str) -> str:
+    return ENDPOINT_WINDOW.format(endpoint=endpoint)
+
+
+def endpoint_clients(endpoint: str) -> str:
+    return ENDPOINT_CLIENTS.format(endpoint=endpoint)

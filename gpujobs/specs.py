@@ -196,6 +196,9 @@ class InferenceSpec(MediaJobSpec):
     model: overrides every request's model; None keeps each body's, and a body without one gets
     the server's only model (from /v1/models).
     max_concurrency: requests in flight per chunk (the server's --max-num-seqs), default 10.
+    adaptive: follow the server's load instead (workers/inference/adaptive.py): the workers
+    that send to one server share a window of requests in flight that starts at
+    max_concurrency and moves with the server's queue (default true).
     chunk_size: requests per chunk task (default 250); chunks are shared between workers.
     request_timeout_s: seconds one request may take (default 600).
     max_retries: retries after 429, 5xx or a connection error (default 5).
@@ -211,6 +214,7 @@ class InferenceSpec(MediaJobSpec):
     endpoint: str = "http://localhost:9999/v1"
     model: str | None = None
     max_concurrency: int = Field(default=10, ge=1, le=1024)
+    adaptive: bool = True
     chunk_size: int = Field(default=250, ge=1, le=1_000_000)
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_retries: int = Field(default=5, ge=0, le=100)

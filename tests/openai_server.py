@@ -1,12 +1,16 @@
 """A real HTTP server that speaks the OpenAI routes vLLM serves, for tests and the benchmark.
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/embeddings;
-GET /_stats (requests, peak, violations, rejected) for a client in another process.
+GET /metrics (vllm:num_requests_running and vllm:num_requests_waiting, in vLLM's Prometheus
+text); GET /_stats (requests, peak, violations, rejected, latencies) for a client in another
+process.
 Knobs, settable while it runs:
 
 - latency_s: seconds each successful request takes (a sleep in its own thread);
-- capacity: requests it serves at once (vLLM's --max-num-seqs); one more is answered 429 when
-  `enforce` is set, else served and counted in `violations` (`peak` keeps the highest);
+- capacity: requests it serves at once (vLLM's --max-num-seqs); one more waits for a place
+  when `queue` is set (vLLM's scheduler: latency grows, throughput does not), else is answered
+  429 when `enforce` is set, else served and counted in `violations` (`peak` keeps the
+  highest);
 - faults: per request key, what successive attempts get before one succeeds: an HTTP status
   (429 carries Retry-After: `retry_after_s`) or a misbehaviour (MISBEHAVIOURS: "disconnect"
   closes the socket with no answer, "hang" never answers, "trickle" sends headers then a byte
@@ -58,6 +62,7 @@ class LogEntry:
     outcome: str
     started: float
     images: list[str] = field(default_factory=list)
+    finished: float = 0.0  # when it was logged; finished - started includes any queueing
 
 
 def request_key(path: str, body: dict[str, Any]) -> str:
@@ -104,6 +109,7 @@ class FakeOpenAI:
         retry_after_s: float | None = 0.05,
         embedding_dim: int = 8,
         api_key: str | None = None,
+        queue: bool = False,
     ) -> None:
         # Like vLLM's --api-key: every /v1 route wants `Authorization: Bearer <key>`.
         self.api_key = api_key
@@ -113,6 +119,8 @@ class FakeOpenAI:
         self.models = models
         self.retry_after_s = retry_after_s
         self.embedding_dim = embedding_dim
+        self.queue = queue
+        self.waiting = 0
         self.healthy = True
         self.faults: dict[str, list[Fault]] = {}
         self.permanent: dict[str, Fault] = {}
@@ -200,7 +208,26 @@ class FakeOpenAI:
 
     # --- serving ------------------------------------------------------------------------------
 
+    def latencies(self) -> list[float]:
+        """Seconds from arrival to answer of every request answered 200 (queueing included)."""
+        return [e.finished - e.started for e in self.entries("ok")]
+
+    def metrics(self) -> str:
+        """Requests running and waiting, as vLLM's /metrics writes them (Prometheus text)."""
+        with self._lock:
+            running, waiting = self.in_flight, self.waiting
+        labels = '{engine="0",model_name="' + self.models[0] + '"}'
+        return (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{labels} {float(running)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{labels} {float(waiting)}\n"
+        )
+
     def _record(self, entry: LogEntry) -> None:
+        entry.finished = time.time()
         with self._lock:
             self.log.append(entry)
             self._lock.notify_all()
@@ -208,8 +235,14 @@ class FakeOpenAI:
             self.on_request(entry)
 
     def _enter(self) -> bool:
-        """Count a request in; False when it is over capacity and must be refused."""
+        """Count a request in; False when it is over capacity and must be refused. With
+        `queue`, one over capacity waits for a place instead, as in vLLM's scheduler."""
         with self._lock:
+            if self.queue and self.capacity is not None:
+                self.waiting += 1
+                while self.in_flight >= self.capacity:
+                    self._lock.wait()
+                self.waiting -= 1
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             if self.capacity is not None and self.in_flight > self.capacity:
@@ -222,6 +255,7 @@ class FakeOpenAI:
     def _leave(self) -> None:
         with self._lock:
             self.in_flight -= 1
+            self._lock.notify_all()
 
     def _next_fault(self, key: str) -> Fault | None:
         with self._lock:
@@ -342,7 +376,16 @@ class _Handler(BaseHTTPRequestHandler):
             fake = self.fake
             rejected = len(fake.entries("rejected"))
             self._send(200, {"requests": len(fake.log), "peak": fake.peak,
-                             "violations": fake.violations, "rejected": rejected})  # fmt: skip
+                             "violations": fake.violations, "rejected": rejected,
+                             "latencies": fake.latencies()})  # fmt: skip
+        elif self.path == "/metrics":
+            data = self.fake.metrics().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
         elif self.path == "/v1/models":
             data = [{"id": m, "object": "model", "owned_by": "vllm"} for m in self.fake.models]
             self._send(200, {"object": "list", "data": data})
@@ -442,8 +485,10 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05, help="seconds per request")
     parser.add_argument("--capacity", type=int, default=10, help="requests served at once")
     parser.add_argument("--count-only", action="store_true", help="count, do not refuse, excess")
+    parser.add_argument("--queue", action="store_true", help="queue the excess, as vLLM does")
     args = parser.parse_args()
-    fake = FakeOpenAI(latency_s=args.latency, capacity=args.capacity, enforce=not args.count_only)
+    fake = FakeOpenAI(latency_s=args.latency, capacity=args.capacity,
+                      enforce=not args.count_only, queue=args.queue)  # fmt: skip
     fake.start(args.port)
     print(f"listening {fake.url}", flush=True)
     try:

@@ -97,8 +97,9 @@ def test_500_requests_shared_by_two_workers(
     source = write_batch(settings.media / "jobs" / "five-hundred.jsonl", rows)
     for name in ("a@test", "b@test"):
         start_worker("--queues", "inference", "--hostname", name, env=FAST)
+    # A fixed 4 per chunk (not adaptive): the bound this test pins.
     job = client.submit_inference(source, endpoint=server.url, max_concurrency=4, chunk_size=100,
-                                  max_retries=3)  # fmt: skip
+                                  max_retries=3, adaptive=False)  # fmt: skip
     record = job.wait(timeout=120)
 
     assert record.state is JobState.SUCCEEDED, record.error
@@ -163,7 +164,7 @@ def test_a_killed_worker_resends_nothing_finished_and_loses_nothing(
     with FakeOpenAI(latency_s=0.04, capacity=4) as server:
         first = start_worker("--queues", "inference", "--hostname", "first@test", env=env)
         job = client.submit_inference(source, endpoint=server.url, max_concurrency=4,
-                                      chunk_size=100)  # fmt: skip
+                                      chunk_size=100, adaptive=False)  # fmt: skip
         server.wait_for(lambda s: len(s.entries("ok")) >= 150)  # in the middle of chunk 1
         first.kill()  # SIGKILL, whole process group: no ack, no goodbye
         finished = finished_custom_ids(client, settings, job.id)
@@ -196,7 +197,7 @@ def test_cancel_keeps_what_finished_and_a_deadline_fails_the_rest(
     with FakeOpenAI(latency_s=0.05, capacity=2) as server:
         start_worker("--queues", "inference", env=FAST)
         job = client.submit_inference(source, endpoint=server.url, max_concurrency=2,
-                                      chunk_size=50)  # fmt: skip
+                                      chunk_size=50, adaptive=False)  # fmt: skip
         server.wait_for(lambda s: len(s.entries("ok")) >= 30)
         assert job.cancel()
         spec = InferenceSpec.model_validate(job.status().spec)

@@ -32,6 +32,7 @@ from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK
 from gpujobs.batch import batch_summary
 from gpujobs.specs import InferenceSpec, JobRecord, JobState
 from gpujobs.store import JobStore
+from workers.inference.adaptive import AdaptiveConcurrency
 from workers.inference.client import (
     BatchRequest,
     InferenceClient,
@@ -316,7 +317,20 @@ async def _send_all(
         if not pending:
             return None
         await client.wait_for_server(spec.server_wait_s)
-        return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
+        if not spec.adaptive:
+            return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
+        # The workers sending to this server share one window of requests in flight.
+        adaptive = AdaptiveConcurrency(
+            rt.store.redis, client.http, spec.endpoint, start=spec.max_concurrency,
+            api_key=client.api_key,
+        )  # fmt: skip
+        client.on_answer = adaptive.answered
+        ticking = asyncio.create_task(adaptive.run(client.slots))
+        try:
+            return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
+        finally:
+            ticking.cancel()
+            await asyncio.gather(ticking, return_exceptions=True)
 
 
 def image_resolver(rt: WorkerRuntime) -> Callable[[str], Path]:

@@ -16,14 +16,10 @@ The output line of a request is the OpenAI Batch API's (and vllm run-batch's):
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import email.utils
 import itertools
-import json
 import logging
-import math
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,14 +37,27 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from gpujobs.batch import image_mime, image_urls, json_problem, local_image_path
+from gpujobs.batch import image_urls, local_image_path
+from workers.inference.wire import (
+    BadBody,
+    ImageError,
+    encode_body,
+    error_from_body,
+    failure_line,
+    inline_images,
+    output_line,
+    parse_answer,
+    safe_line,
+    usage_of,
+)
+
+__all__ = ["error_from_body", "failure_line", "output_line", "safe_line"]
 
 log = logging.getLogger(__name__)
 # Statuses worth another try: overload (429), a request timeout (408), and server-side errors.
 RETRY_STATUSES = frozenset({408, 429})
 PROBE_TIMEOUT_S = 5.0  # one /health or /v1/models probe
 OUTAGE_POLL_S = 0.5  # how often a paused client asks a server that went away whether it is back
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RetryPolicy(BaseModel):
@@ -85,10 +94,6 @@ class Outcome:
 
 class ServerUnavailable(Exception):
     """The server did not answer its health check within the wait."""
-
-
-class ImageError(ValueError):
-    """A local image of a request cannot be read or is no image: that request fails alone."""
 
 
 class _Retryable(Exception):
@@ -128,41 +133,6 @@ def shown_url(url: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
-def new_line_id() -> str:
-    return f"batch_req_{uuid.uuid4().hex[:24]}"
-
-
-def output_line(
-    custom_id: str,
-    response: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One output line in the OpenAI Batch / vLLM run-batch shape."""
-    return {"id": new_line_id(), "custom_id": custom_id, "response": response, "error": error}
-
-
-def failure_line(custom_id: str, code: str, message: str) -> dict[str, Any]:
-    """The line of a request that got no usable response (no connection, bad image, deadline)."""
-    return output_line(custom_id, error={"code": code, "message": message})
-
-
-def error_from_body(status: int, body: Any) -> dict[str, Any]:
-    """`{"code", "message"}` from an error body.
-
-    Takes the OpenAI/vLLM shape `{"error": {"message", "type", "code"}}`, older vLLM's flat
-    `{"object": "error", "message", "type", "code"}`, and anything else as text.
-    """
-    detail: Any = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(detail, dict):
-        detail = body if isinstance(body, dict) and "message" in body else None
-    if detail is None:
-        text = body if isinstance(body, str) else ""
-        return {"code": str(status), "message": text.strip()[:500] or f"HTTP {status}"}
-    code = detail.get("code") or detail.get("type") or status
-    message = detail.get("message") or f"HTTP {status}"
-    return {"code": str(code), "message": str(message)}
-
-
 def retry_after_s(headers: httpx.Headers) -> float | None:
     """Seconds a Retry-After header asks for (a number, or an HTTP date); None if absent."""
     value = headers.get("retry-after")
@@ -200,119 +170,6 @@ def transport_reason(exc: BaseException) -> str:
             return str(seen.strerror).lower()
         seen = seen.__cause__ or seen.__context__
     return str(exc) or type(exc).__name__
-
-
-def _usage(body: Any) -> dict[str, int]:
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return {}
-    counts = {}
-    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        value = usage.get(name)
-        if isinstance(value, int):
-            counts[name] = value
-    return counts
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range for a JSON number")
-    return value
-
-
-def scrub(value: Any) -> Any:
-    """A JSON value with every lone UTF-16 surrogate (from a `\\udXXX` escape that pairs with
-    nothing) replaced by U+FFFD, so that it can be written as UTF-8."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {scrub(k): scrub(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v) for v in value]
-    return value
-
-
-def parse_answer(response: httpx.Response) -> tuple[Any, str | None]:
-    """A response's body (parsed JSON, else its text) and, when it is no usable JSON, why.
-
-    Standard JSON only: NaN, Infinity and numbers out of range are refused as not JSON. Lone
-    surrogates in strings are replaced with U+FFFD (the answer is kept).
-    """
-    text = response.text
-    if "text/event-stream" in response.headers.get("content-type", ""):
-        return text, "the server streamed its answer (text/event-stream); a batch needs one JSON"
-    try:
-        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        return text, f"the server's answer is not JSON ({exc.msg} at character {exc.pos + 1})"
-    except (ValueError, RecursionError) as exc:
-        return text, f"the server's answer is not standard JSON ({exc})"
-    if json_problem(payload) is not None:
-        payload = scrub(payload)
-        log.warning("a lone surrogate in the server's answer was replaced with U+FFFD")
-    return payload, None
-
-
-def safe_line(line: dict[str, Any]) -> str:
-    """An output line as one line of standard JSON that UTF-8 can hold, whatever it carries
-    (a stray surrogate or NaN is replaced rather than fail the chunk)."""
-    try:
-        text = json.dumps(line, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        text.encode("utf-8")
-        return text
-    except (ValueError, UnicodeError):
-        return json.dumps(_sanitize(line), ensure_ascii=False, separators=(",", ":"))
-
-
-def _sanitize(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {scrub(str(k)): _sanitize(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_sanitize(v) for v in value]
-    return scrub(value) if isinstance(value, str) else value
-
-
-def inline_images(body: dict[str, Any], resolve: Callable[[str], Path]) -> dict[str, Any]:
-    """A copy of `body` whose local images (media-relative paths, `file://`) are `data:` URLs.
-
-    resolve: turns a media-relative or absolute path into the file to read, raising ValueError
-    or OSError for a path outside the media root or unreadable: that becomes ImageError, and
-    the request fails alone. http(s) and data: urls pass through untouched.
-    """
-    urls = [image for image in image_urls(body) if local_image_path(image["url"]) is not None]
-    if not urls:
-        return body
-    copy: dict[str, Any] = _deep_copy(body)
-    for image in image_urls(copy):
-        local = local_image_path(image["url"])
-        if local is None:
-            continue
-        try:
-            path = resolve(local)
-            mime = image_mime(path)
-            if mime is None:
-                raise ImageError(f"image {local} is missing or not an image")
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-        except (OSError, ValueError) as exc:
-            raise ImageError(str(exc)) from None
-        image["url"] = f"data:{mime};base64,{data}"
-    return copy
-
-
-def _deep_copy(value: Any) -> Any:
-    """A copy of a JSON value (dicts and lists copied, scalars shared)."""
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
 
 
 class Slots:
@@ -377,6 +234,9 @@ class InferenceClient:
         self.server_wait_s = server_wait_s
         self.on_waiting = on_waiting
         self.api_key = api_key
+        # Told of every answer: its status (None: no answer) and latency in seconds (the
+        # adaptive concurrency listens here).
+        self.on_answer: Callable[[int | None, float], None] | None = None
         self._http: httpx.AsyncClient | None = None
         self._slots = Slots(concurrency)
         self._default_model: str | None = None
@@ -576,7 +436,7 @@ class InferenceClient:
             return self._failure(request, "invalid_image", str(exc))
         except httpx.HTTPError as exc:  # asking /v1/models for the default model
             return self._failure(request, "model_lookup_failed", str(exc) or type(exc).__name__)
-        except _BadBody as exc:
+        except BadBody as exc:
             return self._failure(request, "invalid_request", str(exc))
         except ValueError as exc:
             return self._failure(request, "model_required", str(exc))
@@ -621,26 +481,42 @@ class InferenceClient:
         except httpx.HTTPError as exc:  # not worth a retry (an undecodable body, say)
             return self._failure(request, "http_error", str(exc) or type(exc).__name__)
 
+    @property
+    def slots(self) -> Slots:
+        """The bound on requests in flight (its limit may be moved while requests run)."""
+        return self._slots
+
     async def _post(self, url: str, content: bytes) -> httpx.Response:
         async with self._slots:
+            started = time.monotonic()
+            status: int | None = None
             try:
-                # The whole answer within the timeout: httpx's own limit is per read, and a
-                # server that trickles a byte at a time would never reach it.
-                async with asyncio.timeout(self.timeout_s):
-                    response = await self.http.post(
-                        url, content=content, headers={"Content-Type": "application/json"}
-                    )
-            except (TimeoutError, httpx.TimeoutException) as exc:
-                if isinstance(exc, httpx.ConnectTimeout):
-                    raise _Retryable(error=exc, down=True) from exc
-                raise _Timeout() from exc
-            except httpx.ConnectError as exc:
-                raise _Retryable(error=exc, down=True) from exc
-            except httpx.TransportError as exc:
-                raise _Retryable(error=exc) from exc
+                response = await self._post_once(url, content)
+                status = response.status_code
+            finally:
+                if self.on_answer is not None:
+                    self.on_answer(status, time.monotonic() - started)
         if response.status_code in RETRY_STATUSES or response.status_code >= 500:
             raise _Retryable(response=response)
         return response
+
+    async def _post_once(self, url: str, content: bytes) -> httpx.Response:
+        """One attempt; its failures sorted into the kinds that are retried."""
+        try:
+            # The whole answer within the timeout: httpx's own limit is per read, and a server
+            # that trickles a byte at a time would never reach it.
+            async with asyncio.timeout(self.timeout_s):
+                return await self.http.post(
+                    url, content=content, headers={"Content-Type": "application/json"}
+                )
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise _Retryable(error=exc, down=True) from exc
+            raise _Timeout() from exc
+        except httpx.ConnectError as exc:
+            raise _Retryable(error=exc, down=True) from exc
+        except httpx.TransportError as exc:
+            raise _Retryable(error=exc) from exc
 
     def _wait(self, state: RetryCallState) -> float:
         """No wait after a server that went away (the pause is the wait); Retry-After when the
@@ -678,7 +554,7 @@ class InferenceClient:
         }
         if response.is_success and problem is None and isinstance(payload, dict):
             line = output_line(request.custom_id, response=data)
-            return Outcome(request.index, request.custom_id, line, False, _usage(payload))
+            return Outcome(request.index, request.custom_id, line, False, usage_of(payload))
         if response.is_success:
             message = problem or "the server's answer is not a JSON object"
             error = {"code": "invalid_response", "message": message}
@@ -690,19 +566,6 @@ class InferenceClient:
     def _failure(self, request: BatchRequest, code: str, message: str) -> Outcome:
         line = failure_line(request.custom_id, code, message)
         return Outcome(request.index, request.custom_id, line, True)
-
-
-class _BadBody(ValueError):
-    """A body that cannot be sent as standard JSON in UTF-8."""
-
-
-def encode_body(body: dict[str, Any]) -> bytes:
-    """The request body as sent: standard JSON (no NaN/Infinity), UTF-8; _BadBody naming the
-    field when it cannot be (a batch checked by gpujobs never has one)."""
-    problem = json_problem(body)
-    if problem is not None:
-        raise _BadBody(f"the body cannot be sent: {problem}")
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _tries(count: int) -> str:

@@ -19,6 +19,7 @@ import redis
 
 from gpujobs import keys
 from workers.inference.client import Outcome
+from workers.inference.wire import safe_line
 
 LEASE_POLL_S = 0.5  # how often a redelivered chunk looks whether the live holder let go
 
@@ -115,7 +116,7 @@ class BatchState:
 
     def checkpoint(self, chunk: int, outcome: Outcome) -> bool:
         """Record a finished request and count it; False when it was recorded before."""
-        line = json.dumps(outcome.line, ensure_ascii=False, separators=(",", ":"))
+        line = safe_line(outcome.line)  # standard JSON in UTF-8, whatever the server sent
         usage = outcome.usage
         added = self._checkpoint(
             keys=[keys.batch_checkpoint(self.job_id, chunk), keys.batch_stats(self.job_id)],
