@@ -354,8 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(data)
-        self.wfile.flush()  # here, so that a connection already gone shows now
+        self.wfile.write(data)  # sent by the flush after the request is logged
 
     def _refused(self) -> bool:
         """Answer 401 as vLLM does when a key is set and this request lacks it."""
@@ -446,14 +445,18 @@ class _Handler(BaseHTTPRequestHandler):
             # Out of the count before the answer leaves: a client that sends its next request
             # on receipt must never be seen as one over capacity.
             fake._leave()
-            try:
-                self._send(200, self._answer(key, body))
-            except OSError:  # the server went away (go_away) before the answer left
-                entry.outcome = "dropped"
-                self.close_connection = True
+            self._send(200, self._answer(key, body))
         finally:
             if entry.outcome not in MISBEHAVIOURS:
+                # Logged before the answer leaves, so that a client that has its answer finds
+                # its request in the log.
                 fake._record(entry)
+                try:
+                    self.wfile.flush()
+                except OSError:  # the server went away (go_away) before the answer left
+                    if entry.outcome == "ok":
+                        entry.outcome = "dropped"
+                    self.close_connection = True
 
     def _answer(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
         created = int(time.time())

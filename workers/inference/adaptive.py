@@ -20,14 +20,15 @@ Then it proposes, and a Lua script applies at most one change per `interval_s` p
 - *multiplicative decrease* when 429/503 come back (x0.75) or requests wait in the server: by
   the number waiting (the window's excess over what the server runs), at least 1 and at most
   a quarter, then held for 4 intervals;
-- *additive increase* (+1) while nothing waits and this client uses its whole share (there
-  is demand: growing an unused window would only store up a later burst);
+- *additive increase* (+1) while nothing waits and this client's requests found every slot
+  of its share taken (there is demand: growing an unused window would only store up a
+  later burst);
 - no change otherwise.
 
 The window starts at the spec's max_concurrency (the server's --max-num-seqs, if known) and
-stays within [1, `ceiling`] (default 4x the start). A client's share is the window divided
-between the live clients (an expiring member each in keys.ENDPOINT_CLIENTS), the remainder
-going to the first ones, so the shares add up to the window exactly.
+stays within [1, `ceiling`] (default 4x the start, at least 64). A client's share is the
+window divided between the live clients (an expiring member each in keys.ENDPOINT_CLIENTS),
+the remainder going to the first ones, so the shares add up to the window exactly.
 """
 
 from __future__ import annotations
@@ -56,34 +57,30 @@ QUEUE_LATENCY = 1.5  # latency over the lowest seen that reads as a queue (no /m
 
 # KEYS: window hash, clients zset. ARGV: action (inc|dec|keep), interval s, start, ceiling,
 # client token, client ttl s, key ttl s, excess (requests waiting; 0: cut by DECREASE).
-# Applies the action unless the window changed less than an interval ago (server time), and
-# after a decrease holds it HOLD intervals before an increase; registers the client and drops
-# the clients that stopped ticking. Returns {window, clients, rank of this client}.
+# A decrease applies unless another came less than an interval ago (clients that see one
+# overload cut once); an increase, unless the window changed less than an interval ago or was
+# cut less than 4 intervals ago (server time). Registers the client and drops the clients
+# that stopped ticking. Returns {window, clients, rank of this client}.
 _TICK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(redis.call('HGET', KEYS[1], 'window') or ARGV[3])
 local changed = tonumber(redis.call('HGET', KEYS[1], 'changed') or '0')
-local last = redis.call('HGET', KEYS[1], 'last') or 'keep'
+local cut = tonumber(redis.call('HGET', KEYS[1], 'cut') or '0')
 local interval = tonumber(ARGV[2])
 local action = ARGV[1]
-if action == 'dec' and now - changed >= interval then
-  local cut = math.floor(window * 0.75)
+if action == 'dec' and now - cut >= interval then
+  local target = math.floor(window * 0.75)
   local excess = tonumber(ARGV[8])
-  if excess > 0 then cut = math.max(cut, window - math.ceil(excess)) end
-  window = math.max(1, math.min(window - 1, cut))
+  if excess > 0 then target = math.max(target, window - math.ceil(excess)) end
+  window = math.max(1, math.min(window - 1, target))
   changed = now
-  last = 'dec'
-elseif action == 'inc' then
-  local hold = interval
-  if last == 'dec' then hold = interval * 4 end
-  if now - changed >= hold then
-    window = math.min(tonumber(ARGV[4]), window + 1)
-    changed = now
-    last = 'inc'
-  end
+  cut = now
+elseif action == 'inc' and now - changed >= interval and now - cut >= 4 * interval then
+  window = math.min(tonumber(ARGV[4]), window + 1)
+  changed = now
 end
-redis.call('HSET', KEYS[1], 'window', window, 'changed', changed, 'last', last)
+redis.call('HSET', KEYS[1], 'window', window, 'changed', changed, 'cut', cut)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
@@ -136,7 +133,8 @@ class AdaptiveConcurrency:
 
     redis_client: where the window lives. endpoint: the server's base URL. start: the window
     the first client starts (the spec's max_concurrency). ceiling: the largest window (default
-    4x start). interval_s: seconds between ticks, also the least time between two changes.
+    4x start, at least 64). interval_s: seconds between ticks, also the least time between two
+    changes.
     """
 
     def __init__(
@@ -154,7 +152,7 @@ class AdaptiveConcurrency:
         self.metrics_url = endpoint.rstrip("/").removesuffix("/v1") + "/metrics"
         self.id = endpoint_id(endpoint)
         self.start = max(1, start)
-        self.ceiling = max(self.start, ceiling or 4 * self.start)
+        self.ceiling = max(self.start, ceiling or max(64, 4 * self.start))
         self.interval_s = interval_s
         self.token = uuid.uuid4().hex
         self.share = self.start
@@ -190,9 +188,10 @@ class AdaptiveConcurrency:
         except ValueError:
             return ServerLoad(None, None)
 
-    def decide(self, load: ServerLoad, in_flight: int) -> tuple[str, float]:
+    def decide(self, load: ServerLoad, saturated: bool) -> tuple[str, float]:
         """(inc, dec or keep; the requests in excess, 0 when unknown) from the server's load
-        and what this client saw (`in_flight`: its requests in flight now)."""
+        and what this client saw (`saturated`: one of its requests found every slot taken
+        since the last tick)."""
         overloaded, self._overloaded = self._overloaded, False
         latencies, self._latencies = self._latencies, []
         if latencies:
@@ -207,7 +206,7 @@ class AdaptiveConcurrency:
             if typical > QUEUE_LATENCY * self._lowest:
                 return "dec", 0.0
         # Nothing waits: grow while this client uses its whole share (there is demand).
-        return ("inc" if in_flight >= self.share else "keep"), 0.0
+        return ("inc" if saturated else "keep"), 0.0
 
     def tick(self, action: str, excess: float = 0.0) -> int:
         """Apply `action` to the shared window (at most one change per interval for all
@@ -235,7 +234,8 @@ class AdaptiveConcurrency:
             while True:
                 await asyncio.sleep(self.interval_s)
                 load = await self.load()
-                action, excess = self.decide(load, slots.active)
+                saturated, slots.saturated = slots.saturated, False
+                action, excess = self.decide(load, saturated)
                 try:
                     share = await asyncio.to_thread(self.tick, action, excess)
                 except redis.RedisError as exc:  # keep the last share; the next tick retries

@@ -179,10 +179,13 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
         self.active = 0
+        self.saturated = False  # a request found every slot taken (reset by its reader)
         self._changed = asyncio.Condition()
 
     async def __aenter__(self) -> None:
         async with self._changed:
+            if self.active >= self.limit:
+                self.saturated = True
             await self._changed.wait_for(lambda: self.active < self.limit)
             self.active += 1
 

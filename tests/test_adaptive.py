@@ -1,0 +1,189 @@
+"""Concurrency that follows the server (issue 14, part 3): workers/inference/adaptive.py.
+
+Against a real HTTP server that queues as vLLM does (capacity C, the excess waiting) and
+reports vLLM's /metrics, with the shared window in a real Valkey: the window comes down to the
+server's capacity when requests wait, grows while nothing waits, is cut by 429s, and the
+workers that send to one server split it between them. Speed is measured in
+scripts/bench_inference.py, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from gpujobs import keys
+from gpujobs.client import Client
+from gpujobs.config import Settings
+from gpujobs.specs import JobState
+from tests.helpers import WorkerProcess, wait_for
+from tests.openai_server import FakeOpenAI
+from workers.inference.adaptive import (
+    AdaptiveConcurrency,
+    endpoint_id,
+    parse_vllm_metrics,
+    share_of,
+)
+from workers.inference.client import BatchRequest, InferenceClient, Outcome, RetryPolicy
+
+# /metrics as vLLM 0.x writes it: gauges per model and engine, among many other families.
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="qwen"} 7.0
+vllm:num_requests_running{engine="1",model_name="qwen"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="qwen"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="qwen"} 0.0
+# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="0.3",model_name="qwen"} 4.0
+vllm:e2e_request_latency_seconds_bucket{engine="0",le="+Inf",model_name="qwen"} 9.0
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="qwen"} 9.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="qwen"} 12.5
+# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 1234.0
+"""
+
+
+def test_vllm_metrics_are_summed_over_engines_and_shares_add_up() -> None:
+    load = parse_vllm_metrics(VLLM_METRICS)
+    assert (load.running, load.waiting) == (10.0, 2.0)
+    assert parse_vllm_metrics("# nothing here\n") == parse_vllm_metrics("")
+    assert parse_vllm_metrics("").waiting is None
+    for window in (1, 7, 10, 33):
+        for clients in (1, 2, 3, 5):
+            shares = [share_of(window, clients, rank) for rank in range(clients)]
+            assert sum(shares) == max(window, clients)  # every client keeps at least 1
+            assert max(shares) - min(shares) <= 1
+    assert endpoint_id("http://h:9999/v1") == endpoint_id("http://h:9999/") != endpoint_id(
+        "http://h:9998/v1")  # fmt: skip
+
+
+def chat(tag: str, index: int) -> BatchRequest:
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": f"{tag}{index}"}]}
+    return BatchRequest(index, f"{tag}{index}", "/v1/chat/completions", body)
+
+
+class AdaptiveRun:
+    """A client with its adaptive concurrency, sending `count` requests in its own thread and
+    event loop (as a chunk in its own worker does)."""
+
+    def __init__(self, server: FakeOpenAI, broker_url: str, tag: str, count: int, start: int):
+        self.outcomes: list[Outcome] = []
+        self.adaptive: AdaptiveConcurrency | None = None
+        self.shares: list[int] = []
+        self._args = (server, broker_url, tag, count, start)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._go()))
+
+    async def _go(self) -> None:
+        server, broker_url, tag, count, start = self._args
+        retry = RetryPolicy(max_retries=20, backoff_s=0.02, backoff_max_s=0.1)
+        async with InferenceClient(server.url, concurrency=start, retry=retry) as client:
+            shared = redis.Redis.from_url(broker_url, decode_responses=True)
+            self.adaptive = AdaptiveConcurrency(shared, client.http, server.url, start=start,
+                                                interval_s=0.1)  # fmt: skip
+            client.on_answer = self.adaptive.answered
+            ticking = asyncio.create_task(self.adaptive.run(client.slots))
+
+            def done(outcome: Outcome) -> None:
+                self.outcomes.append(outcome)
+                self.shares.append(client.slots.limit)
+
+            try:
+                await client.run([chat(tag, i) for i in range(count)], done)
+            finally:
+                ticking.cancel()
+                await asyncio.gather(ticking, return_exceptions=True)
+
+    def __enter__(self) -> AdaptiveRun:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.thread.join(timeout=120)
+
+
+def window(broker_url: str, server: FakeOpenAI) -> int:
+    """The server's shared window; a huge number before the first client made it."""
+    client = redis.Redis.from_url(broker_url, decode_responses=True)
+    value = client.hget(keys.endpoint_window(endpoint_id(server.url)), "window")
+    return int(value) if value else 1 << 30  # type: ignore[arg-type]
+
+
+def waiting_samples(server: FakeOpenAI, stop: threading.Event, into: list[int]) -> None:
+    while not stop.wait(0.05):
+        into.append(server.waiting)
+
+
+def test_a_window_too_large_comes_down_to_the_servers_capacity(broker_url: str) -> None:
+    # Two clients start with a window of 16 on a server that runs 4 at once: 12 wait.
+    with FakeOpenAI(latency_s=0.02, capacity=4, queue=True) as server:
+        waiting: list[int] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=waiting_samples, args=(server, stop, waiting))
+        sampler.start()
+        with AdaptiveRun(server, broker_url, "a", 600, 16), AdaptiveRun(
+            server, broker_url, "b", 600, 16
+        ):  # fmt: skip
+            wait_for(lambda: window(broker_url, server) <= 5, timeout_s=60)
+            settled = len(waiting)
+        stop.set()
+        sampler.join()
+        assert all(count == 1 for count in server.served().values())
+        assert len(server.served()) == 1200
+    assert max(waiting[:settled] or [0]) >= 4  # the queue was there at first
+    # Once down, the window stays near the capacity: it grows by one, finds a request
+    # waiting, and comes back.
+    assert 3 <= window(broker_url, server) <= 6
+
+
+def test_a_window_too_small_grows_while_nothing_waits(broker_url: str) -> None:
+    with FakeOpenAI(latency_s=0.02, capacity=6, queue=True) as server:
+        with AdaptiveRun(server, broker_url, "a", 2000, 1) as run:
+            wait_for(lambda: 6 <= window(broker_url, server) < 1 << 30, timeout_s=60)
+            seen = max(run.shares or [1])
+        assert all(not outcome.failed for outcome in run.outcomes)
+    assert window(broker_url, server) <= 8  # and it stops near the capacity
+    assert seen >= 1
+
+
+def test_429s_cut_the_window_and_every_request_still_succeeds(broker_url: str) -> None:
+    # A server that refuses what is over its capacity (3) instead of queueing it, and has no
+    # /metrics: 429 is the only signal.
+    with FakeOpenAI(latency_s=0.02, capacity=3, retry_after_s=None) as server:
+        with AdaptiveRun(server, broker_url, "a", 400, 12) as run:
+            wait_for(lambda: window(broker_url, server) <= 4, timeout_s=60)
+        assert server.entries("rejected")
+        assert len(run.outcomes) == 400 and all(not o.failed for o in run.outcomes)
+    assert window(broker_url, server) <= 5
+
+
+def test_two_workers_on_one_server_split_one_window(
+    client: Client, settings: Settings, broker_url: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:  # fmt: skip
+    env = {"GPUJOBS_INFERENCE_BACKOFF_S": "0.02", "GPUJOBS_INFERENCE_BACKOFF_MAX_S": "0.2"}
+    with FakeOpenAI(latency_s=0.02, capacity=6, queue=True) as server:
+        for name in ("a@test", "b@test"):
+            start_worker("--queues", "inference", "--hostname", name, env=env)
+        rows = [[{"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "fake-model",
+                           "messages": [{"role": "user", "content": f"{tag}{i}"}]}}
+                 for i in range(1500)] for tag in "ab"]  # fmt: skip
+        jobs = [client.submit_inference(r, endpoint=server.url, max_concurrency=6) for r in rows]
+        members = keys.endpoint_clients(endpoint_id(server.url))
+        # Both chunks are registered as clients of the one window while they run.
+        wait_for(lambda: client.redis.zcard(members) == 2, timeout_s=60)
+        records = [job.wait(timeout=120) for job in jobs]
+        assert all(record.state is JobState.SUCCEEDED for record in records)
+        assert len(server.served()) == 3000 and set(server.served().values()) == {1}
+    # The window is one, for the server, near its capacity; each left when it finished.
+    assert 3 <= window(broker_url, server) <= 9
+    wait_for(lambda: client.redis.zcard(members) == 0, timeout_s=10)
