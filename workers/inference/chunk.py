@@ -325,6 +325,7 @@ async def _send_all(
             api_key=client.api_key,
         )  # fmt: skip
         client.on_answer = adaptive.answered
+        await adaptive.join(client.slots)  # its share before the first request
         ticking = asyncio.create_task(adaptive.run(client.slots))
         try:
             return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
