@@ -217,12 +217,17 @@ def shared_server(args: argparse.Namespace) -> None:
     server, url = start_server(args.latency, args.capacity, queue=True)
     bench = JobBench(url, workers=2)
     ideal = args.capacity / args.latency
-    modes = {"adaptive (shared window)": True, "fixed C per worker": False}
+    half = max(1, args.capacity // 2)
+    modes = {  # name: (adaptive, max_concurrency per worker)
+        "adaptive (shared window, starts at C)": (True, args.capacity),
+        "fixed C per worker": (False, args.capacity),
+        "fixed C/2 per worker (the split known beforehand)": (False, half),
+    }
     results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in modes}
     try:
         for _ in range(args.runs):
-            for name, adaptive in modes.items():
-                results[name].append(bench.run_shared(args.requests, args.capacity, adaptive))
+            for name, (adaptive, concurrency) in modes.items():
+                results[name].append(bench.run_shared(args.requests, concurrency, adaptive))
     finally:
         bench.close()
         server.terminate()

@@ -17,11 +17,10 @@ Each client ticks every `interval_s` (0.25 s by default) and reads the server's 
 Then it proposes, and a Lua script applies at most one change per `interval_s` per server
 (clients reading the same overload cut the window once, not once each):
 
-- *multiplicative decrease* when 429/503 come back (x0.75) or more requests wait in the server
-  than a tenth of those running (at least 1: so short a queue costs a waiting request a
-  fraction of a round trip, and covers the clients' own gaps between answer and next
-  request): by the excess, at least 1 and at most a quarter, then held for 4 steps (a step:
-  the longer of the interval and the round trip);
+- *multiplicative decrease* when 429/503 come back (x0.75) or requests have waited in the
+  server for a round trip (a queue that a client left behind when its share shrank drains by
+  itself within one): by the number waiting, at least 1 and at most a quarter, then held for
+  8 steps (a step: the longer of the interval and the round trip);
 - *additive increase* (+1 per step) while nothing waits and this client's requests found every slot
   of its share taken (there is demand: growing an unused window would only store up a
   later burst);
@@ -40,6 +39,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -167,6 +167,7 @@ class AdaptiveConcurrency:
         self._latencies: list[float] = []
         self._lowest = math.inf
         self.latency_s = math.inf  # a moving average of the answers' latency (the round trip)
+        self._waiting_since: float | None = None  # when the server's queue was first seen
         self._has_metrics = True
         self._tick = redis_client.register_script(_TICK_LUA)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -198,6 +199,12 @@ class AdaptiveConcurrency:
         except ValueError:
             return ServerLoad(None, None)
 
+    @property
+    def step_s(self) -> float:
+        """The least time between two changes: the longer of the interval and a round trip."""
+        rtt = 0.0 if math.isinf(self.latency_s) else min(self.latency_s, 30.0)
+        return max(self.interval_s, rtt)
+
     def decide(self, load: ServerLoad, saturated: bool) -> tuple[str, float]:
         """(inc, dec or keep; the requests in excess, 0 when unknown) from the server's load
         and what this client saw (`saturated`: one of its requests found every slot taken
@@ -213,7 +220,16 @@ class AdaptiveConcurrency:
             # fraction of a round trip and covers the clients' own gaps; more is cut back.
             tolerated = QUEUE_TOLERANCE * (load.running or 0.0)
             if load.waiting > tolerated:
-                return "dec", load.waiting - tolerated
+                # Cut only a queue that lasts a round trip: one a client left behind when its
+                # share shrank (another joined) drains by itself within one.
+                now = time.monotonic()
+                if self._waiting_since is None:
+                    self._waiting_since = now
+                if now - self._waiting_since >= self.step_s:
+                    self._waiting_since = None
+                    return "dec", load.waiting - tolerated
+                return "keep", 0.0
+            self._waiting_since = None
             if load.waiting >= 1:
                 return "keep", 0.0
         elif latencies:  # no metrics: latency well over the lowest seen is a queue
