@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,6 +32,7 @@ from gpujobs import keys
 from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK, broker_priority
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
+from gpujobs.jsontext import BOM, FOREIGN_BOMS, json_problem, parse_line
 from gpujobs.paths import media_relative
 from gpujobs.specs import INFERENCE_URLS, InferenceSpec, JobKind, JobRecord, JobState
 
@@ -121,89 +120,6 @@ def _describe(value: object) -> str:
         if isinstance(value, kind):
             return words
     return "a number" if isinstance(value, int | float) else "an object"
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# The byte-order marks an editor may put at the start of a file (Windows Notepad, Excel).
-_FOREIGN_BOMS = (
-    (b"\x00\x00\xfe\xff", "UTF-32"),
-    (b"\xff\xfe\x00\x00", "UTF-32"),
-    (b"\xfe\xff", "UTF-16"),
-    (b"\xff\xfe", "UTF-16"),
-)
-_BOM = "\ufeff"
-_MAX_DEPTH = 200  # nesting deeper than any chat body needs; deeper would exhaust the stack
-
-
-def _field(path: str, name: object) -> str:
-    return f"{path}.{name}" if path else str(name)
-
-
-def json_problem(value: object, path: str = "", depth: int = 0) -> str | None:
-    """Why `value` cannot be written as standard JSON in UTF-8, naming the field; None if it can.
-
-    Finds every kind: a string (or key) holding a lone UTF-16 surrogate (`"\\ud83d"` is legal
-    JSON text, yet no UTF-8 can hold it), a number that is NaN or infinite (Python's json
-    writes them, standard JSON has none: `NaN`, `Infinity`, `1e999`), a value of no JSON type
-    (from the SDK), and nesting too deep to handle.
-    """
-    if depth > _MAX_DEPTH:
-        return f"{path or 'the request'} is nested more than {_MAX_DEPTH} levels deep"
-    if isinstance(value, str):
-        found = _SURROGATE.search(value)
-        if found:
-            code = f"\\u{ord(found.group()):04x}"
-            return (
-                f"{path or 'a value'} holds a lone UTF-16 surrogate ({code}) at character "
-                f"{found.start() + 1}, which is not a character and cannot be sent as UTF-8"
-            )
-        return None
-    if isinstance(value, bool) or value is None or isinstance(value, int):
-        return None
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return None
-        shown = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-        return f"{path or 'a value'} is {shown}, which is not a JSON number (use a number or null)"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path or 'an object'} has a key {key!r} that is not a string"
-            problem = json_problem(key, f"{path or 'an object'} key {key[:40]!r}", depth + 1)
-            problem = problem or json_problem(item, _field(path, key), depth + 1)
-            if problem:
-                return problem
-        return None
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            problem = json_problem(item, f"{path}[{index}]", depth + 1)
-            if problem:
-                return problem
-        return None
-    return f"{path or 'a value'} is of type {type(value).__name__}, which JSON cannot hold"
-
-
-def parse_line(text: str) -> object:
-    """One JSONL line's value; ValueError with a message that names the column where the text
-    breaks (`cut off at column 41`), for a line cut off mid-object as for any other."""
-    text = text.rstrip("\r\n")
-    if text.startswith(_BOM):  # a BOM is not content (files glued together carry several)
-        text = text[1:]
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        unclosed = exc.msg.startswith("Unterminated string")
-        if exc.pos >= len(text.rstrip()) or unclosed:
-            end = len(text.rstrip()) + 1
-            why = "a string is never closed" if unclosed else exc.msg.lower()
-            raise ValueError(
-                f"not valid JSON: the line is cut off at column {end} ({why})"
-            ) from None
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise ValueError(f"not valid JSON: nested too deeply (over {_MAX_DEPTH} levels)") from None
-    except ValueError as exc:  # an integer of over 4300 digits, say
-        raise ValueError(f"not valid JSON ({str(exc).split(';')[0]})") from None
 
 
 # A request's body field that turns its answer into server-sent events: a batch line holds one
@@ -308,7 +224,7 @@ def iter_batch_file(path: Path, media: Path) -> Iterator[Request]:
         for number, raw_line in enumerate(handle, start=1):
             where = f"line {number}"
             if number == 1:
-                for bom, encoding in _FOREIGN_BOMS:
+                for bom, encoding in FOREIGN_BOMS:
                     if raw_line.startswith(bom):
                         raise InvalidSpec(
                             f"batch file {shown} is {encoding} text (it starts with a {encoding} "
@@ -320,7 +236,7 @@ def iter_batch_file(path: Path, media: Path) -> Iterator[Request]:
                 raise InvalidSpec(
                     f"{where}: not UTF-8 text (byte {exc.start + 1} is {raw_line[exc.start]:#04x})"
                 ) from None
-            if not text.lstrip(_BOM).strip():
+            if not text.lstrip(BOM).strip():
                 continue  # blank lines carry nothing (vllm run-batch skips them too)
             try:
                 raw = parse_line(text)

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 
-from gpujobs.batch import image_mime, image_urls, json_problem, local_image_path
+from gpujobs.batch import image_mime, image_urls, local_image_path
+from gpujobs.jsontext import json_problem
 
 log = logging.getLogger(__name__)
 
