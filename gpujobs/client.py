@@ -425,8 +425,7 @@ class Client:
         request, default 600. max_retries: per request on 429/5xx/connection errors, default 5.
         deadline_s: seconds for the whole batch, default none. server_wait_s: how long a chunk
         waits for the server to come up, default 120. priority: 0..9, 9 first, default 5.
-        adaptive: share and adapt the requests in flight to the server's load (default true,
-        GPUJOBS_INFERENCE_ADAPTIVE); False keeps max_concurrency fixed per chunk.
+        adaptive: follow the server's load (default true); False: max_concurrency per chunk.
         The checks and the chunking live in gpujobs/batch.py. Raises InvalidSpec (one line
         naming the line and field at fault), BrokerUnreachable.
         """
@@ -444,14 +443,6 @@ class Client:
             prepared, settings=self.settings, store=self.store, app=self.app
         )
         return Job(job_id, self)
-
-    def enqueue_batches(self, prepared: list[batch.PreparedBatch]) -> list[Job]:
-        """Queue several checked batches, all or none (every requests file is written before
-        any job is queued); their Jobs in order."""
-        ids = batch.enqueue_batches(
-            prepared, settings=self.settings, store=self.store, app=self.app
-        )
-        return [Job(job_id, self) for job_id in ids]
 
     def list(self, limit: int = 50, states: tuple[JobState, ...] = ()) -> list[JobRecord]:
         return self.store.list(limit=limit, states=states)

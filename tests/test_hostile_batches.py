@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from gpujobs import InvalidSpec
-from gpujobs.batch import BATCHES, prepare_batch
+from gpujobs.batch import BATCHES, enqueue_batches, prepare_batch
 from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobState
@@ -114,7 +114,7 @@ def test_all_or_none_holds_when_a_file_changes_between_its_check_and_its_queuein
     second.write_text('{"custom_id": "r0", "method": "POST", "url": "/v1/completions", '
                       '"body": {"prompt": "\\udead"}}\n')  # fmt: skip
     with pytest.raises(InvalidSpec, match=r"line 1: body\.prompt holds a lone UTF-16 surrogate"):
-        client.enqueue_batches(prepared)
+        enqueue_batches(prepared, settings=settings, store=client.store, app=client.app)
     nothing_queued(client, settings)
 
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from gpujobs.batch import prepare_batch
+from gpujobs.batch import enqueue_batches, prepare_batch
 from gpujobs.cli.render import STATE_STYLES
 from gpujobs.client import Client, Job
 from gpujobs.config import Settings
@@ -110,7 +110,8 @@ def submit_batches(
     client = Client(Settings())
     out = None if output is None else _cwd_path(output)
     prepared = [prepare_batch(client.settings, _cwd_path(f), out, **params) for f in files]
-    jobs = client.enqueue_batches(prepared)  # all or none
+    ids = enqueue_batches(prepared, settings=client.settings, store=client.store, app=client.app)
+    jobs = [Job(job_id, client) for job_id in ids]  # all or none: every file written first
     if not wait:
         for job, batch in zip(jobs, prepared, strict=True):
             if as_json:
