@@ -11,6 +11,8 @@ alike (gpujobs first, then the baseline):
 - shared (issue 14): two batches of N/2 at once, one chunk each, sent by two worker processes;
   adaptive (the default: the chunks share one window through Redis) and adaptive=False with a
   fixed C per worker. Total requests/s from the first chunk's start to the last one's end;
+- gpujobs client: workers/inference/client.py's InferenceClient alone at C, in this process
+  (the chunk task's sender without the queue, checkpoints and output file);
 - openai: the `openai` package's AsyncOpenAI with an asyncio.Semaphore(C), N chat completions.
 
 Every request is a short chat prompt with max_tokens 16. p95 latency comes from the server's
@@ -102,6 +104,26 @@ def histogram_p95(root: str, before: dict[float, float], expected: int) -> float
 def chat(model: str, index: int) -> dict[str, Any]:
     prompt = f"Say something about number {index}."
     return {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": prompt}]}
+
+
+def run_client(url: str, model: str, n: int, concurrency: int) -> Sample:
+    """workers/inference/client.py's client alone, in this process (what a chunk task runs,
+    without the queue, the checkpoints and the output file), at a fixed concurrency."""
+    from workers.inference.client import BatchRequest, InferenceClient, Outcome, RetryPolicy
+
+    root = url.removesuffix("/v1")
+    requests = [BatchRequest(i, f"r{i}", "/v1/chat/completions", chat(model, i)) for i in range(n)]
+    done: list[Outcome] = []
+
+    async def go() -> None:
+        async with InferenceClient(url, concurrency=concurrency, retry=RetryPolicy()) as client:
+            await client.run(requests, done.append)
+
+    before = buckets(root)
+    started = time.perf_counter()
+    asyncio.run(go())
+    rate = n / (time.perf_counter() - started)
+    return Sample(rate, sum(o.failed for o in done), histogram_p95(root, before, n))
 
 
 def run_openai(url: str, model: str, n: int, concurrency: int) -> Sample:
@@ -246,6 +268,7 @@ def main() -> None:
         "gpujobs job (1 chunk, adaptive=False)": lambda: bench.run(1, n, c, False),
         f"shared: 2 x {half} from 2 workers, adaptive": lambda: bench.run(2, half, c, True),
         f"shared: 2 x {half} from 2 workers, fixed C each": lambda: bench.run(2, half, c, False),
+        "gpujobs InferenceClient alone (no queue)": lambda: run_client(args.url, args.model, n, c),
         "openai AsyncOpenAI + Semaphore(C)": lambda: run_openai(args.url, args.model, n, c),
     }
     results: dict[str, list[Sample]] = {name: [] for name in rows}
