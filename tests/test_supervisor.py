@@ -73,8 +73,12 @@ def test_one_pinned_worker_per_gpu_each_on_its_own_queue(
         assert proc.environ()["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
     # Each consumes the shared queue, its node's and its own GPU's (asked of Celery itself).
-    replies = client.app.control.inspect(destination=hostnames, timeout=3).active_queues() or {}
-    assert sorted(replies) == hostnames
+    def every_reply() -> dict[str, list[dict[str, str]]] | None:
+        inspect = client.app.control.inspect(destination=hostnames, timeout=5)
+        replies = inspect.active_queues() or {}
+        return replies if sorted(replies) == hostnames else None  # a busy worker answers late
+
+    replies = wait_for(every_reply, timeout_s=60)
     for index in range(4):
         names = {queue["name"] for queue in replies[f"gpujobs@{NODE}.gpu{index}"]}
         assert names == {"transcode", f"transcode.{NODE}", f"transcode.{NODE}.gpu{index}"}

@@ -13,7 +13,7 @@ from pathlib import Path
 from gpujobs import keys
 from gpujobs.client import Client
 from gpujobs.monitor.metrics import ClusterSnapshot, JobCounts, parse_heartbeat
-from gpujobs.monitor.top import TopView, render_text
+from gpujobs.monitor.top import BAR_WIDTH, TopView, render_text
 from gpujobs.specs import JobKind, JobRecord, JobState
 from tests.helpers import WorkerProcess
 from tests.test_metrics import NODE, heartbeat
@@ -75,9 +75,11 @@ def test_top_follows_a_running_job_live(
     start_worker()
     job = client.submit_transcode(media_clip("long.mp4", seconds=30, size="1920x1080"),
                                   preset="p7", height=1080)  # fmt: skip
-    for current in job.watch(timeout=60):
-        if current.state is JobState.RUNNING and current.percent > 0:
+    # A bar shows a whole `━` from 100/BAR_WIDTH % on: wait for that, however slow the machine.
+    for current in job.watch(timeout=120):
+        if current.state is JobState.RUNNING and current.percent >= 100 / BAR_WIDTH:
             break
+    assert current.state is JobState.RUNNING, current
     # Piped, top prints each view in turn: the first one, then one per job event.
     result = subprocess.run(
         [sys.executable, "-m", "gpujobs", "top", "--frames", "5", "--timeout", "30"],
