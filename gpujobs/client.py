@@ -32,6 +32,7 @@ from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.media import ProbeError, check_input, looks_like_video
 from gpujobs.paths import copy_file, inbox_target, media_relative
 from gpujobs.publish import TaskMessages, transcode_submission
+from gpujobs.routing import require_gpu_worker
 from gpujobs.specs import (
     AudioTracks,
     GpuPolicy,
@@ -106,12 +107,13 @@ class Client:
         split: SplitSetting | None = None,
         node: str | None = None,
         gpu_index: int | None = None,
-        copy_outside: bool = False,
+        copy_outside: bool = True,
         force: bool = False,
     ) -> Job:
         """Queue a transcode of `input` and return its Job. None means the setting's default.
 
-        input: a file under the media root (absolute, or relative to it).
+        input: a file (absolute, or relative to the media root); one outside the media root is
+        copied into `<media root>/inbox` first unless copy_outside=False.
         output: default `<input stem>.<height>p.mp4` beside the input; must lie under the root.
         width, height: pixels (even); height default 480 (GPUJOBS_DEFAULT_HEIGHT), width from
         the aspect ratio. codec: h264|hevc. preset: NVENC's p1 (fastest)..p7, mapped to x264's
@@ -127,7 +129,7 @@ class Client:
         node, gpu_index: run it on that node, or on GPU `gpu_index` (nvidia-smi index) of that
         node; an InvalidSpec when no worker there has a live heartbeat. Default: any worker.
         copy_outside: copy an input from outside the media root into `<media root>/inbox`
-        first (the CLI does); otherwise such an input is an InvalidSpec.
+        first (default True, as the CLI does); False: such an input is an InvalidSpec.
         force: queue a new job even when one for the same input and spec is queued or running
         (by default that job is returned).
         Raises InvalidSpec (one line: what is wrong, e.g. "input x.m4a: no video stream (audio
@@ -142,6 +144,8 @@ class Client:
             "split": split,
         }  # fmt: skip
         prepared = self.prepare_transcode(input, output, copy_outside, **params)
+        if prepared.spec.gpu == "require":
+            require_gpu_worker(self.heartbeats(), node, gpu_index)
         return self.enqueue(prepared, force=force, queue=self.route(node, gpu_index))
 
     def prepare_transcode(
@@ -280,10 +284,9 @@ class Client:
                 self._copy_in(item)
             submissions = [self._submission(item, item_queue, force) for item, item_queue in chunk]
             found = self.store.submit(submissions)
-            jobs += [
-                Job(existing or submission.record.id, self)
-                for submission, existing in zip(submissions, found, strict=True)
-            ]
+            for submission, existing in zip(submissions, found, strict=True):
+                jobs.append(Job(existing or submission.record.id, self))
+                jobs[-1].already_queued = existing is not None
         return jobs
 
     def _copy_in(self, prepared: PreparedJob) -> None:
@@ -451,6 +454,8 @@ class Client:
 class Job:
     """A handle on one job. Reads go to the store; nothing is cached."""
 
+    already_queued: bool = False  # a submit returned this queued or running job, same spec
+
     def __init__(self, job_id: str, client: Client | None = None) -> None:
         self.id = job_id
         self.client = client or Client()
@@ -545,7 +550,7 @@ def submit_transcode(
     split: SplitSetting | None = None,
     node: str | None = None,
     gpu_index: int | None = None,
-    copy_outside: bool = False,
+    copy_outside: bool = True,
     force: bool = False,
 ) -> Job:
     """Queue a transcode with a new Client (settings from GPUJOBS_*); see

@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 
+from gpujobs import keys
 from gpujobs.config import Settings
 from gpujobs.errors import LocalStackError
 
@@ -36,6 +37,9 @@ STACK_MODULE = "gpujobs.cli.stack"
 STACK_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 START_TIMEOUT_S = 30.0
+# How long `up` waits for the stack's worker to be ready (its heartbeat written): a cold Celery
+# start on a busy 2-core machine takes tens of seconds.
+WORKER_READY_TIMEOUT_S = 120.0
 WORKER_STOP_TIMEOUT_S = 60.0
 FLOWER_STOP_TIMEOUT_S = 10.0
 # Seconds between worker restarts: doubles from the first to the last while it keeps dying.
@@ -81,14 +85,56 @@ def running_url(settings: Settings) -> str | None:
     return url
 
 
+def stack_worker_name(settings: Settings) -> str:
+    """The Celery node name of the stack's worker: distinct from a foreground `gpujobs worker`
+    (`gpujobs@<node>`) on the same host, so both can run and be told apart."""
+    return f"gpujobs-stack@{settings.node_name}"
+
+
 def ensure_running(settings: Settings) -> str:
-    """The local broker's URL, starting the stack first when it is not running."""
+    """The local broker's URL, starting the stack first when it is not running.
+
+    A stack started here is returned once its worker is ready (its heartbeat is written), so a
+    `submit --node` or `worker --check` right after it succeeds. Raises LocalStackError when the
+    stack or its worker does not come up (the log to read is named).
+    """
+    return ensure_running_started(settings)[0]
+
+
+def ensure_running_started(settings: Settings) -> tuple[str, bool]:
+    """As ensure_running; also whether this call started the stack (True) or found it (False)."""
     url = running_url(settings)
     if url is not None:
-        return url
+        return url, False
     with _start_lock(settings):
         url = running_url(settings)  # another process may have started it meanwhile
-        return url if url is not None else _start(settings)
+        if url is not None:
+            return url, False
+        url = _start(settings)
+        wait_worker_ready(settings, url)
+        return url, True
+
+
+def wait_worker_ready(
+    settings: Settings, url: str, timeout_s: float = WORKER_READY_TIMEOUT_S
+) -> None:
+    """Block until the stack's worker has written this node's heartbeat (it does once Celery is
+    ready to take jobs), polling every 0.2 s; LocalStackError after timeout_s seconds."""
+    name = stack_worker_name(settings)
+    deadline = time.monotonic() + timeout_s
+    with redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0) as r:
+        while True:
+            raw = r.get(keys.heartbeat(settings.node_name))
+            if raw is not None:
+                with contextlib.suppress(ValueError, TypeError):
+                    if name in json.loads(raw).get("workers", []):
+                        return
+            if time.monotonic() > deadline:
+                log = settings.state_dir / "logs" / "worker.log"
+                raise LocalStackError(
+                    f"the local stack's worker was not ready in {timeout_s:.0f} s; see {log}"
+                )
+            time.sleep(0.2)
 
 
 def stop(settings: Settings, timeout_s: float = WORKER_STOP_TIMEOUT_S + 15) -> bool:
@@ -238,7 +284,16 @@ def serve(settings: Settings, plan_flower: FlowerPlanner | None = None) -> None:
 
     def start_worker() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "gpujobs", "worker", "--queues", "transcode,inference"],
+            [
+                sys.executable,
+                "-m",
+                "gpujobs",
+                "worker",
+                "--queues",
+                "transcode,inference",
+                "--hostname",
+                stack_worker_name(settings),
+            ],
             env=worker_env,
             stdout=worker_log,
             stderr=subprocess.STDOUT,

@@ -5,6 +5,7 @@ Every user-facing error is one line on stderr (`error: ...`) and a non-zero exit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import StrEnum
@@ -24,9 +25,10 @@ from gpujobs.cli.render import (
     console,
     err_console,
     exit_for,
-    follow,
+    follow_or_leave,
     job_detail,
     jobs_table,
+    open_client,
     record_json,
 )
 from gpujobs.client import Client, Job
@@ -37,14 +39,45 @@ from gpujobs.specs import JobState
 
 app = typer.Typer(
     name="gpujobs",
+    invoke_without_command=True,  # `gpujobs --version`
     help="Feed GPUs video transcodes and batch inference through a Celery queue.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain Click help: no `<bool>` placeholders, no rich markup eating `[default: ...]`, and
+    # the default of every option shown.
+    rich_markup_mode=None,
+    context_settings={"show_default": True, "max_content_width": 100},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"gpujobs {version('gpujobs')}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Feed GPUs video transcodes and batch inference through a Celery queue."""
+    if ctx.invoked_subcommand is None:
+        console.print(ctx.get_help(), markup=False, highlight=False)
+
+
 cli_transcode.register(app)  # gpujobs submit: first in --help, the command most people want
+
+
+STATES = [state.value for state in JobState]
 
 
 class LogLevel(StrEnum):
@@ -58,7 +91,7 @@ class LogLevel(StrEnum):
 
 @app.command()
 def status(
-    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
     """Show one job's record and how each attempt ended."""
@@ -73,29 +106,52 @@ def status(
 
 @app.command()
 def watch(
-    job_ids: Annotated[list[str], typer.Argument(help="Job ids.")],
-    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds.")] = None,
+    job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids.")],
+    timeout: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", show_default="no limit", help="Give up after this long."),
+    ] = None,
 ) -> None:
     """Follow jobs live until they end; exits non-zero if any did not succeed."""
     client = Client(Settings(), start_local=False)
     for job_id in job_ids:
         Job(job_id, client).status()
-    exit_for(follow(client, job_ids, timeout))
+    exit_for(follow_or_leave(client, job_ids, timeout))
 
 
 @app.command("ls")
 def list_jobs(
     state: Annotated[
-        list[JobState] | None, typer.Option("--state", "-s", help="Only jobs in this state.")
+        list[str] | None,
+        typer.Option(
+            "--state",
+            "-s",
+            metavar="STATE",
+            show_default="every state",
+            help=f"Only jobs in this state ({', '.join(STATES)}); repeat for more.",
+        ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000)] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", metavar="N", min=1, max=10000, help="At most N jobs.")
+    ] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array of records.")] = False,
+    as_jsonl: Annotated[
+        bool, typer.Option("--jsonl", help="One JSON record a line, printed as read.")
+    ] = False,
 ) -> None:
     """List jobs, newest first."""
-    records = Client(Settings(), start_local=False).list(limit=limit, states=tuple(state or ()))
-    if as_json:
+    wanted = []
+    for name in state or ():
+        if name.lower() not in STATES:
+            raise GpujobsError(f"no state {name!r}: a job is {', '.join(STATES[:-1])} or "
+                               f"{STATES[-1]}")  # fmt: skip
+        wanted.append(JobState(name.lower()))
+    records = Client(Settings(), start_local=False).list(limit=limit, states=tuple(wanted))
+    if as_jsonl:
         for record in records:
-            print(record_json(record))
+            print(record_json(record), flush=True)
+    elif as_json:
+        print(json.dumps([record.model_dump(mode="json") for record in records], indent=2))
     elif not records:
         console.print("no jobs")
     else:
@@ -103,7 +159,7 @@ def list_jobs(
 
 
 @app.command()
-def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids.")]) -> None:
+def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids.")]) -> None:
     """Cancel queued or running jobs (a running transcode is killed, its partial output removed)."""
     client = Client(Settings(), start_local=False)
     jobs = [Job(job_id, client) for job_id in job_ids]
@@ -171,17 +227,41 @@ def up() -> None:
             f"GPUJOBS_BROKER_URL is set ({redact(settings.broker_url or '')}): "
             "nothing to start locally"
         )
-    url = local.ensure_running(settings)
-    console.print(f"local stack up: broker {url}, media root {settings.media}", markup=False)
+    url, started = local.ensure_running_started(settings)
+    if not started:
+        local.wait_worker_ready(settings, url)  # found starting: ready means ready
+    said = "started" if started else "already up"
+    console.print(
+        f"local stack {said}: broker {url}, media root {settings.media}, "
+        f"worker {local.stack_worker_name(settings)} ready",
+        markup=False, highlight=False,
+    )  # fmt: skip
     flower_url = (local.read_stack(settings) or {}).get("flower_url")
     if flower_url:
-        console.print(f"flower {flower_url}", markup=False)
+        console.print(f"flower {flower_url}", markup=False, highlight=False)
+    console.print("stop it with `gpujobs down`", markup=False, highlight=False)
 
 
 @app.command()
 def down() -> None:
-    """Stop the embedded local stack (a running job finishes first)."""
-    if local.stop(Settings()):
+    """Stop the embedded local stack (a running job finishes or is handed back first)."""
+    settings = Settings()
+    url = local.running_url(settings)
+    if url is None and local.read_stack(settings) is None:
+        console.print("local stack was not running")
+        return
+    running = 0
+    if url is not None:
+        with contextlib.suppress(GpujobsError):
+            client = Client(settings.model_copy(update={"broker_url": url}), start_local=False)
+            running = len(client.list(limit=10000, states=(JobState.RUNNING,)))
+    jobs = f"{running} running job{'' if running == 1 else 's'}" if running else "no running job"
+    console.print(
+        f"stopping the local stack: the worker finishes or hands back {jobs} (up to "
+        f"{settings.shutdown_grace_s:g} s), then Flower and Valkey stop",
+        markup=False, highlight=False,
+    )  # fmt: skip
+    if local.stop(settings):
         console.print("local stack stopped")
     else:
         console.print("local stack was not running")
@@ -205,10 +285,10 @@ def demo(
          "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(clip)],
         check=True,
     )  # fmt: skip
-    client = Client(Settings())
+    client = open_client(settings)
     job = client.submit_transcode(clip, settings.media / "demo" / "sample-480p.mp4")
     console.print(f"queued {job.id}", markup=False)
-    [record] = follow(client, [job.id], timeout=None)
+    [record] = follow_or_leave(client, [job.id], timeout=None)
     exit_for([record])
     result = record.result or {}
     console.print(

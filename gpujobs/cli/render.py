@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -11,7 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from gpujobs import local
 from gpujobs.client import Client
+from gpujobs.config import Settings
 from gpujobs.specs import JobRecord, JobState
 
 STATE_STYLES = {
@@ -41,9 +44,13 @@ def job_subject(record: JobRecord) -> str:
 
 
 def jobs_table(records: Iterable[JobRecord]) -> Table:
-    table = Table(box=None, header_style="bold")
+    """One row a job; in 80 columns the input and worker are shortened with `…`, never folded."""
+    table = Table(box=None, header_style="bold", padding=(0, 1), pad_edge=False,
+                  collapse_padding=True)  # fmt: skip
+    fixed = {"ID": 12, "KIND": 9, "STATE": 9, "PROGRESS": 8, "AGE": 5}
     for column in ("ID", "KIND", "STATE", "PROGRESS", "INPUT", "WORKER", "AGE"):
-        table.add_column(column, no_wrap=column != "INPUT")
+        table.add_column(column, no_wrap=True, overflow="ellipsis", min_width=fixed.get(column),
+                         justify="right" if column == "PROGRESS" else "left")  # fmt: skip
     now = time.time()
     for record in records:
         style = STATE_STYLES[record.state]
@@ -144,9 +151,40 @@ class JobBars:
         )
 
 
-# The command's consoles: errors stay on one line whatever the terminal's width.
-console = Console()
+# The command's consoles: errors stay on one line whatever the terminal's width, and nothing is
+# folded when stdout is a pipe or a file (a path printed in two pieces breaks scripts).
+console = Console(soft_wrap=not sys.stdout.isatty())
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def open_client(settings: Settings) -> Client:
+    """A Client for a command that may start the local stack (submit, demo, infer); when it does,
+    one line on stderr says so, with Flower's URL and how to stop it."""
+    if settings.embedded:
+        _, started = local.ensure_running_started(settings)
+        if started:
+            flower = (local.read_stack(settings) or {}).get("flower_url")
+            where = f"; Flower at {flower}" if flower else ""
+            err_console.print(
+                f"started the local stack (Valkey and a worker{where}); "
+                "stop it with `gpujobs down`",
+                markup=False, highlight=False,
+            )  # fmt: skip
+    return Client(settings)
+
+
+def follow_or_leave(client: Client, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
+    """`follow`, but Ctrl-C leaves the jobs running and says how to watch them again."""
+    try:
+        return follow(client, job_ids, timeout)
+    except KeyboardInterrupt:
+        ids = " ".join(job_ids)
+        err_console.print(
+            f"stopped watching; the job{'s go' if len(job_ids) > 1 else ' goes'} on. "
+            f"Watch again with `gpujobs watch {ids}`, stop with `gpujobs cancel {ids}`",
+            markup=False, highlight=False,
+        )  # fmt: skip
+        raise SystemExit(130) from None
 
 
 def record_json(record: JobRecord) -> str:

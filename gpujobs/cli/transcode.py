@@ -8,69 +8,119 @@ from typing import Annotated
 import typer
 
 from gpujobs.cli import inference as cli_inference
-from gpujobs.cli import ladder as cli_ladder
-from gpujobs.cli.render import console, exit_for, follow, record_json
-from gpujobs.client import Client, PreparedJob
+from gpujobs.cli.render import console, exit_for, follow_or_leave, open_client, record_json
+from gpujobs.client import PreparedJob
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
 from gpujobs.specs import JobState
 
 
 def submit(
-    files: Annotated[list[Path], typer.Argument(help="Video files to transcode.")],
+    files: Annotated[
+        list[Path], typer.Argument(metavar="FILE...", help="Video files to transcode.")
+    ],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output path (one input only).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            show_default="<input stem>.<height>p.mp4",
+            help="Output path (one input only).",
+        ),
     ] = None,
     width: Annotated[
-        int | None, typer.Option(help="Width in pixels; default keeps aspect.")
+        int | None,
+        typer.Option(metavar="PIXELS", show_default="keeps the aspect ratio", help="Width."),
     ] = None,
-    height: Annotated[int | None, typer.Option(help="Height in pixels [default: 480].")] = None,
-    codec: Annotated[str | None, typer.Option(help="h264 or hevc.")] = None,
-    preset: Annotated[str | None, typer.Option(help="NVENC preset p1 (fastest)..p7.")] = None,
+    height: Annotated[
+        int | None, typer.Option(metavar="PIXELS", show_default="480", help="Height.")
+    ] = None,
+    codec: Annotated[
+        str | None, typer.Option(metavar="h264|hevc", show_default="h264", help="Video codec.")
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            metavar="p1..p7",
+            show_default="p1",
+            help="NVENC preset, p1 fastest (x264 ultrafast..slow on the CPU).",
+        ),
+    ] = None,
     cq: Annotated[
-        int | None, typer.Option(help="Constant quality 0..51 (lower is better).")
+        int | None,
+        typer.Option(
+            metavar="0..51",
+            show_default="28",
+            help="Constant quality, lower is better (crf on the CPU).",
+        ),
     ] = None,
-    audio: Annotated[str | None, typer.Option(help="copy, aac or none.")] = None,
-    threads: Annotated[int | None, typer.Option(help="ffmpeg decoder threads.")] = None,
-    priority: Annotated[int | None, typer.Option(help="0 (lowest) .. 9 (most urgent).")] = None,
-    gpu: Annotated[str | None, typer.Option(help="auto, require or forbid.")] = None,
+    audio: Annotated[
+        str | None, typer.Option(metavar="copy|aac|none", show_default="copy", help="Audio.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(metavar="N", show_default="2", help="ffmpeg decoder threads.")
+    ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(metavar="0..9", show_default="5", help="9 is served first."),
+    ] = None,
+    gpu: Annotated[
+        str | None,
+        typer.Option(
+            metavar="auto|require|forbid",
+            show_default="auto",
+            help="Use the GPU when the worker has one, insist, or never.",
+        ),
+    ] = None,
     audio_tracks: Annotated[
-        str | None, typer.Option(help="all (every audio track, default) or first.")
+        str | None,
+        typer.Option(metavar="all|first", help="Audio tracks to keep.  [default: all]"),
     ] = None,
     subtitles: Annotated[
-        str | None, typer.Option(help="drop (default) or keep (text subtitles, as mov_text).")
-    ] = None,
+        str | None,
+        typer.Option(
+            metavar="drop|keep",
+            help="Keep text subtitles (as mov_text) or drop them.  [default: drop]",
+        ),
+    ] = None,  # fmt: skip
     fps: Annotated[
-        float | None, typer.Option(help="Constant output frame rate; default: source timing.")
-    ] = None,
+        float | None,
+        typer.Option(
+            metavar="FPS", help="Constant output frame rate.  [default: the source's timing]"
+        ),
+    ] = None,  # fmt: skip
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output file.")
     ] = False,
-    split: Annotated[
-        str | None,
-        typer.Option(help="Cut into N pieces encoded by N workers at once, or auto."),
-    ] = None,
-    ladder: Annotated[
-        str | None,
-        typer.Option(help="An ABR ladder of these heights, e.g. 1080,720,480 (HLS by default)."),
-    ] = None,
-    hls: Annotated[bool, typer.Option("--hls", help="Package the ladder as HLS (fMP4).")] = False,
-    dash: Annotated[bool, typer.Option("--dash", help="Package the ladder as DASH.")] = False,
     node: Annotated[
-        str | None, typer.Option(help="Run on this node only (it must have a live worker).")
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            show_default="any node",
+            help="Run on this node only (it must have a live worker).",
+        ),
     ] = None,
     gpu_index: Annotated[
-        int | None, typer.Option(help="With --node: run on this GPU (nvidia-smi index) only.")
+        int | None,
+        typer.Option(
+            metavar="N",
+            show_default="any GPU",
+            help="With --node: run on this GPU (nvidia-smi index) only.",
+        ),
     ] = None,
     copy: Annotated[
-        bool, typer.Option(help="Copy inputs from outside the media root into it first.")
+        bool, typer.Option(help="Copy inputs from outside the media root into its inbox first.")
     ] = True,
     wait: Annotated[bool, typer.Option("--wait", help="Draw progress until the jobs end.")] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Queue even if the same job is queued or running.")
     ] = False,
     timeout: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+        float | None,
+        typer.Option(
+            metavar="SECONDS", show_default="no limit", help="With --wait: give up after this long."
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
 ) -> None:
@@ -82,23 +132,14 @@ def submit(
         "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
         "audio_tracks": audio_tracks, "subtitles": subtitles, "fps": fps,
         "overwrite": overwrite or None,
-        "split": split_setting(split),
     }  # fmt: skip
-    asked = cli_ladder.ladder_options(ladder, hls, dash)
-    if asked is not None:  # an ABR ladder per input instead of one output each
-        shared = {"preset": preset, "cq": cq, "audio": audio, "threads": threads,
-                  "priority": priority, "gpu": gpu, "split": params["split"]}  # fmt: skip
-        only = {"width": width, "height": height, "codec": codec, "node": node,
-                "gpu_index": gpu_index}  # fmt: skip
-        cli_ladder.submit_ladders(files, output, asked, shared, only, copy, wait, timeout, as_json)
-        return
     if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
         batch_only = {"priority": priority}
         others = {**{k: v for k, v in params.items() if k != "priority"}, "node": node,
                   "gpu_index": gpu_index, "force": force or None}  # fmt: skip
         cli_inference.submit_batches(files, output, batch_only, wait, timeout, as_json, others)
         return
-    client = Client(Settings())
+    client = open_client(Settings())
     prepared: list[PreparedJob] = []
     for file in files:
         given = file if file.is_absolute() else Path.cwd() / file
@@ -106,18 +147,19 @@ def submit(
             raise InvalidSpec(f"input file name {file.name!r} must not start with '-'")
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
-    queue = client.route(node, gpu_index)  # before anything is queued: a dead target fails
-    jobs = client.enqueue_many(prepared, force=force, queue=queue)  # pipelined, per batch
+    # Before anything is queued: a dead target, or --gpu require with no GPU worker, fails.
+    require_gpu = any(p.spec.gpu == "require" for p in prepared)
+    queue = client.route(node, gpu_index, require_gpu=require_gpu)
+    jobs = [client.enqueue(p, force=force, queue=queue) for p in prepared]
+    for job in jobs:
+        if as_json and not wait:
+            console.print_json(record_json(job.status()))
+        elif not as_json:
+            said = "already queued as" if job.already_queued else "queued"
+            console.print(f"{said} {job.id}  {job.status().spec['input']}", markup=False)
     if not wait:
-        for job in jobs:
-            if as_json:
-                console.print_json(record_json(job.status()))
-            else:
-                console.print(
-                    f"queued {job.id}  {job.status().spec['input']}", markup=False, soft_wrap=True
-                )  # soft_wrap: a path is never folded at the console's width
         return
-    records = follow(client, [job.id for job in jobs], timeout)
+    records = follow_or_leave(client, [job.id for job in jobs], timeout)
     if as_json:
         for record in records:
             console.print_json(record_json(record))
@@ -127,16 +169,6 @@ def submit(
                 out_path = client.settings.media / str(record.output)
                 console.print(f"{record.id} succeeded: {out_path}", markup=False, soft_wrap=True)
     exit_for(records)
-
-
-def split_setting(value: str | None) -> int | str | None:
-    """`--split 4` -> 4, `--split auto` -> "auto"; anything else is one line."""
-    if value is None or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidSpec(f"--split takes a number of pieces or auto, got {value!r}") from None
 
 
 def register(app: typer.Typer) -> None:
