@@ -86,6 +86,12 @@ def make_app(settings: Settings, broker_url: str) -> Celery:
     return app
 
 
+def chunk_argsrepr(job_id: str, index: int, chunks: int, requests: int) -> str:
+    """An inference chunk in one line, as Flower shows a task's arguments (index from 0, shown
+    from 1): `batch 3f2a9c1b7d4e chunk 3/8: 50 requests`."""
+    return f"batch {job_id} chunk {index + 1}/{chunks}: {requests} requests"
+
+
 def task_argsrepr(spec: dict[str, Any]) -> str:
     """A transcode spec in one line, as Flower shows a task's arguments.
 

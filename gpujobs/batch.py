@@ -29,7 +29,7 @@ import redis
 from pydantic import ValidationError
 
 from gpujobs import keys
-from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK, broker_priority
+from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK, broker_priority, chunk_argsrepr
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
 from gpujobs.jsontext import BOM, FOREIGN_BOMS, json_problem, parse_line
@@ -556,6 +556,7 @@ def _queue_staged(
             app.send_task(
                 INFERENCE_TASK,
                 args=[job_id, chunk.index, chunk.start, chunk.count, chunk.offset],
+                argsrepr=chunk_argsrepr(job_id, chunk.index, len(chunks), chunk.count),
                 task_id=f"{job_id}.{chunk.index}",
                 queue=INFERENCE_QUEUE,
                 priority=broker_priority(spec.priority),

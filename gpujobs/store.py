@@ -231,6 +231,13 @@ class JobStore:
                 pipe.zrem(index, job_id)
             pipe.execute()
 
+    def purge(self, job_id: str) -> None:
+        """Remove a job's record, its attempt history and its index entry (`gpujobs clean`)."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(keys.job(job_id), keys.attempts(job_id))
+            pipe.zrem(keys.JOB_INDEX, job_id)
+            pipe.execute()
+
     def get(self, job_id: str) -> JobRecord | None:
         data = self.redis.hgetall(keys.job(job_id))
         return JobRecord.from_hash(_text(data)) if data else None

@@ -59,6 +59,8 @@ COMMANDS = [
     "results",
     "api",
     "logs",
+    "retry",
+    "clean",
     "cluster",  # a group (typer lists groups after plain commands)
 ]
 

@@ -16,7 +16,7 @@ from workers.gpu import nvenc
 from workers.inference.chunk import register_inference_task
 from workers.runtime import runtime
 from workers.transcode import ladder, split, split_progress
-from workers.transcode.job import run_transcode
+from workers.transcode.job import JobRunFailed, run_transcode
 from workers.transcode.ladder_split import LadderSplitAttempt
 
 
@@ -24,7 +24,9 @@ def register_tasks(app: Celery) -> None:
     """Bind the task bodies to `app` under the names producers send."""
     register_inference_task(app)
 
-    @app.task(name=TRANSCODE_TASK, bind=True)
+    # A job that fails for a known reason (bad input, validation, attempts spent) is logged as
+    # one line ("raised expected"), not as "raised unexpected" with a traceback.
+    @app.task(name=TRANSCODE_TASK, bind=True, throws=(JobRunFailed,))
     def transcode(self: Task, job_id: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
         # The message carries the job id only (the spec is in the record, read once when the
         # job is claimed); messages sent before that carry the spec too, and still work.

@@ -17,6 +17,7 @@ from gpujobs import local
 from gpujobs.cli import api as cli_api
 from gpujobs.cli import cluster as cli_cluster
 from gpujobs.cli import gpu as cli_gpu
+from gpujobs.cli import housekeeping as cli_housekeeping
 from gpujobs.cli import inference as cli_inference
 from gpujobs.cli import logs as cli_logs
 from gpujobs.cli import monitor as cli_monitor
@@ -305,6 +306,7 @@ cli_inference.register(app)  # gpujobs infer, gpujobs results
 cli_api.register(app)  # gpujobs api
 cli_cluster.register(app)  # gpujobs cluster status|nodes|scale
 cli_logs.register(app)  # gpujobs logs
+cli_housekeeping.register(app)  # gpujobs retry, gpujobs clean
 
 
 def main() -> None:

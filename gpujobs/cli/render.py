@@ -77,8 +77,14 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
         ("state", f"[{style}]{record.state.value}[/]"),
         ("progress", f"{record.percent:.1f}%"),
         ("input", job_subject(record)),
-        ("output", str(record.output or record.spec.get("output", "-"))),
     ]
+    planned = record.spec.get("output", "-")
+    if record.state is JobState.SUCCEEDED:
+        rows.append(("output", str(record.output or planned)))
+    elif not record.state.terminal:
+        rows.append(("output", f"{planned} (once it succeeds)"))
+    else:
+        rows.append(("output", f"none ({record.state.value}; {planned} was not written)"))
     if record.fps is not None:
         rows.append(("fps", f"{record.fps:.1f}"))
     if record.speed is not None:
@@ -141,9 +147,12 @@ class JobBars:
         task = self._tasks.get(record.id)
         if task is None:
             label = f"{record.id} {job_subject(record)}"
+            # Created at the job's real progress (a refresh may come before the update below):
+            # the first frame never shows 0 % for a job that is halfway.
             self._tasks[record.id] = self.progress.add_task(
-                label, total=100.0, label=label, fps=fps, speed=speed, eta=eta, state=state
-            )
+                label, total=100.0, completed=int(record.percent), label=label, fps=fps,
+                speed=speed, eta=eta, state=state,
+            )  # fmt: skip
             task = self._tasks[record.id]
         # rich keeps extra keyword arguments as the task's fields, read by the columns above.
         self.progress.update(
