@@ -138,17 +138,19 @@ def doctor() -> None:
     """Check this node: driver, NVENC/NVDEC libraries, ffmpeg, a test encode per path, the
     broker, the vLLM endpoint, swap. Exits non-zero when a check fails."""
     try:
-        from workers.gpu.doctor import run_checks
+        from workers.gpu.doctor import run_checks, verdict
     except ImportError as exc:
         raise GpujobsError(f"doctor needs the worker extra ({exc.name} is missing)") from None
-    failed = 0
+    colors = {"PASS": "green", "FAIL": "red", "SKIP": "dim"}
+    checks = []
     for check in run_checks(Settings()):
-        mark = "[green]PASS[/]" if check.ok else "[red]FAIL[/]"
-        line = f"{mark} {escape(check.name)}: {escape(check.detail)}"
-        if not check.ok and check.fix:
+        checks.append(check)
+        line = f"[{colors[check.mark]}]{check.mark}[/] {escape(check.name)}: {escape(check.detail)}"
+        if check.mark != "PASS" and check.fix:
             line += f" [yellow]fix:[/] {escape(check.fix)}"
         console.print(line, soft_wrap=True, highlight=False)
-        failed += not check.ok
+    console.print(verdict(checks), soft_wrap=True, highlight=False, markup=False)
+    failed = sum(check.mark == "FAIL" for check in checks)
     if failed:
         raise typer.Exit(1)
 

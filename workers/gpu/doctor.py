@@ -46,6 +46,23 @@ WSL_LIB_FIX = (
     "(hostPath) and set LD_LIBRARY_PATH=/usr/lib/wsl/lib, NVIDIA_DRIVER_CAPABILITIES="
     "compute,video,utility"
 )
+LINUX_LIB_FIX = (
+    "install the NVIDIA driver (it ships libcuda, libnvidia-encode and libnvcuvid); in a "
+    "container use the NVIDIA container toolkit with NVIDIA_DRIVER_CAPABILITIES="
+    "compute,video,utility"
+)
+# What to do about the driver, by platform (see detect_platform).
+DRIVER_FIX = {
+    "wsl2": "install the NVIDIA driver on the Windows host (not inside WSL) and check "
+    "`nvidia-smi` runs in WSL",
+    "linux": "install the NVIDIA driver and check `nvidia-smi` runs; in Kubernetes, the NVIDIA "
+    "device plugin gives the pod its GPU",
+}
+SWAP_FIX = {
+    "wsl2": "set swap=0 under [wsl2] in %UserProfile%\\.wslconfig, then `wsl --shutdown` "
+    "(the kubelet refuses to run with swap)",
+    "linux": "swapoff -a and remove swap from /etc/fstab (the kubelet refuses to run with swap)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,18 +73,41 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    skipped: bool = False  # not applicable here (a GPU check on a machine without a GPU)
+
+    @property
+    def mark(self) -> str:
+        """PASS, FAIL or SKIP."""
+        return "SKIP" if self.skipped else ("PASS" if self.ok else "FAIL")
+
+
+def detect_platform(
+    proc_version: Path = Path("/proc/version"), environ: dict[str, str] | None = None
+) -> str:
+    """ "wsl2" under Windows' WSL2 (its kernel names Microsoft, or WSL_DISTRO_NAME is set), else
+    "linux"; the fixes doctor gives depend on it."""
+    env = os.environ if environ is None else environ
+    if env.get("WSL_DISTRO_NAME") or env.get("WSL_INTEROP"):
+        return "wsl2"
+    try:
+        version = proc_version.read_text().lower()
+    except OSError:
+        return "linux"
+    return "wsl2" if "microsoft" in version or "wsl2" in version else "linux"
 
 
 def _run(args: list[str], timeout_s: float = CHECK_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
-def check_nvidia_smi() -> Check:
+def check_nvidia_smi(platform: str = "linux") -> Check:
+    """PASS with the GPUs found; with none, SKIP (a CPU node is a valid node), with the fix
+    that would make this a GPU node on this platform."""
     gpus = list_gpus()
     if not gpus:
         return Check(
-            "nvidia-smi", False, "no GPU found (nvidia-smi missing, failing, or sees none)",
-            "install the NVIDIA driver (WSL2: on the Windows host) and check `nvidia-smi` runs",
+            "nvidia-smi", False, "no NVIDIA GPU (nvidia-smi missing, failing, or sees none): "
+            "GPU checks skipped", DRIVER_FIX.get(platform, DRIVER_FIX["linux"]), skipped=True,
         )  # fmt: skip
     names = ", ".join(f"{gpu.index}: {gpu.name}" for gpu in gpus)
     return Check(
@@ -97,13 +137,17 @@ def find_library(name: str, dirs: list[str] | None = None) -> Path | None:
     return None
 
 
-def check_libraries() -> Iterator[Check]:
+def check_libraries(platform: str = "linux", has_gpu: bool = True) -> Iterator[Check]:
+    """Each driver library ffmpeg opens; without a GPU a missing one is SKIP, not FAIL."""
+    fix = WSL_LIB_FIX if platform == "wsl2" else LINUX_LIB_FIX
     for name, purpose in LIBRARIES.items():
         found = find_library(name)
-        if found is None:
-            yield Check(name, False, f"not found ({purpose})", WSL_LIB_FIX)
-        else:
+        if found is not None:
             yield Check(name, True, f"{found} ({purpose})")
+        elif has_gpu:
+            yield Check(name, False, f"not found ({purpose})", fix)
+        else:
+            yield Check(name, False, f"not found ({purpose}); skipped: no GPU", skipped=True)
 
 
 def check_ffmpeg_features(ffmpeg: str) -> Iterator[Check]:
@@ -132,8 +176,9 @@ def check_ffmpeg_features(ffmpeg: str) -> Iterator[Check]:
         )  # fmt: skip
 
 
-def check_paths(ffmpeg: str, seconds: float = 1.0) -> Iterator[Check]:
-    """A `seconds`-long test encode on each path, with how fast it went."""
+def check_paths(ffmpeg: str, seconds: float = 1.0, has_gpu: bool = True) -> Iterator[Check]:
+    """A `seconds`-long test encode on each path, with how fast it went; without a GPU the GPU
+    paths are SKIP, not tried."""
     spec = TranscodeSpec(input="in.mp4", output="out.mp4", audio="none")
     fixes = {
         EncodePath.NVENC: "needs an NVENC-capable card (not A100/H100/H200), libnvidia-encode and "
@@ -157,6 +202,9 @@ def check_paths(ffmpeg: str, seconds: float = 1.0) -> Iterator[Check]:
             return
         plan = plan_streams(spec, probe(clip))
         for path in EncodePath:
+            if path is not EncodePath.CPU and not has_gpu:
+                yield Check(f"encode {path.value}", False, "skipped: no GPU", skipped=True)
+                continue
             out = Path(folder) / f"out-{path.value}.mp4"
             route = Route(path, gpu_decode=path is not EncodePath.CPU)
             command = build_command(ffmpeg, spec, plan, route, str(clip), str(out))
@@ -214,7 +262,7 @@ def check_vllm(endpoint: str, timeout_s: float = 3.0) -> Check:
     return Check("vLLM endpoint", True, f"{url}: {', '.join(map(str, models)) or 'no models'}")
 
 
-def check_swap(swaps: Path = Path("/proc/swaps")) -> Check:
+def check_swap(swaps: Path = Path("/proc/swaps"), platform: str = "linux") -> Check:
     try:
         lines = swaps.read_text().splitlines()[1:]  # the first line is the header
     except OSError as exc:
@@ -222,18 +270,41 @@ def check_swap(swaps: Path = Path("/proc/swaps")) -> Check:
     active = [line.split()[0] for line in lines if line.strip()]
     if active:
         return Check("swap", False, f"on ({', '.join(active)})",
-                     "swapoff -a; on WSL2 set swap=0 under [wsl2] in %UserProfile%\\.wslconfig "
-                     "(the kubelet refuses to run with swap)")  # fmt: skip
+                     SWAP_FIX.get(platform, SWAP_FIX["linux"]))  # fmt: skip
     return Check("swap", True, "off")
 
 
-def run_checks(settings: Settings) -> Iterator[Check]:
-    """Every check, in order; each is independent, so one failure does not hide the rest."""
-    yield check_nvidia_smi()
-    yield from check_libraries()
+def run_checks(settings: Settings, platform: str | None = None) -> Iterator[Check]:
+    """Every check, in order; each is independent, so one failure does not hide the rest.
+    platform: "wsl2" or "linux" (default: detect_platform()), for the fixes."""
+    platform = platform or detect_platform()
+    smi = check_nvidia_smi(platform)
+    has_gpu = not smi.skipped
+    yield smi
+    yield from check_libraries(platform, has_gpu)
     ffmpeg = settings.ffmpeg_binary()
     yield from check_ffmpeg_features(ffmpeg)
-    yield from check_paths(ffmpeg)
+    yield from check_paths(ffmpeg, has_gpu=has_gpu)
     yield check_broker(settings)
     yield check_vllm(settings.vllm_endpoint)
-    yield check_swap()
+    yield check_swap(platform=platform)
+
+
+def verdict(checks: list[Check]) -> str:
+    """One line: what this node can run, from the checks' outcomes."""
+    by_name = {check.name: check for check in checks}
+    paths = [p.value for p in EncodePath if by_name.get(f"encode {p.value}", SKIPPED).ok]
+    gpu = by_name.get("nvidia-smi")
+    named = f"the {', '.join(paths)} path{'s' if len(paths) > 1 else ''}"
+    transcodes = f"transcodes on {named}" if paths else "no transcodes"
+    if gpu is not None and gpu.skipped:
+        transcodes += " (no GPU here)"
+    vllm = by_name.get("vLLM endpoint")
+    inference = "batch inference" if vllm is not None and vllm.ok else (
+        "no batch inference (vLLM endpoint unreachable)")  # fmt: skip
+    broker = by_name.get("broker")
+    joined = "" if broker is None or broker.ok else "; not joined: the broker is unreachable"
+    return f"verdict: this node can run {transcodes}; {inference}{joined}"
+
+
+SKIPPED = Check("", False, "", skipped=True)
