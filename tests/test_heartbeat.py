@@ -80,9 +80,15 @@ def test_gpus_lists_nodes_gpus_and_jobs(settings: Settings, broker_url: str) -> 
     result = gpujobs("gpus", env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for text in ("gpu-node-1", "NVIDIA H200", "gpujobs@gpu-node-1.gpu2", "3f2a9c1b7d4e", "cpu-node",
-                 "CPU only", "1.0 / 140.4"):  # fmt: skip
+    for text in ("gpu-node-1", "H200", "gpujobs@gpu-node-1.gpu2", "3f2a9c1b7d4e", "cpu-node",
+                 "CPU only", "1.0 / 140.4", "nvdec+scale"):  # fmt: skip
         assert text in out, out
+    # In 80 columns every column is there and no line is longer (scale_cuda used to fold).
+    narrow = gpujobs("gpus", env={"COLUMNS": "80"}).stdout
+    assert all(len(line) <= 80 for line in narrow.splitlines()), narrow
+    header = next(line for line in narrow.splitlines() if line.startswith("node"))
+    assert header.split() == ["node", "gpu", "name", "memory", "GiB", "util", "can", "workers",
+                              "slots", "jobs", "seen"]  # fmt: skip
     assert "gone-node" not in out and not r.sismember(keys.NODES, "gone-node")
     as_json = json.loads(gpujobs("gpus", "--json").stdout)
     assert sorted(as_json) == ["cpu-node", "gpu-node-1"]

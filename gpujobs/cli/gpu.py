@@ -35,35 +35,54 @@ def _mb(value: object) -> str:
     return "?" if not isinstance(value, int | float) else f"{value / 1024:.1f}"
 
 
+def _model(name: str) -> str:
+    """`NVIDIA GeForce RTX 5090` -> `RTX 5090`, `NVIDIA H200` -> `H200`: the part that differs."""
+    for prefix in ("NVIDIA ", "GeForce "):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def _can(caps: dict[str, Any]) -> str:
+    names = [name for key, name in (("nvenc", "nvenc"), ("cuda_decode", "nvdec"),
+                                    ("scale_cuda", "scale")) if caps.get(key)]  # fmt: skip
+    return "+".join(names) if names else "[red]cpu only[/]"
+
+
 def gpus_table(beats: dict[str, dict[str, Any]], now: float | None = None) -> Table:
-    """One row per GPU (or per CPU-only node) from the nodes' heartbeats."""
+    """One row per GPU (or per CPU-only node) from the nodes' heartbeats. Fits 80 columns:
+    short headers, no box; numbers and capabilities never wrap, long names wrap in their cells.
+
+    can: what the GPU does for ffmpeg (nvenc encode, nvdec decode, scale_cuda); slots: NVENC
+    sessions in use on the node; jobs: the ids of its running jobs."""
     now = time.time() if now is None else now
-    table = Table(title="GPU workers", title_justify="left")
-    for column in ("node", "gpu", "name", "memory GiB", "util %", "nvenc", "nvdec", "scale_cuda",
-                   "workers", "nvenc slots", "running jobs", "seen"):  # fmt: skip
-        table.add_column(column, overflow="fold")
+    table = Table(title="GPU workers", title_justify="left", box=None, header_style="bold",
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)  # fmt: skip
+    fixed = {"gpu": 3, "memory GiB": 10, "util": 4, "can": 9, "slots": 5, "seen": 4}
+    for column in ("node", "gpu", "name", "memory GiB", "util", "can", "workers", "slots",
+                   "jobs", "seen"):  # fmt: skip
+        # The short columns never wrap; names wrap within their cells when space runs out.
+        table.add_column(column, no_wrap=column in fixed, overflow="fold",
+                         min_width=fixed.get(column))  # fmt: skip
     for name, beat in sorted(beats.items()):
         node = escape(name)  # names from other processes are text, not rich markup
         workers = [escape(str(w)) for w in beat.get("workers", [])]
-        running = [escape(str(j)) for j in beat.get("running_jobs", [])]
-        age = f"{max(0.0, now - float(beat.get('ts', now))):.0f} s ago"
+        running = ", ".join(escape(str(j)) for j in beat.get("running_jobs", [])) or "-"
+        age = f"{max(0.0, now - float(beat.get('ts', now))):.0f}s"
         slots = str(beat.get("nvenc_slots_in_use", 0))
         gpus = beat.get("gpus", [])
         if not gpus:
-            table.add_row(node, "-", "(no GPU: CPU only)", "", "", "", "", "", "\n".join(workers),
-                          slots, "\n".join(running) or "-", age)  # fmt: skip
+            table.add_row(node, "-", "(no GPU: CPU only)", "", "", "", ", ".join(workers), slots,
+                          running, age)  # fmt: skip
             continue
         for gpu in gpus:
-            caps = gpu.get("capabilities", {})
             mine = [w for w in workers if w.endswith(f".gpu{gpu.get('index')}")]
             used, total = gpu.get("memory_used_mb"), gpu.get("memory_total_mb")
             util = gpu.get("utilization_pct")
             table.add_row(
-                node, str(gpu.get("index")), escape(str(gpu.get("name"))),
-                f"{_mb(used)} / {_mb(total)}",
-                "?" if util is None else str(util), _yes(caps.get("nvenc")),
-                _yes(caps.get("cuda_decode")), _yes(caps.get("scale_cuda")),
-                "\n".join(mine) or "[red]none[/]", slots, "\n".join(running) or "-", age,
+                node, str(gpu.get("index")), escape(_model(str(gpu.get("name")))),
+                f"{_mb(used)} / {_mb(total)}", "?" if util is None else f"{util}%",
+                _can(gpu.get("capabilities", {})), ", ".join(mine) or "[red]none[/]", slots,
+                running, age,
             )  # fmt: skip
     return table
 
