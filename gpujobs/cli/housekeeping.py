@@ -44,9 +44,7 @@ def retry_job(client: Client, record: JobRecord) -> Job:
 
 
 def retry(
-    job_ids: Annotated[
-        list[str], typer.Argument(metavar="ID...", help="Failed or cancelled jobs.")
-    ],
+    job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Failed or cancelled jobs.")],
 ) -> None:
     """Queue a failed or cancelled job again as a new job with the same spec."""
     client = Client(Settings(), start_local=False)

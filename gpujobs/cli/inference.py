@@ -171,7 +171,7 @@ def infer(
         str | None, typer.Option(help="Model for every request (default: each body's).")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option(help="Requests in flight (the server's max-num-seqs) [10].")
+        int | None, typer.Option(help="Requests in flight, the server's max_num_seqs [10].")
     ] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Requests per chunk task [250].")] = None,
     request_timeout: Annotated[

@@ -9,7 +9,7 @@ import contextlib
 import json
 import sys
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -107,10 +107,10 @@ def status(
 
 @app.command()
 def watch(
-    job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids.")],
+    job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Job ids.")],
     timeout: Annotated[
         float | None,
-        typer.Option(metavar="SECONDS", show_default="no limit", help="Give up after this long."),
+        typer.Option(metavar="SECONDS", help="Give up after this long.  [default: no limit]"),
     ] = None,
 ) -> None:
     """Follow jobs live until they end; exits non-zero if any did not succeed."""
@@ -128,8 +128,8 @@ def list_jobs(
             "--state",
             "-s",
             metavar="STATE",
-            show_default="every state",
-            help=f"Only jobs in this state ({', '.join(STATES)}); repeat for more.",
+            help=f"Only jobs in this state ({', '.join(STATES)}); repeat for more.  "
+            "[default: every state]",
         ),
     ] = None,
     limit: Annotated[
@@ -160,7 +160,7 @@ def list_jobs(
 
 
 @app.command()
-def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids.")]) -> None:
+def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Job ids.")]) -> None:
     """Cancel queued or running jobs (a running transcode is killed, its partial output removed)."""
     client = Client(Settings(), start_local=False)
     jobs = [Job(job_id, client) for job_id in job_ids]
@@ -177,21 +177,33 @@ def worker(
     queues: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated queues [default: transcode,inference; "
-            "with --gpus: transcode, plus the node's and each GPU's]."
+            metavar="Q1,Q2",
+            help="Queues to consume.  [default: transcode,inference; with --gpus: transcode, "
+            "plus the node's and each GPU's]",
         ),
     ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Jobs at once.")] = 1,
-    hostname: Annotated[str | None, typer.Option(help="Celery node name.")] = None,
-    loglevel: Annotated[LogLevel, typer.Option(case_sensitive=False)] = LogLevel.INFO,
+    concurrency: Annotated[
+        int, typer.Option(metavar="N", min=1, max=64, help="Jobs at once (1..64).")
+    ] = 1,
+    hostname: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Celery node name.  [default: gpujobs@<node name>]"),
+    ] = None,
+    loglevel: Annotated[
+        LogLevel,
+        typer.Option(metavar="LEVEL", case_sensitive=False, help="DEBUG, INFO, WARNING or ERROR."),
+    ] = LogLevel.INFO,
     gpus: Annotated[
         str | None,
         typer.Option(
+            metavar="all|none|0,2",
             help="Supervise one worker per GPU, each pinned to it: all, none (one CPU "
-            "worker) or indices like 0,2."
+            "worker) or indices like 0,2.",
         ),
     ] = None,
-    per_gpu: Annotated[int, typer.Option(help="With --gpus: jobs at once on each GPU.")] = 1,
+    per_gpu: Annotated[
+        int, typer.Option(metavar="N", help="With --gpus: jobs at once on each GPU.")
+    ] = 1,
     check: Annotated[
         bool, typer.Option("--check", help="Exit non-zero when this node's heartbeat is stale.")
     ] = False,
@@ -309,12 +321,31 @@ cli_logs.register(app)  # gpujobs logs
 cli_housekeeping.register(app)  # gpujobs retry, gpujobs clean
 
 
+def readable(command: Any) -> Any:
+    """Help placeholders a reader understands: `--chunk-size CHUNK_SIZE`, not `<int>`, and an
+    argument's name alone (`ID...`), for every option that does not name its own.
+
+    command: the Click command typer built (typer ships its own Click, so duck-typed)."""
+    for sub_command in getattr(command, "commands", {}).values():
+        readable(sub_command)
+    for param in command.params:
+        if param.param_type_name == "argument":
+            # typer appends the Python type (`<list[str]>`) after the name; the name says it.
+            param.display_type_rich = lambda ctx: None
+            if param.metavar is None:
+                param.metavar = (param.name or "value").upper()
+        elif param.param_type_name == "option" and not param.is_flag and param.metavar is None:
+            param.metavar = (param.name or "value").upper()
+    return command
+
+
 def main() -> None:
     """Entry point: run the CLI, turning every user error into one line and an exit code."""
     args = sys.argv[1:] or ["--help"]  # no command: the help, and exit 0
     try:
         # Not standalone: a usage error reaches us here instead of being drawn as a panel.
-        code = app(args, prog_name="gpujobs", standalone_mode=False)
+        command = readable(typer.main.get_command(app))
+        code = command.main(args, prog_name="gpujobs", standalone_mode=False)
     except typer.Abort:
         sys.exit(130)
     except typer.TyperException as exc:  # a bad option or argument, as Click words it

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import typer
@@ -182,10 +183,11 @@ def open_client(settings: Settings) -> Client:
     return Client(settings)
 
 
-def follow_or_leave(client: Client, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
-    """`follow`, but Ctrl-C leaves the jobs running and says how to watch them again."""
+@contextlib.contextmanager
+def leave_running(job_ids: list[str]) -> Iterator[None]:
+    """Ctrl-C inside leaves the jobs running and says so, with how to watch or stop them."""
     try:
-        return follow(client, job_ids, timeout)
+        yield
     except KeyboardInterrupt:
         ids = " ".join(job_ids)
         err_console.print(
@@ -194,6 +196,12 @@ def follow_or_leave(client: Client, job_ids: list[str], timeout: float | None) -
             markup=False, highlight=False,
         )  # fmt: skip
         raise SystemExit(130) from None
+
+
+def follow_or_leave(client: Client, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
+    """`follow`, but Ctrl-C leaves the jobs running and says how to watch them again."""
+    with leave_running(job_ids):
+        return follow(client, job_ids, timeout)
 
 
 def record_json(record: JobRecord) -> str:

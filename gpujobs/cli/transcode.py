@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from gpujobs.cli import inference as cli_inference
-from gpujobs.cli.render import console, exit_for, follow_or_leave, open_client, record_json
+from gpujobs.cli.render import (
+    console,
+    exit_for,
+    follow,
+    leave_running,
+    open_client,
+    record_json,
+)
 from gpujobs.client import PreparedJob
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
@@ -16,61 +23,55 @@ from gpujobs.specs import JobState
 
 
 def submit(
-    files: Annotated[
-        list[Path], typer.Argument(metavar="FILE...", help="Video files to transcode.")
-    ],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Video files to transcode.")],
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
             metavar="PATH",
-            show_default="<input stem>.<height>p.mp4",
-            help="Output path (one input only).",
+            help="Output path (one input only).  [default: STEM.HEIGHTp.mp4 beside the input]",
         ),
     ] = None,
     width: Annotated[
         int | None,
-        typer.Option(metavar="PIXELS", show_default="keeps the aspect ratio", help="Width."),
+        typer.Option(metavar="PIXELS", help="Width.  [default: keeps the aspect ratio]"),
     ] = None,
     height: Annotated[
-        int | None, typer.Option(metavar="PIXELS", show_default="480", help="Height.")
+        int | None, typer.Option(metavar="PIXELS", help="Height.  [default: 480]")
     ] = None,
     codec: Annotated[
-        str | None, typer.Option(metavar="h264|hevc", show_default="h264", help="Video codec.")
+        str | None, typer.Option(metavar="h264|hevc", help="Video codec.  [default: h264]")
     ] = None,
     preset: Annotated[
         str | None,
         typer.Option(
             metavar="p1..p7",
-            show_default="p1",
-            help="NVENC preset, p1 fastest (x264 ultrafast..slow on the CPU).",
+            help="NVENC preset, p1 fastest (x264 ultrafast..slow on the CPU).  [default: p1]",
         ),
     ] = None,
     cq: Annotated[
         int | None,
         typer.Option(
             metavar="0..51",
-            show_default="28",
-            help="Constant quality, lower is better (crf on the CPU).",
+            help="Constant quality, lower is better (crf on the CPU).  [default: 28]",
         ),
     ] = None,
     audio: Annotated[
-        str | None, typer.Option(metavar="copy|aac|none", show_default="copy", help="Audio.")
+        str | None, typer.Option(metavar="copy|aac|none", help="Audio.  [default: copy]")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(metavar="N", show_default="2", help="ffmpeg decoder threads.")
+        int | None, typer.Option(metavar="N", help="ffmpeg decoder threads.  [default: 2]")
     ] = None,
     priority: Annotated[
         int | None,
-        typer.Option(metavar="0..9", show_default="5", help="9 is served first."),
+        typer.Option(metavar="0..9", help="9 is served first.  [default: 5]"),
     ] = None,
     gpu: Annotated[
         str | None,
         typer.Option(
             metavar="auto|require|forbid",
-            show_default="auto",
-            help="Use the GPU when the worker has one, insist, or never.",
+            help="Use the GPU when the worker has one, insist, or never.  [default: auto]",
         ),
     ] = None,
     audio_tracks: Annotated[
@@ -97,16 +98,14 @@ def submit(
         str | None,
         typer.Option(
             metavar="NAME",
-            show_default="any node",
-            help="Run on this node only (it must have a live worker).",
+            help="Run on this node only (it must have a live worker).  [default: any node]",
         ),
     ] = None,
     gpu_index: Annotated[
         int | None,
         typer.Option(
             metavar="N",
-            show_default="any GPU",
-            help="With --node: run on this GPU (nvidia-smi index) only.",
+            help="With --node: run on this GPU (nvidia-smi index) only.  [default: any GPU]",
         ),
     ] = None,
     copy: Annotated[
@@ -119,7 +118,7 @@ def submit(
     timeout: Annotated[
         float | None,
         typer.Option(
-            metavar="SECONDS", show_default="no limit", help="With --wait: give up after this long."
+            metavar="SECONDS", help="With --wait: give up after this long.  [default: no limit]"
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
@@ -151,15 +150,16 @@ def submit(
     require_gpu = any(p.spec.gpu == "require" for p in prepared)
     queue = client.route(node, gpu_index, require_gpu=require_gpu)
     jobs = [client.enqueue(p, force=force, queue=queue) for p in prepared]
-    for job in jobs:
-        if as_json and not wait:
-            console.print_json(record_json(job.status()))
-        elif not as_json:
-            said = "already queued as" if job.already_queued else "queued"
-            console.print(f"{said} {job.id}  {job.status().spec['input']}", markup=False)
-    if not wait:
-        return
-    records = follow_or_leave(client, [job.id for job in jobs], timeout)
+    with leave_running([job.id for job in jobs]):  # from here on, Ctrl-C leaves them queued
+        for job in jobs:
+            if as_json and not wait:
+                console.print_json(record_json(job.status()))
+            elif not as_json:
+                said = "already queued as" if job.already_queued else "queued"
+                console.print(f"{said} {job.id}  {job.status().spec['input']}", markup=False)
+        if not wait:
+            return
+        records = follow(client, [job.id for job in jobs], timeout)
     if as_json:
         for record in records:
             console.print_json(record_json(record))
