@@ -126,7 +126,7 @@ def test_submit_wait_status_ls_json(
     # A file from outside the media root is copied into its inbox first.
     assert (settings.media / "inbox" / "outside.120p.mp4").exists()
     listed = gpujobs("ls", "--json")
-    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    records = json.loads(listed.stdout)
     assert len(records) == 3 and all(r["state"] == "succeeded" for r in records)
     shown = gpujobs("status", records[0]["id"], "--json")
     assert json.loads(shown.stdout)["id"] == records[0]["id"]
@@ -138,7 +138,7 @@ def test_submit_wait_status_ls_json(
 
 def test_usage_errors_are_one_line_too(settings: Settings) -> None:
     cases = [
-        (["submit"], "error: Missing argument 'files'."),
+        (["submit"], "error: Missing argument 'FILE'."),
         (["submit", "x.mp4", "--height", "abc"], "error: Invalid value for '--height'"),
         (["submit", "x.mp4", "--bogus"], "error: No such option: --bogus"),
         (["nosuch"], "error: No such command 'nosuch'."),

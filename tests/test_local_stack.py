@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -49,6 +50,12 @@ def test_submit_starts_the_local_stack_and_down_stops_it(
     assert result.returncode == 0, result.stdout + result.stderr
     state = tmp_path / "state"
     stack = json.loads((state / "stack.json").read_text())
+    # One line says the stack was started, where Flower is, and how to stop it.
+    [started] = [line for line in result.stderr.splitlines() if "local stack" in line]
+    assert started.startswith("started the local stack (Valkey and a worker")
+    assert started.endswith("stop it with `gpujobs down`")
+    if stack.get("flower_url"):
+        assert f"Flower at {stack['flower_url']}" in started
     assert psutil.pid_exists(stack["pid"])
     output = state / "media" / "inbox" / "movie.480p.mp4"
     info = probe(output)
@@ -60,13 +67,16 @@ def test_submit_starts_the_local_stack_and_down_stops_it(
     )
     # A second command finds the running stack instead of starting another.
     listed = run(embedded_env, "ls", "--json")
-    assert listed.returncode == 0 and json.loads(listed.stdout)["state"] == "succeeded"
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["state"] == "succeeded"
     up = run(embedded_env, "up")
-    assert stack["broker_url"] in up.stdout
+    assert stack["broker_url"] in up.stdout and "already up" in up.stdout
     stack_proc = psutil.Process(stack["pid"])
     children = stack_proc.children(recursive=True)
     down = run(embedded_env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
+    assert down.stdout.startswith(
+        "stopping the local stack: the worker finishes or hands back no running job (up to 25 s)"
+    )
     _, alive = psutil.wait_procs([stack_proc, *children], timeout=10)
     assert not alive, "the stack, Valkey and the worker must all be gone"
     assert not (state / "stack.json").exists()
@@ -98,3 +108,22 @@ def test_down_never_signals_a_process_that_is_not_the_stack(tmp_path: Path) -> N
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_up_returns_once_the_worker_can_take_work(embedded_env: dict[str, str]) -> None:
+    """Right after `up`, the liveness probe passes and a job can be sent to this node."""
+    up = run(embedded_env, "up")
+    try:
+        assert up.returncode == 0, up.stderr
+        node = socket.gethostname()
+        assert f"worker gpujobs-stack@{node} ready" in up.stdout
+        assert up.stdout.splitlines()[-1] == "stop it with `gpujobs down`"
+        check = run(embedded_env, "worker", "--check")
+        assert check.returncode == 0, check.stderr
+        clip = Path(embedded_env["GPUJOBS_STATE_DIR"]) / "media" / "x.mp4"
+        clip.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200)
+        sent = run(embedded_env, "submit", str(clip), "--node", node)
+        assert sent.returncode == 0, sent.stderr
+        assert "local stack" not in sent.stderr  # found running: nothing to say
+    finally:
+        run(embedded_env, "down")
