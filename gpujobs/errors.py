@@ -3,7 +3,10 @@ the CLI prints it as `error: <message>` and exits non-zero, without a traceback.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class GpujobsError(Exception):

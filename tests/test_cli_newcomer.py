@@ -245,3 +245,21 @@ def test_expected_failures_are_one_log_line_and_chunks_read_as_such(
     shown = sorted(m["headers"]["argsrepr"] for m in messages)
     assert shown == [f"batch {batch.id} chunk {i}/3: {n} requests"
                      for i, n in ((1, 50), (2, 50), (3, 20))]  # fmt: skip
+
+
+def test_the_command_starts_without_celery_redis_or_pydantic() -> None:
+    """`gpujobs --help` imports none of the heavy parts; the states it names are JobState's."""
+    code = (
+        "import sys, gpujobs.cli.main as m; "
+        "heavy = [n for n in ('celery', 'redis', 'pydantic', 'kombu', 'httpx') "
+        "if n in sys.modules]; "
+        "print(heavy, m.STATES)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout  # fmt: skip
+    assert shown.strip() == f"[] {[state.value for state in JobState]}"
+    import gpujobs
+
+    assert gpujobs.Client is Client and "Client" in dir(gpujobs)
+    with pytest.raises(AttributeError):
+        _ = gpujobs.Nope  # type: ignore[attr-defined]

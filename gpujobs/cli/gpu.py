@@ -7,16 +7,17 @@ and `gpus --local` measure this machine and need the worker extra.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gpujobs.client import Client
-from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
+
+if TYPE_CHECKING:
+    from gpujobs.config import Settings
 
 console = Console()
 
@@ -90,6 +91,9 @@ def gpus_table(beats: dict[str, dict[str, Any]], now: float | None = None) -> Ta
 def check_heartbeat(settings: Settings | None = None) -> None:
     """The liveness probe: StaleHeartbeat unless this node's heartbeat is younger than
     heartbeat_ttl_s (default 30 s). Never starts the local stack."""
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+
     settings = settings or Settings()
     node = settings.node_name
     beat = Client(settings, start_local=False).heartbeats().get(node)
@@ -108,6 +112,8 @@ def check_heartbeat(settings: Settings | None = None) -> None:
 
 def _local_rows() -> Table:
     """This machine's GPUs, measured now (needs the worker extra)."""
+    from gpujobs.config import Settings
+
     try:
         from workers.gpu.discovery import list_gpus, measure
     except ImportError as exc:
@@ -137,6 +143,9 @@ def gpus(
     as_json: Annotated[bool, typer.Option("--json", help="The heartbeats as JSON.")] = False,
 ) -> None:
     """Nodes, their GPUs and what each can do, busy NVENC slots and running jobs."""
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+
     if local:
         table = _local_rows()
         if not table.row_count:
@@ -156,6 +165,8 @@ def gpus(
 def doctor() -> None:
     """Check this node: driver, NVENC/NVDEC libraries, ffmpeg, a test encode per path, the
     broker, the vLLM endpoint, swap. Exits non-zero when a check fails."""
+    from gpujobs.config import Settings
+
     try:
         from workers.gpu.doctor import run_checks, verdict
     except ImportError as exc:

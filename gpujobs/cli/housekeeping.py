@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import time
 from pathlib import Path, PurePosixPath
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gpujobs.cli.render import console
-from gpujobs.client import INBOX, Client, Job
-from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
-from gpujobs.specs import InferenceSpec, JobKind, JobRecord, JobState, TranscodeSpec
 
-RETRYABLE = (JobState.FAILED, JobState.CANCELLED)
+if TYPE_CHECKING:
+    from gpujobs.client import Client, Job
+    from gpujobs.specs import JobRecord
+
+RETRYABLE = ("failed", "cancelled")  # JobState values
 DAY_S = 86400.0
 
 
 def retry_job(client: Client, record: JobRecord) -> Job:
     """Queue a new job with `record`'s spec (and queue); GpujobsError unless it failed or was
     cancelled. The input must still be there; a transcode's is checked again in full."""
+    from gpujobs.specs import InferenceSpec, JobKind, TranscodeSpec
+
     if record.state not in RETRYABLE:
         raise GpujobsError(
             f"job {record.id} is {record.state.value}: only a failed or cancelled job is retried"
@@ -47,6 +50,9 @@ def retry(
     job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Failed or cancelled jobs.")],
 ) -> None:
     """Queue a failed or cancelled job again as a new job with the same spec."""
+    from gpujobs.client import Client, Job
+    from gpujobs.config import Settings
+
     client = Client(Settings(), start_local=False)
     records = [Job(job_id, client).status() for job_id in job_ids]  # all exist before any is sent
     for record in records:
@@ -60,6 +66,8 @@ def retry(
 
 
 def _inbox_files(media: Path) -> list[Path]:
+    from gpujobs.client import INBOX
+
     inbox = media / INBOX
     return sorted(p for p in inbox.rglob("*") if p.is_file()) if inbox.is_dir() else []
 
@@ -85,6 +93,9 @@ def clean(
     are left alone. Finished records (succeeded, failed, cancelled) go with their attempt history;
     they also expire by themselves after GPUJOBS_RECORD_TTL_S (7 days).
     """
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+
     settings = Settings()
     client = Client(settings, start_local=False)
     cutoff = time.time() - older_than * DAY_S

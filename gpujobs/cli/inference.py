@@ -10,19 +10,19 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from gpujobs.batch import enqueue_batches, prepare_batch
 from gpujobs.cli.render import STATE_STYLES
-from gpujobs.client import Client, Job
-from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError, InvalidSpec
-from gpujobs.specs import JobKind, JobRecord, JobState
+
+if TYPE_CHECKING:
+    from gpujobs.client import Client, Job
+    from gpujobs.specs import JobRecord
 
 # Paths stay whole on one line (to copy them) whatever the terminal's width.
 console = Console(soft_wrap=True)
@@ -98,6 +98,11 @@ def submit_batches(
     transcode_options: options of `gpujobs submit` that mean nothing to a batch; any given is
     an error rather than silently ignored.
     """
+    from gpujobs.batch import enqueue_batches, prepare_batch
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobState
+
     if not all(is_batch_file(f) for f in files):
         raise InvalidSpec("batch files (.jsonl) and videos go in separate submits")
     given = [name for name, value in (transcode_options or {}).items() if value is not None]
@@ -213,6 +218,10 @@ def results(
     ] = False,
 ) -> None:
     """Say where a job's output is (or stream it with --stream)."""
+    from gpujobs.client import Client, Job
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobKind, JobState
+
     client = Client(Settings(), start_local=False)
     record = Job(job_id, client).status()
     media = client.settings.media

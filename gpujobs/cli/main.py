@@ -9,11 +9,10 @@ import contextlib
 import json
 import sys
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpujobs import local
 from gpujobs.cli import api as cli_api
 from gpujobs.cli import cluster as cli_cluster
 from gpujobs.cli import gpu as cli_gpu
@@ -32,11 +31,10 @@ from gpujobs.cli.render import (
     open_client,
     record_json,
 )
-from gpujobs.client import Client, Job
-from gpujobs.config import Settings
-from gpujobs.connection import redact
 from gpujobs.errors import GpujobsError
-from gpujobs.specs import JobState
+
+if TYPE_CHECKING:
+    pass
 
 app = typer.Typer(
     name="gpujobs",
@@ -78,7 +76,9 @@ def _root(
 cli_transcode.register(app)  # gpujobs submit: first in --help, the command most people want
 
 
-STATES = [state.value for state in JobState]
+# JobState's values, named here so `gpujobs --help` need not import the models (pydantic);
+# tests/test_cli_newcomer.py checks the two agree.
+STATES = ["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class LogLevel(StrEnum):
@@ -96,6 +96,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
     """Show one job's record and how each attempt ended."""
+    from gpujobs.client import Client, Job
+    from gpujobs.config import Settings
+
     client = Client(Settings(), start_local=False)
     record = Job(job_id, client).status()
     attempts = client.store.attempts(job_id)
@@ -114,6 +117,9 @@ def watch(
     ] = None,
 ) -> None:
     """Follow jobs live until they end; exits non-zero if any did not succeed."""
+    from gpujobs.client import Client, Job
+    from gpujobs.config import Settings
+
     client = Client(Settings(), start_local=False)
     for job_id in job_ids:
         Job(job_id, client).status()
@@ -141,6 +147,10 @@ def list_jobs(
     ] = False,
 ) -> None:
     """List jobs, newest first."""
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobState
+
     wanted = []
     for name in state or ():
         if name.lower() not in STATES:
@@ -162,6 +172,9 @@ def list_jobs(
 @app.command()
 def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Job ids.")]) -> None:
     """Cancel queued or running jobs (a running transcode is killed, its partial output removed)."""
+    from gpujobs.client import Client, Job
+    from gpujobs.config import Settings
+
     client = Client(Settings(), start_local=False)
     jobs = [Job(job_id, client) for job_id in job_ids]
     records = {job.id: job.status() for job in jobs}  # every id must exist before any is touched
@@ -234,6 +247,10 @@ def worker(
 @app.command()
 def up() -> None:
     """Start the embedded local stack (Valkey + a worker) if it is not running."""
+    from gpujobs import local
+    from gpujobs.config import Settings
+    from gpujobs.connection import redact
+
     settings = Settings()
     if not settings.embedded:
         raise GpujobsError(
@@ -258,6 +275,11 @@ def up() -> None:
 @app.command()
 def down() -> None:
     """Stop the embedded local stack (a running job finishes or is handed back first)."""
+    from gpujobs import local
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobState
+
     settings = Settings()
     url = local.running_url(settings)
     if url is None and local.read_stack(settings) is None:
@@ -286,6 +308,8 @@ def demo(
 ) -> None:
     """Generate a 1080p clip with audio and transcode it to 480p on this machine."""
     import subprocess
+
+    from gpujobs.config import Settings
 
     settings = Settings()
     clip = settings.media / "demo" / "sample-1080p.mp4"

@@ -6,15 +6,13 @@ Thin, like main.py: they parse, then call gpujobs.monitor.flower, .metrics and .
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from rich.console import Console
 
-from gpujobs.config import Settings
-from gpujobs.connection import broker_url, connect
+if TYPE_CHECKING:
+    pass
 
 
 def flower(
@@ -27,6 +25,8 @@ def flower(
     ] = None,
 ) -> None:
     """Run Flower for the gpujobs queues (basic auth from GPUJOBS_FLOWER_USER/PASSWORD)."""
+    from gpujobs.config import Settings
+    from gpujobs.connection import broker_url
     from gpujobs.monitor.flower import run_flower
 
     settings = Settings()
@@ -43,6 +43,11 @@ def metrics(
     ] = None,
 ) -> None:
     """Serve Prometheus metrics (queues, jobs, NVENC slots, GPUs, inference) on /metrics."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from gpujobs.config import Settings
+    from gpujobs.connection import broker_url, connect
     from gpujobs.monitor.metrics import serve_metrics
 
     settings = Settings()
@@ -72,6 +77,8 @@ def top(
     ] = 2.0,
 ) -> None:
     """Live view of nodes, GPUs and jobs (jobs update from Redis events as they happen)."""
+    from gpujobs.config import Settings
+    from gpujobs.connection import broker_url, connect
     from gpujobs.monitor.top import run_top
 
     settings = Settings()

@@ -6,24 +6,27 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from gpujobs import local
-from gpujobs.client import Client
-from gpujobs.config import Settings
-from gpujobs.specs import JobRecord, JobState
+if TYPE_CHECKING:
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobRecord
 
+
+# By JobState value (a StrEnum member finds its value's entry), so importing this module does
+# not import the models.
 STATE_STYLES = {
-    JobState.QUEUED: "yellow",
-    JobState.RUNNING: "cyan",
-    JobState.SUCCEEDED: "green",
-    JobState.FAILED: "red",
-    JobState.CANCELLED: "magenta",
+    "queued": "yellow",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
 }
 
 
@@ -68,6 +71,8 @@ def jobs_table(records: Iterable[JobRecord]) -> Table:
 
 
 def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) -> Table:
+    from gpujobs.specs import JobState
+
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -141,6 +146,8 @@ class JobBars:
         self.progress.stop()
 
     def update(self, record: JobRecord) -> None:
+        from gpujobs.specs import JobState
+
         fps = f"{record.fps:.0f} fps" if record.fps else ""
         speed = f"{record.speed:.2f}x" if record.speed else ""
         eta = short_duration(record.eta_s) if record.state is JobState.RUNNING else ""
@@ -170,6 +177,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 def open_client(settings: Settings) -> Client:
     """A Client for a command that may start the local stack (submit, demo, infer); when it does,
     one line on stderr says so, with Flower's URL and how to stop it."""
+    from gpujobs import local
+    from gpujobs.client import Client
+
     if settings.embedded:
         _, started = local.ensure_running_started(settings)
         if started:
@@ -220,6 +230,8 @@ def follow(client: Client, job_ids: list[str], timeout: float | None) -> list[Jo
 
 
 def exit_for(records: list[JobRecord]) -> None:
+    from gpujobs.specs import JobState
+
     failed = [r for r in records if r.state is not JobState.SUCCEEDED]
     for record in failed:
         reason = f": {record.error}" if record.error else ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,10 +16,10 @@ from gpujobs.cli.render import (
     open_client,
     record_json,
 )
-from gpujobs.client import PreparedJob
-from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
-from gpujobs.specs import JobState
+
+if TYPE_CHECKING:
+    from gpujobs.client import PreparedJob
 
 
 def submit(
@@ -124,6 +124,9 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
 ) -> None:
     """Queue a transcode for each FILE (all are checked before any is queued)."""
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobState
+
     if output is not None and len(files) > 1:
         raise InvalidSpec("--output takes one input file; drop it to name outputs per input")
     params: dict[str, object] = {
