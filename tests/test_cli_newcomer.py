@@ -258,6 +258,13 @@ def test_the_command_starts_without_celery_redis_or_pydantic() -> None:
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True).stdout  # fmt: skip
     assert shown.strip() == f"[] {[state.value for state in JobState]}"
+    listed = subprocess.run(
+        [sys.executable, "-c", "import sys; from gpujobs.cli.main import main; "
+         "sys.argv = ['gpujobs', 'ls']\ntry: main()\nexcept SystemExit: pass\n"
+         "print([n for n in ('celery', 'kombu', 'httpx') if n in sys.modules])"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert listed.strip().splitlines()[-1] == "[]", listed  # `ls` makes no Celery app
     import gpujobs
 
     assert gpujobs.Client is Client and "Client" in dir(gpujobs)

@@ -34,6 +34,8 @@ from gpujobs.cli.render import (
 from gpujobs.errors import GpujobsError
 
 if TYPE_CHECKING:
+    from gpujobs.store import JobStore
+
     pass
 
 app = typer.Typer(
@@ -96,12 +98,13 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
     """Show one job's record and how each attempt ended."""
-    from gpujobs.client import Client, Job
-    from gpujobs.config import Settings
+    from gpujobs.errors import JobNotFound
 
-    client = Client(Settings(), start_local=False)
-    record = Job(job_id, client).status()
-    attempts = client.store.attempts(job_id)
+    store = read_store()
+    record = store.get(job_id)
+    if record is None:
+        raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+    attempts = store.attempts(job_id)
     if as_json:
         console.print_json(json.dumps({**record.model_dump(mode="json"), "attempts": attempts}))
     else:
@@ -147,8 +150,6 @@ def list_jobs(
     ] = False,
 ) -> None:
     """List jobs, newest first."""
-    from gpujobs.client import Client
-    from gpujobs.config import Settings
     from gpujobs.specs import JobState
 
     wanted = []
@@ -157,7 +158,7 @@ def list_jobs(
             raise GpujobsError(f"no state {name!r}: a job is {', '.join(STATES[:-1])} or "
                                f"{STATES[-1]}")  # fmt: skip
         wanted.append(JobState(name.lower()))
-    records = Client(Settings(), start_local=False).list(limit=limit, states=tuple(wanted))
+    records = read_store().list(limit=limit, states=tuple(wanted))
     if as_jsonl:
         for record in records:
             print(record_json(record), flush=True)
@@ -343,6 +344,18 @@ cli_api.register(app)  # gpujobs api
 cli_cluster.register(app)  # gpujobs cluster status|nodes|scale
 cli_logs.register(app)  # gpujobs logs
 cli_housekeeping.register(app)  # gpujobs retry, gpujobs clean
+
+
+def read_store() -> JobStore:
+    """The job store, for commands that only read it (`ls`, `status`): no Celery app is made,
+    nothing is imported for sending, and the local stack is never started."""
+    from gpujobs.config import Settings
+    from gpujobs.connection import broker_url, connect
+    from gpujobs.store import JobStore
+
+    settings = Settings()
+    return JobStore(connect(broker_url(settings, start_local=False), settings),
+                    record_ttl_s=settings.record_ttl_s)  # fmt: skip
 
 
 def readable(command: Any) -> Any:
