@@ -270,3 +270,19 @@ def test_the_command_starts_without_celery_redis_or_pydantic() -> None:
     assert gpujobs.Client is Client and "Client" in dir(gpujobs)
     with pytest.raises(AttributeError):
         _ = gpujobs.Nope  # type: ignore[attr-defined]
+
+
+def test_the_sdk_copies_an_input_from_outside_the_media_root(
+    settings: Settings, video: Path, tmp_path: Path
+) -> None:
+    """The README's SDK example: a file anywhere is copied into the inbox, as the CLI does."""
+    import gpujobs
+
+    outside = tmp_path / "home" / "talk.mp4"
+    outside.parent.mkdir()
+    outside.write_bytes(video.read_bytes())
+    job = gpujobs.submit_transcode(str(outside), height=120)
+    assert job.status().spec["input"] == "inbox/talk.mp4"
+    assert (settings.media / "inbox" / "talk.mp4").read_bytes() == outside.read_bytes()
+    with pytest.raises(gpujobs.InvalidSpec, match="outside the media root"):
+        gpujobs.submit_transcode(str(outside), height=240, copy_outside=False)
