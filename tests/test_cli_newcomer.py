@@ -223,6 +223,7 @@ def test_the_first_frame_shows_the_jobs_real_progress() -> None:
     assert "42.5%" in out.getvalue() and " 0.0%" not in out.getvalue()
 
 
+@pytest.mark.timeout(300)
 def test_expected_failures_are_one_log_line_and_chunks_read_as_such(
     client: Client, settings: Settings, start_worker: Callable[..., WorkerProcess],
     broker_url: str,

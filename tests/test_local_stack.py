@@ -37,6 +37,7 @@ def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> CompletedPr
     )
 
 
+@pytest.mark.timeout(300)
 def test_submit_starts_the_local_stack_and_down_stops_it(
     embedded_env: dict[str, str],
     clip_cache: Callable[..., Path],
@@ -110,6 +111,7 @@ def test_down_never_signals_a_process_that_is_not_the_stack(tmp_path: Path) -> N
         bystander.wait()
 
 
+@pytest.mark.timeout(300)
 def test_up_returns_once_the_worker_can_take_work(embedded_env: dict[str, str]) -> None:
     """Right after `up`, the liveness probe passes and a job can be sent to this node."""
     up = run(embedded_env, "up")

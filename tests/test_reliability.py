@@ -35,6 +35,7 @@ def worker_named(workers: dict[str, WorkerProcess], record: JobRecord) -> Worker
     return workers[record.worker]
 
 
+@pytest.mark.timeout(300)
 def test_a_killed_workers_job_is_finished_by_another(
     client: Client,
     media_clip: Callable[..., Path],
@@ -67,6 +68,7 @@ def test_a_killed_workers_job_is_finished_by_another(
     assert not list(source.parent.glob(".*part*")), "no temporary output may remain"
 
 
+@pytest.mark.timeout(300)
 def test_sigterm_requeues_a_running_job_at_once(
     client: Client,
     media_clip: Callable[..., Path],

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from gpujobs import keys
 from gpujobs.client import Client
 from gpujobs.monitor.metrics import ClusterSnapshot, JobCounts, parse_heartbeat
@@ -65,6 +67,7 @@ def test_names_paths_and_errors_are_text_not_markup() -> None:
     assert "in/[red]a[/].mp4" in text
 
 
+@pytest.mark.timeout(300)
 def test_top_follows_a_running_job_live(
     client: Client,
     media_clip: Callable[..., Path],
