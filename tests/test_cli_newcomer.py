@@ -287,3 +287,19 @@ def test_the_sdk_copies_an_input_from_outside_the_media_root(
     assert (settings.media / "inbox" / "talk.mp4").read_bytes() == outside.read_bytes()
     with pytest.raises(gpujobs.InvalidSpec, match="outside the media root"):
         gpujobs.submit_transcode(str(outside), height=240, copy_outside=False)
+
+
+def test_status_lists_a_batchs_chunk_attempts(client: Client, broker_url: str) -> None:
+    rows = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/embeddings",
+             "body": {"input": f"text {i}"}} for i in range(30)]  # fmt: skip
+    batch = client.submit_inference(rows, endpoint="http://127.0.0.1:9/v1", chunk_size=10)
+    # What the watchdog records when chunk index 1 (the second) lost its worker twice.
+    redis.Redis.from_url(broker_url).hincrby(keys.batch_requeues(batch.id), "1", 2)
+    shown = gpujobs("status", batch.id, env={"COLUMNS": "120"})
+    assert shown.returncode == 0, shown.stderr
+    lines = [" ".join(line.split()) for line in shown.stdout.splitlines()]
+    assert "kind inference" in lines and "chunk 2 resent 2 times: its worker was lost" in lines
+    as_json = json.loads(gpujobs("status", batch.id, "--json").stdout)
+    assert as_json["attempts"] == [
+        {"chunk": 2, "outcome": "resent 2 times: its worker was lost", "resent": 2}
+    ]

@@ -34,6 +34,7 @@ from gpujobs.cli.render import (
 from gpujobs.errors import GpujobsError
 
 if TYPE_CHECKING:
+    from gpujobs.specs import JobRecord
     from gpujobs.store import JobStore
 
     pass
@@ -104,7 +105,7 @@ def status(
     record = store.get(job_id)
     if record is None:
         raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
-    attempts = store.attempts(job_id)
+    attempts = store.attempts(job_id) or chunk_attempts(store, record)
     if as_json:
         console.print_json(json.dumps({**record.model_dump(mode="json"), "attempts": attempts}))
     else:
@@ -344,6 +345,23 @@ cli_api.register(app)  # gpujobs api
 cli_cluster.register(app)  # gpujobs cluster status|nodes|scale
 cli_logs.register(app)  # gpujobs logs
 cli_housekeeping.register(app)  # gpujobs retry, gpujobs clean
+
+
+def chunk_attempts(store: JobStore, record: JobRecord) -> list[dict[str, Any]]:
+    """A batch's attempts: each chunk that was resent because its worker was lost, and how many
+    times (the watchdog counts them in keys.batch_requeues). Empty for a transcode."""
+    from gpujobs import keys
+
+    if record.kind.value != "inference":
+        return []
+    lost = store.redis.hgetall(keys.batch_requeues(record.id))
+    entries = []
+    for raw_index, raw_count in sorted(lost.items(), key=lambda kv: int(kv[0])):
+        index, count = int(raw_index), int(raw_count)
+        times = "once" if count == 1 else f"{count} times"
+        entries.append({"chunk": index + 1, "outcome": f"resent {times}: its worker was lost",
+                        "resent": count})  # fmt: skip
+    return entries
 
 
 def read_store() -> JobStore:

@@ -110,7 +110,18 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
         rows.append(("error", f"[red]{record.error}[/]"))
     if record.started_at and record.finished_at:
         rows.append(("took", f"{record.finished_at - record.started_at:.1f}s"))
+    result = record.result or {}
+    counts = result.get("request_counts")
+    if isinstance(counts, dict):
+        done, failed = counts.get("completed", 0), counts.get("failed", 0)
+        rows.append(("requests", f"{done} completed, {failed} failed of {counts.get('total')}"))
+    chunks = result.get("chunks")
+    if isinstance(chunks, dict):
+        rows.append(("chunks", f"{chunks.get('done', 0)} of {chunks.get('total', '?')} done"))
     for entry in attempts or []:
+        if "chunk" in entry:  # a batch: its chunks are the attempts (see chunk_attempts)
+            rows.append((f"chunk {entry['chunk']}", str(entry["outcome"])))
+            continue
         reason = f": {entry['reason']}" if entry.get("reason") else ""
         rows.append(
             (f"attempt {entry.get('attempt')}", f"{entry.get('outcome')} on {entry.get('worker')}"
