@@ -3,13 +3,15 @@ calls gpujobs.api.app.serve. `register(app)` adds the command to the main one.""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
+
+if TYPE_CHECKING:
+    pass
 
 
 def api(
@@ -25,6 +27,8 @@ def api(
 
     Point the `openai` client at it (base_url=http://HOST:PORT/v1, api_key=GPUJOBS_API_KEY).
     """
+    from gpujobs.config import Settings
+
     try:
         from gpujobs.api.app import serve
     except ImportError as exc:  # the api extra is not installed

@@ -16,7 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gpujobs.config import Settings
+if TYPE_CHECKING:
+    pass
+
 
 if TYPE_CHECKING:
     from gpujobs import cluster
@@ -107,6 +109,8 @@ def status(
 ) -> None:
     """GPU nodes (allocatable nvidia.com/gpu, labels), the worker and vLLM pods (readiness,
     restarts) and, beside them, the queue depths from Redis (GPUJOBS_BROKER_URL)."""
+    from gpujobs.config import Settings
+
     state = _cluster(kubeconfig, context, namespace).status(Settings())
     console.print(nodes_table(state.nodes))
     if state.queues_error is None:
