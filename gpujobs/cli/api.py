@@ -3,15 +3,12 @@ calls gpujobs.api.app.serve. `register(app)` adds the command to the main one.""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from gpujobs.errors import GpujobsError
-
-if TYPE_CHECKING:
-    pass
 
 
 def api(

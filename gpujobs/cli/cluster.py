@@ -17,10 +17,6 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
-    pass
-
-
-if TYPE_CHECKING:
     from gpujobs import cluster
 
 console = Console()

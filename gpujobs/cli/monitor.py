@@ -6,13 +6,10 @@ Thin, like main.py: they parse, then call gpujobs.monitor.flower, .metrics and .
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
-
-if TYPE_CHECKING:
-    pass
 
 
 def flower(
