@@ -4,13 +4,14 @@ stderr)."""
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from gpujobs.client import Client, Job
-from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
+
+if TYPE_CHECKING:
+    pass
 
 
 def logs(
@@ -20,6 +21,9 @@ def logs(
     ] = None,
 ) -> None:
     """Print a job's logs, oldest attempt first (a transcode's: ffmpeg's whole stderr)."""
+    from gpujobs.client import Client, Job
+    from gpujobs.config import Settings
+
     client = Client(Settings(), start_local=False)
     Job(job_id, client).status()  # JobNotFound: one line, exit 1
     entries = client.store.logs(job_id, attempt)

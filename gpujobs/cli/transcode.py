@@ -47,7 +47,7 @@ def submit(
         str | None,
         typer.Option(
             metavar="p1..p7",
-            help="NVENC preset, p1 fastest (x264 ultrafast..slow on the CPU).  [default: p1]",
+            help="NVENC preset, p1 fastest (x264 superfast..slower on the CPU).  [default: p1]",
         ),
     ] = None,
     cq: Annotated[
@@ -84,13 +84,13 @@ def submit(
             metavar="drop|keep",
             help="Keep text subtitles (as mov_text) or drop them.  [default: drop]",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     fps: Annotated[
         float | None,
         typer.Option(
             metavar="FPS", help="Constant output frame rate.  [default: the source's timing]"
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output file.")
     ] = False,
