@@ -226,12 +226,17 @@ def test_the_first_frame_shows_the_jobs_real_progress() -> None:
 @pytest.mark.timeout(300)
 def test_expected_failures_are_one_log_line_and_chunks_read_as_such(
     client: Client, settings: Settings, start_worker: Callable[..., WorkerProcess],
-    broker_url: str,
+    broker_url: str, media_clip: Callable[..., Path],
 ) -> None:  # fmt: skip
-    bogus = settings.media / "broken.mp4"  # an MP4 to the producer's sniff, not to ffmpeg
-    bogus.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200)
+    # An expected failure on the worker: the job requires a GPU and this worker has none
+    # (another node's heartbeat has one, so submit takes it; this worker picks it up).
+    gpu = {"index": 0, "name": "NVIDIA L4",
+           "capabilities": {"nvenc": True, "cuda_decode": True, "scale_cuda": True}}  # fmt: skip
+    beat = heartbeat.make_heartbeat("gpu-node", [gpu], ["gpujobs@gpu-node.gpu0"], [], 0)  # type: ignore[list-item]
+    heartbeat.publish(client.redis, beat, ttl_s=300)
+    clip = media_clip("gpu.mp4", seconds=1, size="320x240")
     worker = start_worker("--queues", "transcode")
-    failed = client.submit_transcode(bogus).wait(timeout=120)
+    failed = client.submit_transcode(clip, gpu="require").wait(timeout=120)
     assert failed.state is JobState.FAILED
     wait_for(lambda: "raised expected" in worker.log(), timeout_s=30)
     assert "Traceback" not in worker.log() and "raised unexpected" not in worker.log()

@@ -24,6 +24,7 @@ from gpujobs.config import Settings
 from gpujobs.monitor.flower import basic_auth, flower_argv, is_loopback, state_db
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess, wait_for
+from workers import heartbeat
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -241,7 +242,12 @@ def test_browser_finds_jobs_on_the_tasks_page(
     http = httpx.Client(base_url=url, auth=(USER, password), timeout=10)
 
     # Fails on the worker: it asks for a GPU and this worker has none (a file ffmpeg cannot
-    # read is refused at submit now, before any queue).
+    # read is refused at submit now, before any queue). Submit refuses `require` when no live
+    # worker has a GPU, so another node's heartbeat says it has one; this worker takes the job.
+    gpu = {"index": 0, "name": "NVIDIA L4",
+           "capabilities": {"nvenc": True, "cuda_decode": True, "scale_cuda": True}}  # fmt: skip
+    heartbeat.publish(client.redis, heartbeat.make_heartbeat(
+        "gpu-node", [gpu], ["gpujobs@gpu-node.gpu0"], [], 0), ttl_s=300)  # type: ignore[list-item]  # fmt: skip
     failed = client.submit_transcode(
         media_clip("gpu.mp4", seconds=1, size="320x240"), gpu="require"
     )
