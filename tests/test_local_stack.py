@@ -112,7 +112,9 @@ def test_down_never_signals_a_process_that_is_not_the_stack(tmp_path: Path) -> N
 
 
 @pytest.mark.timeout(300)
-def test_up_returns_once_the_worker_can_take_work(embedded_env: dict[str, str]) -> None:
+def test_up_returns_once_the_worker_can_take_work(
+    embedded_env: dict[str, str], clip_cache: Callable[..., Path]
+) -> None:
     """Right after `up`, the liveness probe passes and a job can be sent to this node."""
     up = run(embedded_env, "up")
     try:
@@ -123,7 +125,7 @@ def test_up_returns_once_the_worker_can_take_work(embedded_env: dict[str, str]) 
         check = run(embedded_env, "worker", "--check")
         assert check.returncode == 0, check.stderr
         clip = Path(embedded_env["GPUJOBS_STATE_DIR"]) / "media" / "x.mp4"
-        clip.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200)
+        shutil.copyfile(clip_cache(seconds=1, size="320x240"), clip)
         sent = run(embedded_env, "submit", str(clip), "--node", node)
         assert sent.returncode == 0, sent.stderr
         assert "local stack" not in sent.stderr  # found running: nothing to say
