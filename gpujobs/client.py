@@ -112,8 +112,7 @@ class Client:
     ) -> Job:
         """Queue a transcode of `input` and return its Job. None means the setting's default.
 
-        input: a file (absolute, or relative to the media root); one outside the media root is
-        copied into `<media root>/inbox` first unless copy_outside=False.
+        input: a file (absolute, or relative to the media root; see copy_outside).
         output: default `<input stem>.<height>p.mp4` beside the input; must lie under the root.
         width, height: pixels (even); height default 480 (GPUJOBS_DEFAULT_HEIGHT), width from
         the aspect ratio. codec: h264|hevc. preset: NVENC's p1 (fastest)..p7, mapped to x264's
@@ -144,8 +143,7 @@ class Client:
             "split": split,
         }  # fmt: skip
         prepared = self.prepare_transcode(input, output, copy_outside, **params)
-        if prepared.spec.gpu == "require":
-            require_gpu_worker(self.heartbeats(), node, gpu_index)
+        require_gpu_worker(prepared.spec.gpu, self.heartbeats, node, gpu_index)
         return self.enqueue(prepared, force=force, queue=self.route(node, gpu_index))
 
     def prepare_transcode(

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gpujobs.errors import InvalidSpec
 
 
-def require_gpu_worker(beats: dict[str, dict[str, Any]], node: str | None, gpu: int | None) -> None:
-    """For a job with gpu="require": InvalidSpec unless a live worker (on `node`, and GPU `gpu`
-    of it, when given) has a GPU that can encode (NVENC), as its heartbeat says.
+def require_gpu_worker(
+    policy: str,
+    heartbeats: Callable[[], dict[str, dict[str, Any]]],
+    node: str | None,
+    gpu: int | None,
+) -> None:
+    """For a job whose gpu policy is "require": InvalidSpec unless a live worker (on `node`, and
+    GPU `gpu` of it, when given) has a GPU that can encode (NVENC), as its heartbeat says. Any
+    other policy: nothing is read.
 
-    beats: node name -> heartbeat (`Client.heartbeats()`; shape in workers/heartbeat.py)."""
+    heartbeats: returns node name -> heartbeat (`Client.heartbeats`; see workers/heartbeat.py)."""
+    if policy != "require":
+        return
+    beats = heartbeats()
     where = {node: beats[node]} if node is not None and node in beats else beats
     if not any(
         entry.get("capabilities", {}).get("nvenc")

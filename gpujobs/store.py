@@ -232,10 +232,11 @@ class JobStore:
             pipe.execute()
 
     def purge(self, job_id: str) -> None:
-        """Remove a job's record, its attempt history and its index entry (`gpujobs clean`)."""
+        """Remove a job's record, its attempt history and its index entries (`gpujobs clean`)."""
         with self.redis.pipeline() as pipe:
             pipe.delete(keys.job(job_id), keys.attempts(job_id))
-            pipe.zrem(keys.JOB_INDEX, job_id)
+            for index in ALL_INDEXES:
+                pipe.zrem(index, job_id)
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord | None:

@@ -40,8 +40,11 @@ def gpujobs(
 
 
 def queued_ids(broker_url: str) -> list[str]:
+    """Every job id with a record (any state), oldest first."""
     r = redis.Redis.from_url(broker_url, decode_responses=True)
-    return [str(x) for x in r.zrange(keys.JOB_INDEX, 0, -1)]
+    found = {str(k).rsplit(":", 1)[-1]: float(r.hget(k, "created_at") or 0)
+             for k in r.keys(keys.job("*"))}  # fmt: skip
+    return sorted(found, key=found.__getitem__)
 
 
 @pytest.fixture

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpujobs import ladder as ladder_sdk
 from gpujobs.cli.render import console, exit_for, follow, record_json
-from gpujobs.client import Client
-from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
 from gpujobs.ladder import DEFAULT_RENDITIONS, parse_renditions
-from gpujobs.specs import JobState
+
+if TYPE_CHECKING:
+    pass
 
 
 def ladder_options(ladder: str | None, hls: bool, dash: bool) -> tuple[list[int], str] | None:
@@ -44,6 +44,10 @@ def submit_ladders(
     transcode_only: options of `gpujobs submit` that mean nothing to a ladder; any given is an
     error rather than silently ignored.
     """
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+    from gpujobs.specs import JobState
+
     given = [name for name, value in transcode_only.items() if value is not None]
     if given:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)

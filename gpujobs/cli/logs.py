@@ -4,14 +4,11 @@ stderr)."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from gpujobs.errors import GpujobsError
-
-if TYPE_CHECKING:
-    pass
 
 
 def logs(

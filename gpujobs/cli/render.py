@@ -105,6 +105,10 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
         rows.append(("pieces", ", ".join(record.pieces)))
     if record.parent:
         rows.append(("piece of", record.parent))
+    if record.pieces:  # a split job: its pieces, each a job of its own
+        rows.append(("pieces", ", ".join(record.pieces)))
+    if record.parent:
+        rows.append(("piece of", record.parent))
     rows.append(("attempt", str(record.attempt)))
     if record.error:
         rows.append(("error", f"[red]{record.error}[/]"))

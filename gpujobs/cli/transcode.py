@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gpujobs.cli import inference as cli_inference
+from gpujobs.cli import ladder as cli_ladder
 from gpujobs.cli.render import (
     console,
     exit_for,
@@ -94,6 +95,21 @@ def submit(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output file.")
     ] = False,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|auto", help="Cut into N pieces encoded by N workers at once, or auto."
+        ),
+    ] = None,
+    ladder: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HEIGHTS",
+            help="An ABR ladder of these heights, e.g. 1080,720,480 (HLS by default).",
+        ),
+    ] = None,
+    hls: Annotated[bool, typer.Option("--hls", help="Package the ladder as HLS (fMP4).")] = False,
+    dash: Annotated[bool, typer.Option("--dash", help="Package the ladder as DASH.")] = False,
     node: Annotated[
         str | None,
         typer.Option(
@@ -125,6 +141,7 @@ def submit(
 ) -> None:
     """Queue a transcode for each FILE (all are checked before any is queued)."""
     from gpujobs.config import Settings
+    from gpujobs.routing import require_gpu_worker
     from gpujobs.specs import JobState
 
     if output is not None and len(files) > 1:
@@ -134,7 +151,16 @@ def submit(
         "audio": audio, "threads": threads, "priority": priority, "gpu": gpu,
         "audio_tracks": audio_tracks, "subtitles": subtitles, "fps": fps,
         "overwrite": overwrite or None,
+        "split": split_setting(split),
     }  # fmt: skip
+    asked = cli_ladder.ladder_options(ladder, hls, dash)
+    if asked is not None:  # an ABR ladder per input instead of one output each
+        shared = {"preset": preset, "cq": cq, "audio": audio, "threads": threads,
+                  "priority": priority, "gpu": gpu, "split": params["split"]}  # fmt: skip
+        only = {"width": width, "height": height, "codec": codec, "node": node,
+                "gpu_index": gpu_index}  # fmt: skip
+        cli_ladder.submit_ladders(files, output, asked, shared, only, copy, wait, timeout, as_json)
+        return
     if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
         batch_only = {"priority": priority}
         others = {**{k: v for k, v in params.items() if k != "priority"}, "node": node,
@@ -150,9 +176,10 @@ def submit(
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
     # Before anything is queued: a dead target, or --gpu require with no GPU worker, fails.
-    require_gpu = any(p.spec.gpu == "require" for p in prepared)
-    queue = client.route(node, gpu_index, require_gpu=require_gpu)
-    jobs = [client.enqueue(p, force=force, queue=queue) for p in prepared]
+    if any(p.spec.gpu == "require" for p in prepared):
+        require_gpu_worker("require", client.heartbeats, node, gpu_index)
+    queue = client.route(node, gpu_index)
+    jobs = client.enqueue_many(prepared, force=force, queue=queue)  # pipelined, per batch
     with leave_running([job.id for job in jobs]):  # from here on, Ctrl-C leaves them queued
         for job in jobs:
             if as_json and not wait:
@@ -172,6 +199,16 @@ def submit(
                 out_path = client.settings.media / str(record.output)
                 console.print(f"{record.id} succeeded: {out_path}", markup=False, soft_wrap=True)
     exit_for(records)
+
+
+def split_setting(value: str | None) -> int | str | None:
+    """`--split 4` -> 4, `--split auto` -> "auto"; anything else is one line."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidSpec(f"--split takes a number of pieces or auto, got {value!r}") from None
 
 
 def register(app: typer.Typer) -> None:
