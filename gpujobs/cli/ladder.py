@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpujobs import ladder as ladder_sdk
 from gpujobs.cli.render import console, exit_for, follow, record_json
 from gpujobs.errors import InvalidSpec
-from gpujobs.ladder import DEFAULT_RENDITIONS, parse_renditions
 
 if TYPE_CHECKING:
     pass
@@ -17,6 +15,8 @@ if TYPE_CHECKING:
 def ladder_options(ladder: str | None, hls: bool, dash: bool) -> tuple[list[int], str] | None:
     """The renditions and package asked for, or None when no ladder was asked for.
     `--hls`/`--dash` alone mean the default ladder; `--ladder` alone means HLS."""
+    from gpujobs.ladder import DEFAULT_RENDITIONS, parse_renditions
+
     if hls and dash:
         raise InvalidSpec("--hls and --dash are two ladders; submit each on its own")
     if ladder is None and not (hls or dash):
@@ -44,6 +44,7 @@ def submit_ladders(
     transcode_only: options of `gpujobs submit` that mean nothing to a ladder; any given is an
     error rather than silently ignored.
     """
+    from gpujobs import ladder as ladder_sdk
     from gpujobs.client import Client
     from gpujobs.config import Settings
     from gpujobs.specs import JobState
