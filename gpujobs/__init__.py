@@ -11,14 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gpujobs.client import (
-        Client,
-        Job,
-        get_job,
-        submit_inference,
-        submit_many,
-        submit_transcode,
-    )
+    from gpujobs.client import Client, Job
     from gpujobs.config import Settings
     from gpujobs.errors import (
         BrokerUnreachable,
@@ -28,6 +21,7 @@ if TYPE_CHECKING:
         JobNotFound,
     )
     from gpujobs.ladder import LadderSpec, submit_ladder
+    from gpujobs.sdk import get_job, submit_inference, submit_many, submit_transcode
     from gpujobs.specs import InferenceSpec, JobRecord, JobState, Progress, TranscodeSpec
 
 __all__ = [
@@ -54,8 +48,8 @@ __all__ = [
 
 # Where each public name lives.
 _HOMES = {
-    "Client": "client", "Job": "client", "get_job": "client", "submit_inference": "client",
-    "submit_many": "client", "submit_transcode": "client", "Settings": "config",
+    "Client": "client", "Job": "client", "get_job": "sdk", "submit_inference": "sdk",
+    "submit_many": "sdk", "submit_transcode": "sdk", "Settings": "config",
     "BrokerUnreachable": "errors", "GpujobsError": "errors", "InvalidSpec": "errors",
     "JobFailed": "errors", "JobNotFound": "errors", "LadderSpec": "ladder",
     "submit_ladder": "ladder", "InferenceSpec": "specs", "JobRecord": "specs",

@@ -179,3 +179,19 @@ def test_no_module_is_over_600_lines() -> None:
         if (count := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert too_long == {}
+
+
+def test_every_core_module_is_under_the_core_contract() -> None:
+    """A new module at the top of gpujobs/ is core: the contract must name it, or the import
+    rules would silently not apply to it."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    contracts = config["tool"]["importlinter"]["contracts"]
+    core = next(c for c in contracts if c["name"].startswith("The core imports"))
+    on_disk = {
+        f"gpujobs.{path.stem}"
+        for path in (ROOT / "gpujobs").glob("*.py")
+        if path.stem not in ("__init__", "__main__")
+    }
+    assert set(core["source_modules"]) == on_disk
