@@ -99,7 +99,7 @@ def submit_batches(
     an error rather than silently ignored.
     """
     from gpujobs.batch import enqueue_batches, prepare_batch
-    from gpujobs.client import Client
+    from gpujobs.client import Client, Job
     from gpujobs.config import Settings
     from gpujobs.specs import JobState
 
