@@ -21,7 +21,7 @@ from gpujobs.cli.render import STATE_STYLES
 from gpujobs.errors import GpujobsError, InvalidSpec
 
 if TYPE_CHECKING:
-    from gpujobs.client import Client, Job
+    from gpujobs.client import Client
     from gpujobs.specs import JobRecord
 
 # Paths stay whole on one line (to copy them) whatever the terminal's width.
