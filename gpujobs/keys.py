@@ -183,13 +183,19 @@ def split_done(job_id: str) -> str:
 
 
 # Adaptive concurrency (workers/inference/adaptive.py), per inference server (endpoint id: a
-# hash of its base URL). A hash {window, changed}: the total requests in flight that every
-# worker sending to that server shares (AIMD), and when it last changed (server time), so
-# that workers seeing the same overload decrease it once, not once each.
+# hash of its base URL). A hash {window, changed, cut, known}: the total requests in flight that
+# every worker sending to that server shares (AIMD), when it last changed and was last cut
+# (server time), so that workers seeing the same overload decrease it once, not once each, and
+# the window the server's /metrics last showed it can take (0: not known).
 ENDPOINT_WINDOW = PREFIX + ":endpoint:{endpoint}:window"
 # Sorted set of the clients sending to that server now (member: a token; score: expiry by the
 # server's clock, renewed each tick): the window is split between the live ones.
 ENDPOINT_CLIENTS = PREFIX + ":endpoint:{endpoint}:clients"
+# Hash client token -> "demand held": the requests that client could send now (in flight and
+# waiting for a slot) and the slots it holds (its share, or more while a cut share drains),
+# written on each tick: the window is split by demand, and a share is only handed over once
+# its holder has let it go.
+ENDPOINT_DEMANDS = PREFIX + ":endpoint:{endpoint}:demands"
 
 
 def endpoint_window(endpoint: str) -> str:
@@ -198,3 +204,7 @@ def endpoint_window(endpoint: str) -> str:
 
 def endpoint_clients(endpoint: str) -> str:
     return ENDPOINT_CLIENTS.format(endpoint=endpoint)
+
+
+def endpoint_demands(endpoint: str) -> str:
+    return ENDPOINT_DEMANDS.format(endpoint=endpoint)

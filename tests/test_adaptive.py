@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import redis
 
 from gpujobs import keys
@@ -24,9 +26,10 @@ from tests.helpers import WorkerProcess, wait_for
 from tests.openai_server import FakeOpenAI
 from workers.inference.adaptive import (
     AdaptiveConcurrency,
+    ServerLoad,
     endpoint_id,
     parse_vllm_metrics,
-    share_of,
+    water_fill,
 )
 from workers.inference.client import BatchRequest, InferenceClient, Outcome, RetryPolicy
 
@@ -52,18 +55,104 @@ python_gc_objects_collected_total{generation="0"} 1234.0
 """
 
 
-def test_vllm_metrics_are_summed_over_engines_and_shares_add_up() -> None:
+def test_vllm_metrics_are_summed_over_engines() -> None:
     load = parse_vllm_metrics(VLLM_METRICS)
     assert (load.running, load.waiting) == (10.0, 2.0)
     assert parse_vllm_metrics("# nothing here\n") == parse_vllm_metrics("")
     assert parse_vllm_metrics("").waiting is None
-    for window in (1, 7, 10, 33):
-        for clients in (1, 2, 3, 5):
-            shares = [share_of(window, clients, rank) for rank in range(clients)]
-            assert sum(shares) == max(window, clients)  # every client keeps at least 1
-            assert max(shares) - min(shares) <= 1
     assert endpoint_id("http://h:9999/v1") == endpoint_id("http://h:9999/") != endpoint_id(
         "http://h:9998/v1")  # fmt: skip
+
+
+def test_water_filling_gives_what_one_client_leaves_to_the_others() -> None:
+    for window in (1, 7, 10, 33):
+        for clients in (1, 2, 3, 5):
+            parts = water_fill(window, [100] * clients)  # all want more than the window
+            assert sum(parts) == window and max(parts) - min(parts) <= 1
+    assert water_fill(10, [50]) == [10]  # alone: the whole window
+    assert water_fill(11, [3, 40]) == [3, 8]  # one in its last requests: the other gets the rest
+    assert water_fill(12, [40, 2, 5]) == [5, 2, 5]
+    assert water_fill(10, [2, 3]) == [2, 3]  # nobody wants the rest
+    assert water_fill(10, [0, 30]) == [0, 10]
+
+
+def shared_clients(
+    broker_url: str, count: int, endpoint: str, start: int = 10
+) -> list[AdaptiveConcurrency]:
+    """`count` clients of a made-up server's window, ticked by hand (no requests sent)."""
+    shared = redis.Redis.from_url(broker_url, decode_responses=True)
+    return [AdaptiveConcurrency(shared, httpx.AsyncClient(), endpoint, start=start,
+                                interval_s=1.0) for _ in range(count)]  # fmt: skip
+
+
+def test_the_window_is_split_by_demand_and_a_part_waits_for_its_holder(broker_url: str) -> None:
+    a, b = shared_clients(broker_url, 2, "http://split.invalid:1/v1")
+    assert a.tick("keep", demand=-1) == 10  # alone: the whole window
+    # b joins while a has 10 in flight: its part is 5, but a still holds all ten slots.
+    assert b.tick("keep", demand=-1) == 0 and b.part == 5 and not b.settled
+    assert a.tick("keep", demand=20, active=10) == a.part == 5  # a's share is cut; ten still run
+    assert b.tick("keep", demand=20) == 0
+    assert a.tick("keep", demand=20, active=5) == 5  # a's excess has drained: b may take its part
+    assert b.tick("keep", demand=20, active=1) == 5 and b.settled
+    assert a.tick("keep", demand=20, active=5) == 5 and a.settled
+    # a in its last requests: what it does not need goes to b.
+    assert a.tick("keep", demand=2, active=2) == 2 and not a.settled
+    assert b.tick("keep", demand=20, active=5) == 8
+    a.leave()  # a finished: b gets the whole window at its next tick
+    assert b.tick("keep", demand=20, active=8) == 10 and b.settled
+    assert b.clients == 1
+
+
+def test_the_lua_split_matches_water_filling(broker_url: str) -> None:
+    clients = shared_clients(broker_url, 3, "http://fill.invalid:1/v1", start=12)
+    for demands in ([40, 2, 5], [1, 1, 30], [6, 6, 6], [0, 40, 40], [3, 4, 2]):
+        shares = [0, 0, 0]
+        for _ in range(3):  # each client lets go of what the new split takes from it
+            for index, client in enumerate(clients):
+                shares[index] = client.tick("keep", demand=demands[index], active=shares[index])
+        assert sum(shares) <= 12
+        expected = water_fill(12, demands)
+        # Equal demands may get their parts in another order (ties go by token).
+        assert sorted(zip(demands, shares, strict=True)) == sorted(
+            zip(demands, expected, strict=True)), demands  # fmt: skip
+
+
+def test_a_queue_sets_the_window_to_what_the_server_takes_and_probes_are_rare(
+    broker_url: str,
+) -> None:  # fmt: skip
+    (client,) = shared_clients(broker_url, 1, "http://probe.invalid:1/v1")
+    shared, key = client.redis, keys.endpoint_window(client.id)
+
+    def steps_ago(field: str, steps: float) -> None:  # as if that change was `steps` ago
+        seconds, micros = shared.time()
+        shared.hset(key, field, seconds + micros / 1e6 - steps * client.interval_s)
+
+    # 10 running and 4 waiting (more than the allowance of 1): the server takes 11.
+    client.window = 14
+    assert client.decide(ServerLoad(running=10.0, waiting=4.0), True) == ("set", 11.0)
+    assert client.tick("keep") == 10
+    client.tick("set", 11.0)
+    assert client.window == 10  # a smaller window stays, and 11 is the server's known size
+    assert client.tick("dec") == 7  # a 429, say
+    for expected in (8, 9, 10, 11):  # below the known size: +1 a step, however recent the cut
+        steps_ago("changed", 1)
+        assert client.tick("inc") == expected
+    steps_ago("changed", 1)
+    steps_ago("cut", 100)
+    assert client.tick("inc") == 11  # at the known size: no probe yet
+    steps_ago("changed", 41)
+    assert client.tick("inc") == 12  # a probe, once 40 steps passed
+    steps_ago("changed", 1)
+    assert client.tick("inc") == 12
+    # A queue that lasts two steps with the window no larger than the server takes (clients
+    # not ours fill it) is cut by its excess; a 429 by a quarter.
+    client._waiting_since = time.monotonic() - 3 * client.step_s
+    assert client.decide(ServerLoad(running=10.0, waiting=4.0), True) == ("dec", 3.0)
+    client.answered(429, 0.1)
+    assert client.decide(ServerLoad(None, None), True) == ("dec", 0.0)
+    assert client.decide(ServerLoad(None, None), True) == ("inc", 0.0)
+    steps_ago("cut", 1)
+    assert client.tick("dec") == 9
 
 
 def chat(tag: str, index: int) -> BatchRequest:

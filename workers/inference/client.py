@@ -179,14 +179,24 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
         self.active = 0
+        self.waiting = 0  # requests waiting for a slot
         self.saturated = False  # a request found every slot taken (reset by its reader)
         self._changed = asyncio.Condition()
+
+    @property
+    def demand(self) -> int:
+        """The slots this client could use now: requests in flight and waiting for one."""
+        return self.active + self.waiting
 
     async def __aenter__(self) -> None:
         async with self._changed:
             if self.active >= self.limit:
                 self.saturated = True
-            await self._changed.wait_for(lambda: self.active < self.limit)
+            self.waiting += 1
+            try:
+                await self._changed.wait_for(lambda: self.active < self.limit)
+            finally:
+                self.waiting -= 1
             self.active += 1
 
     async def __aexit__(self, *exc: object) -> None:
