@@ -146,7 +146,7 @@ def test_a_queue_sets_the_window_to_what_the_server_takes_and_probes_are_rare(
     assert client.tick("inc") == 12
     # A queue that lasts two steps with the window no larger than the server takes (clients
     # not ours fill it) is cut by its excess; a 429 by a quarter.
-    client._waiting_since = time.monotonic() - 3 * client.step_s
+    client.window, client._waiting_since = 11, time.monotonic() - 3 * client.step_s
     assert client.decide(ServerLoad(running=10.0, waiting=4.0), True) == ("dec", 3.0)
     client.answered(429, 0.1)
     assert client.decide(ServerLoad(None, None), True) == ("dec", 0.0)
