@@ -144,15 +144,25 @@ def test_a_queue_sets_the_window_to_what_the_server_takes_and_probes_are_rare(
     assert client.tick("inc") == 12  # a probe, once 40 steps passed
     steps_ago("changed", 1)
     assert client.tick("inc") == 12
-    # A queue that lasts two steps with the window no larger than the server takes (clients
-    # not ours fill it) is cut by its excess; a 429 by a quarter.
-    client.window, client._waiting_since = 11, time.monotonic() - 3 * client.step_s
+    # A reading one short (taken as a request left and the next was not yet let in) does not
+    # lower the known size.
+    assert client.tick("set", 9.0) == 11
+    # A queue that lasts two steps after the window came down (clients not ours fill the
+    # server) is cut by its excess, and the known size with it; a 429 cuts by a quarter.
+    client.window = 11
+    client._came_down = client._waiting_since = time.monotonic() - 3 * client.step_s
     assert client.decide(ServerLoad(running=10.0, waiting=4.0), True) == ("dec", 3.0)
+    steps_ago("cut", 1)
+    assert client.tick("dec", 3.0) == 8
+    steps_ago("changed", 1)
+    steps_ago("cut", 100)
+    assert client.tick("inc") == 8  # 8 is the known size now: no probe yet
     client.answered(429, 0.1)
     assert client.decide(ServerLoad(None, None), True) == ("dec", 0.0)
     assert client.decide(ServerLoad(None, None), True) == ("inc", 0.0)
-    steps_ago("cut", 1)
-    assert client.tick("dec") == 9
+    assert client.tick("dec") == 6
+    steps_ago("changed", 1)
+    assert client.tick("inc") == 7  # back up to the known size at once
 
 
 def chat(tag: str, index: int) -> BatchRequest:

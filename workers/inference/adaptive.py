@@ -21,10 +21,12 @@ window once, not once each; a step is the longer of the interval and the round t
 - *set to what the server takes* when more than ALLOWANCE (1) requests wait in it: the server
   then runs all it can, so it takes `running` + ALLOWANCE (the one left waiting hides the
   clients' turn from an answer to the next request); a larger window comes down to that at
-  once, and that window is remembered as the server's size;
+  once, and that window is remembered as the server's size (the largest such reading: one
+  taken as a request leaves and the next is not yet let in is one short);
 - *multiplicative decrease* when 429/503 come back (x0.75), or when a queue lasts two steps
-  with the window already at most what the server takes (clients that are not ours fill it):
-  by the number waiting, at least 1 and at most a quarter;
+  after the window last came down (clients that are not ours fill it, or the server takes
+  less than it did): by the number waiting, at least 1 and at most a quarter, the known size
+  lowered with it;
 - *additive increase* (+1 per step) while nothing waits and this client's requests found every
   slot of its share taken (there is demand: growing an unused window would only store up a
   later burst): up to the server's known size at once, above it one probe every 40 steps
@@ -79,9 +81,12 @@ HOLD_STEPS = 8  # steps after a cut before the window grows again (the server's 
 # in flight, 12 HOLD_STEPS, 13 PROBE_STEPS. The step is the longer of the interval and the
 # latency (one change per round trip: the requests in flight when the window was cut still
 # wait a round trip).
-# - set: the window becomes at most the given one (at once: it is an absolute number, so
-#   clients that see one queue agree), which is remembered as `known`;
-# - dec: a decrease applies unless another came less than a step ago;
+# - set: the given size is remembered as `known` unless a larger one is (a reading taken as
+#   one request leaves and the next is not yet let in shows one slot too few: readings never
+#   lower it), and the window becomes at most `known` at once (an absolute number: clients
+#   that see one queue agree);
+# - dec: a decrease applies unless another came less than a step ago; one by a queue's
+#   excess also lowers `known` to the new window (the server takes less than it did);
 # - inc: +1 unless the window changed less than a step ago; when `known`, at once below it and
 #   once every PROBE steps at or above it; otherwise not within HOLD steps of a cut.
 # Then the clients that stopped ticking are dropped, this one registered with its demand, and
@@ -108,8 +113,9 @@ if action == 'dec' and now - cut >= step then
   window = math.max(1, math.min(window - 1, target))
   changed = now
   cut = now
+  if excess > 0 and known > window then known = window end
 elseif action == 'set' then
-  known = math.max(1, math.floor(tonumber(ARGV[8])))
+  known = math.max(known, math.floor(tonumber(ARGV[8])))
   if window > known then
     window = known
     changed = now
@@ -255,6 +261,7 @@ class AdaptiveConcurrency:
         self._lowest = math.inf
         self.latency_s = math.inf  # a moving average of the answers' latency (the round trip)
         self._waiting_since: float | None = None  # when the server's queue was first seen
+        self._came_down = -math.inf  # when this client last saw the window come down
         self._has_metrics = True
         self._tick = redis_client.register_script(_TICK_LUA)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -309,15 +316,13 @@ class AdaptiveConcurrency:
                 # lasts a round trip below it (other clients of the server, not ours, fill
                 # it) is cut by its excess.
                 now = time.monotonic()
-                takes = math.floor((load.running or 0.0) + ALLOWANCE)
-                if takes >= 1 and self.window > takes:
-                    self._waiting_since = now  # the excess drains within a round trip
-                    return "set", float(takes)
                 if self._waiting_since is None:
                     self._waiting_since = now
-                if now - self._waiting_since >= 2 * self.step_s:
+                # Counted from when the window last came down: its excess drains in a trip.
+                if now - max(self._waiting_since, self._came_down) >= 2 * self.step_s:
                     self._waiting_since = None
                     return "dec", load.waiting - ALLOWANCE
+                takes = math.floor((load.running or 0.0) + ALLOWANCE)
                 return ("set", float(takes)) if takes >= 1 else ("keep", 0.0)
             self._waiting_since = None
             if load.waiting >= 1:
@@ -343,6 +348,8 @@ class AdaptiveConcurrency:
             args=[action, self.interval_s, self.start, self.ceiling, self.token, ttl, 3600,
                   value, rtt, demand, active, HOLD_STEPS, PROBE_STEPS],
         )  # fmt: skip
+        if int(window) < self.window:
+            self._came_down = time.monotonic()
         self.window, self.clients = int(window), int(clients)
         self.share, self.part, self.settled = int(share), int(part), bool(settled)
         return self.share
