@@ -313,8 +313,8 @@ class AdaptiveConcurrency:
             if load.waiting > ALLOWANCE:
                 # Requests wait: the server runs all it can take, and takes what runs (plus
                 # the allowance). A window above that comes down to it at once; a queue that
-                # lasts a round trip below it (other clients of the server, not ours, fill
-                # it) is cut by its excess.
+                # lasts two steps after that (other clients of the server, not ours, fill
+                # it, or the server takes less) is cut by its excess.
                 now = time.monotonic()
                 if self._waiting_since is None:
                     self._waiting_since = now
