@@ -220,7 +220,9 @@ def test_cancel_keeps_what_finished_and_a_deadline_fails_the_rest(
     result = record.result or {}
     assert result["partial"] is True
     ids = [line["custom_id"] for line in lines]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids) and 30 <= len(ids) < 200
+    # The server had answered 30 when the cancel went in; the client may not yet have read the
+    # answers of the (at most 2) requests it had in flight, which the cancel then drops.
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) and 28 <= len(ids) < 200
     assert result["request_counts"]["completed"] == len(ids)
     # Sending stopped: besides what finished, only the requests in flight (2) were sent.
     assert sent - len(ids) <= 2
