@@ -29,7 +29,7 @@ from gpujobs.app import (
 from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
-from gpujobs.media import ProbeError, check_input, looks_like_video
+from gpujobs.media import NOT_VIDEO, input_verdict
 from gpujobs.paths import copy_file, inbox_target, media_relative
 from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.routing import require_gpu_worker
@@ -223,15 +223,15 @@ class Client:
         if info.st_size == 0:
             raise InvalidSpec(f"input {shown} is empty")
         try:
-            is_video = looks_like_video(path)
+            # The container sniffed, then its header read with PyAV (cover art only, an
+            # incomplete file); once per unchanged file in this process.
+            verdict = input_verdict(path, info)
         except OSError as exc:
             raise InvalidSpec(f"input {shown} cannot be read: {exc.strerror or exc}") from None
-        if not is_video:
-            raise InvalidSpec(f"input {shown} is not a video file (unrecognised container)")
-        try:
-            check_input(path)  # reads the header with PyAV: cover art only, an incomplete file
-        except ProbeError as exc:
-            raise InvalidSpec(f"input {shown}: {exc}") from None
+        if verdict == NOT_VIDEO:
+            raise InvalidSpec(f"input {shown} is {verdict}")
+        if verdict is not None:
+            raise InvalidSpec(f"input {shown}: {verdict}")
         media = self._media_resolved()
         # The folder resolved (once per folder in a bulk submit), then the file if it is a link.
         resolved = path.resolve() if path.is_symlink() else self._dir(path.parent) / path.name

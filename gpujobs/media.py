@@ -10,6 +10,7 @@ player applies to show the picture upright), frames per second for rates.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -28,6 +29,12 @@ TEXT_SUBTITLES = frozenset({"subrip", "srt", "ass", "ssa", "mov_text", "webvtt",
 _EXPLAINED = {
     "moov atom not found": "the file is incomplete (no moov atom)",
 }
+
+# A quick header read (see probe): the smallest probe libavformat allows, no analysis window.
+_QUICK = {"probesize": "32", "analyzeduration": "1"}
+NOT_VIDEO = "not a video file (unrecognised container)"
+VERDICTS_KEPT = 4096
+_VERDICTS: dict[tuple[int, ...], str | None] = {}  # input_verdict's memory, oldest first
 
 StreamKind = Literal["video", "audio", "subtitle", "data", "attachment", "unknown"]
 
@@ -179,11 +186,15 @@ def explain(message: str) -> str:
     return text
 
 
-def probe(path: Path, first_frame: bool = True) -> MediaInfo:
+def probe(path: Path, first_frame: bool = True, quick: bool = False) -> MediaInfo:
     """Read every stream of `path` with PyAV.
 
     first_frame: also decode the main video's first frame, which is where libavcodec reports
     the display matrix (rotation) and whether pictures are interlaced (a few milliseconds).
+    quick: read only what the container's header says (libavformat's probesize and
+    analyzeduration at their minimum: no frames decoded to fill in what it leaves out, such as
+    the pixel format); enough to see a video stream and its size in MP4, MOV and Matroska,
+    not in MPEG-TS, whose streams are found by reading packets.
     Raises ProbeError with ffmpeg's own reason (explained, see `explain`) when it cannot read it.
     """
     import av  # a 35 MB library: loaded by the commands that probe, never by `import gpujobs`
@@ -193,7 +204,9 @@ def probe(path: Path, first_frame: bool = True) -> MediaInfo:
     av.logging.set_level(av.logging.ERROR)  # only while opening: ffmpeg's reason, if it fails
     try:
         with av.logging.Capture() as logs:
-            container = av.open(str(path), metadata_errors="ignore")
+            container = av.open(
+                str(path), metadata_errors="ignore", container_options=_QUICK if quick else None
+            )
     except av.FFmpegError as exc:
         raise ProbeError(_av_reason(exc, logs)) from None
     finally:
@@ -226,16 +239,50 @@ def probe(path: Path, first_frame: bool = True) -> MediaInfo:
 def check_input(path: Path) -> MediaInfo:
     """The producer's check at submit: the file is complete and has a real video stream.
 
+    A quick read of the header first (see `probe`); only when that finds no real video is the
+    file read in full, so a refusal is always the full probe's verdict.
     Raises ProbeError with one line: "the file is incomplete (...)", "no video stream (audio
     with cover art)", or ffmpeg's reason for not reading it.
     """
     truncated = iso_truncation(path)
     if truncated:
         raise ProbeError(truncated)
-    info = probe(path, first_frame=False)
+    try:
+        info = probe(path, first_frame=False, quick=True)
+    except ProbeError:
+        info = None
+    if info is None or info.video is None:
+        info = probe(path, first_frame=False)
     if info.video is None:
         raise ProbeError(info.no_video_reason())
     return info
+
+
+def input_verdict(path: Path, info: os.stat_result) -> str | None:
+    """Why `path` is no input to transcode, in one line, or None when it is one: NOT_VIDEO
+    when it does not start like a video container, else `check_input`'s reason.
+
+    info: the file's stat (following symlinks). Remembered for this process by the file's
+    identity (device, inode, size, modification and change times in ns; up to VERDICTS_KEPT
+    files), so the same unchanged file submitted again (a ladder, many renditions, a retry) is
+    not read again; a file written since is read afresh. OSError (unreadable) is raised and
+    not remembered.
+    """
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if key in _VERDICTS:
+        return _VERDICTS[key]
+    verdict: str | None = None
+    if not looks_like_video(path):
+        verdict = NOT_VIDEO
+    else:
+        try:
+            check_input(path)
+        except ProbeError as exc:
+            verdict = str(exc)
+    if len(_VERDICTS) >= VERDICTS_KEPT:
+        del _VERDICTS[next(iter(_VERDICTS))]  # the oldest
+    _VERDICTS[key] = verdict
+    return verdict
 
 
 def iso_truncation(path: Path) -> str | None:

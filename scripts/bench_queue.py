@@ -3,7 +3,8 @@
 Prints, with medians of alternating rounds and their ratios:
 
 1. submit: one-by-one `submit_transcode` against Celery's `send_task` of the same message,
-   and `submit_many` (pipelined) against Celery's one-by-one rate;
+   and `submit_many` (pipelined) against Celery's one-by-one rate; one input file submitted
+   again and again (its check remembered), or with `--distinct` a fresh copy for each job;
 2. memory: Redis bytes per queued job, gpujobs (record, index, duplicate key, message) against
    Celery's message alone;
 3. at scale (`--scale` queued jobs, 100,000 by default): `ls`, `ls --state running`, `status`
@@ -16,7 +17,7 @@ Prints, with medians of alternating rounds and their ratios:
    per job, and worker CPU per job (the worker's processes, ffmpeg excluded).
 
     .venv/bin/python scripts/bench_queue.py [--rounds 3] [--jobs 200] [--concurrency 2]
-        [--submits 1000] [--memory-jobs 20000] [--scale 100000]
+        [--submits 1000] [--distinct] [--memory-jobs 20000] [--scale 100000]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -153,15 +155,32 @@ def copies(client: Client, clip: Path, prefix: str, n: int) -> list[PreparedJob]
     ]
 
 
-def bench_submit(client: Client, r: redis.Redis, clip: Path, n: int, rounds: int) -> None:
+def fresh_copies(clip: Path, folder: Path, n: int) -> list[Path]:
+    """n copies of `clip`, each its own file (own inode): no submit can reuse another's check."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    data = clip.read_bytes()
+    made = []
+    for i in range(n):
+        made.append(folder / f"{i}.mp4")
+        made[-1].write_bytes(data)
+    return made
+
+
+def bench_submit(
+    client: Client, r: redis.Redis, clip: Path, n: int, rounds: int, distinct: bool = False
+) -> None:
     app = make_app(client.settings, client.broker_url)
     spec, argsrepr, priority = spec_args(client, clip, "o/x.mp4")
     ours, celery, bulk, queue_one, queue_many = [], [], [], [], []
+    inputs = {"one": [clip] * n, "many": [clip] * n}
     for round_ in range(rounds + 1):  # the first round warms up and is not counted
+        if distinct:  # fresh files every round: nothing from an earlier round is remembered
+            inputs = {k: fresh_copies(clip, clip.parent / "distinct" / k, n) for k in inputs}
         r.flushall()
         began = time.perf_counter()
         for i in range(n):
-            client.submit_transcode(clip, f"o/{round_}-{i}.mp4", height=90, width=160)
+            client.submit_transcode(inputs["one"][i], f"o/{round_}-{i}.mp4", height=90, width=160)
         one = n / (time.perf_counter() - began)
         r.flushall()
         began = time.perf_counter()
@@ -177,8 +196,8 @@ def bench_submit(client: Client, r: redis.Redis, clip: Path, n: int, rounds: int
         raw = n / (time.perf_counter() - began)
         r.flushall()
         items = [
-            {"input": clip, "output": f"b/{round_}-{i}.mp4", "height": 90, "width": 160}
-            for i in range(n)
+            {"input": path, "output": f"b/{round_}-{i}.mp4", "height": 90, "width": 160}
+            for i, path in enumerate(inputs["many"])
         ]
         began = time.perf_counter()
         client.submit_many(items)
@@ -205,7 +224,8 @@ def bench_submit(client: Client, r: redis.Redis, clip: Path, n: int, rounds: int
                 f"{raw:,.0f}/s, submit_many {many:,.0f}/s; checked jobs: enqueue "
                 f"{enqueue_one:,.0f}/s, enqueue_many {enqueue_many:,.0f}/s"
             )
-    print(f"submit, {n} jobs, median of {rounds} alternating rounds:")
+    inputs_were = f"{n} distinct files" if distinct else "one input file"
+    print(f"submit, {n} jobs ({inputs_were}), median of {rounds} alternating rounds:")
     print(f"  gpujobs submit_transcode one by one: {statistics.median(ours):,.0f}/s")
     print(f"  celery send_task one by one:         {statistics.median(celery):,.0f}/s")
     ratios = [a / b for a, b in zip(ours, celery, strict=True)]
@@ -499,6 +519,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200, help="tiny transcodes per round")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--submits", type=int, default=1000, help="submits per round")
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="submit: each job its own copy of the clip (no input check remembered), not one "
+        "file again and again",
+    )
     parser.add_argument("--memory-jobs", type=int, default=20_000)
     parser.add_argument("--scale", type=int, default=100_000, help="queued jobs for listing")
     parser.add_argument(
@@ -558,7 +584,7 @@ def main() -> None:
     wanted = set(options.only) or {"submit", "memory", "scale", "priority", "throughput"}
     try:
         if "submit" in wanted:
-            bench_submit(client, r, clip, options.submits, options.rounds)
+            bench_submit(client, r, clip, options.submits, options.rounds, options.distinct)
         if "memory" in wanted:
             bench_memory(client, r, clip, options.memory_jobs)
         if "scale" in wanted:
