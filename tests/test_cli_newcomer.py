@@ -274,6 +274,17 @@ def test_the_command_starts_without_celery_redis_or_pydantic() -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert listed.strip().splitlines()[-1] == "[]", listed  # `ls` makes no Celery app
+    helped = subprocess.run(
+        [sys.executable, "-c", "import sys; from gpujobs.cli.main import main; "
+         "sys.argv = ['gpujobs', '--help']\ntry: main()\nexcept SystemExit: pass\n"
+         "print(sorted(n for n in sys.modules if n.startswith(('gpujobs.', 'rich'))))"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "Commands" in helped and "cluster" in helped
+    # Only the group and its table: every other command's module is imported when it runs.
+    assert helped.strip().splitlines()[-1] == str(
+        ["gpujobs.cli", "gpujobs.cli.lazy", "gpujobs.cli.main", "gpujobs.errors"]
+    ), helped
     import gpujobs
 
     assert gpujobs.Client is Client and "Client" in dir(gpujobs)

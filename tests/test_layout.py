@@ -13,6 +13,7 @@ import grimp
 import typer.main
 
 import gpujobs
+from gpujobs.cli.lazy import COMMANDS as LAZY_COMMANDS
 from gpujobs.cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +73,16 @@ def test_the_sdk_exports_exactly_its_public_names() -> None:
 
 
 def test_the_cli_has_exactly_its_commands_in_order() -> None:
-    assert list(typer.main.get_command(app).commands) == COMMANDS  # type: ignore[attr-defined]
+    """`--help` lists the commands from gpujobs/cli/lazy.py's table without importing them:
+    the table must name every real command, in order, with the help its docstring gives."""
+    group = typer.main.get_command(app)
+    assert group.list_commands(None) == COMMANDS  # type: ignore[attr-defined, arg-type]
+    for name in COMMANDS:
+        command = group.get_command(None, name)  # type: ignore[attr-defined, arg-type]
+        assert command is not None, name
+        assert command.get_short_help_str(10**6) == LAZY_COMMANDS[name][1], name
+    # Loading every module added no command the table does not name.
+    assert sorted(group.commands) == sorted(COMMANDS)  # type: ignore[attr-defined]
 
 
 def test_the_submit_functions_say_what_they_take() -> None:

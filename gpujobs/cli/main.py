@@ -13,34 +13,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpujobs.cli import api as cli_api
-from gpujobs.cli import cluster as cli_cluster
-from gpujobs.cli import gpu as cli_gpu
-from gpujobs.cli import housekeeping as cli_housekeeping
-from gpujobs.cli import inference as cli_inference
-from gpujobs.cli import logs as cli_logs
-from gpujobs.cli import monitor as cli_monitor
-from gpujobs.cli import transcode as cli_transcode
-from gpujobs.cli.render import (
-    console,
-    err_console,
-    exit_for,
-    follow_or_leave,
-    job_detail,
-    jobs_table,
-    open_client,
-    record_json,
-)
+from gpujobs.cli.lazy import LazyGroup, readable
 from gpujobs.errors import GpujobsError
 
 if TYPE_CHECKING:
     from gpujobs.specs import JobRecord
     from gpujobs.store import JobStore
 
-    pass
-
+# Commands from the other cli modules are imported when they run (gpujobs/cli/lazy.py).
 app = typer.Typer(
     name="gpujobs",
+    cls=LazyGroup,
     invoke_without_command=True,  # `gpujobs --version`
     help="Feed GPUs video transcodes and batch inference through a Celery queue.",
     no_args_is_help=True,
@@ -57,7 +40,7 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        console.print(f"gpujobs {version('gpujobs')}", markup=False, highlight=False)
+        typer.echo(f"gpujobs {version('gpujobs')}")
         raise typer.Exit()
 
 
@@ -73,10 +56,7 @@ def _root(
 ) -> None:
     """Feed GPUs video transcodes and batch inference through a Celery queue."""
     if ctx.invoked_subcommand is None:
-        console.print(ctx.get_help(), markup=False, highlight=False)
-
-
-cli_transcode.register(app)  # gpujobs submit: first in --help, the command most people want
+        typer.echo(ctx.get_help())
 
 
 # JobState's values, named here so `gpujobs --help` need not import the models (pydantic);
@@ -99,6 +79,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
 ) -> None:
     """Show one job's record and how each attempt ended."""
+    from gpujobs.cli.render import console, job_detail
     from gpujobs.errors import JobNotFound
 
     store = read_store()
@@ -121,6 +102,7 @@ def watch(
     ] = None,
 ) -> None:
     """Follow jobs live until they end; exits non-zero if any did not succeed."""
+    from gpujobs.cli.render import exit_for, follow_or_leave
     from gpujobs.client import Client, Job
     from gpujobs.config import Settings
 
@@ -151,6 +133,7 @@ def list_jobs(
     ] = False,
 ) -> None:
     """List jobs, newest first."""
+    from gpujobs.cli.render import console, jobs_table, record_json
     from gpujobs.specs import JobState
 
     wanted = []
@@ -174,6 +157,7 @@ def list_jobs(
 @app.command()
 def cancel(job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Job ids.")]) -> None:
     """Cancel queued or running jobs (a running transcode is killed, its partial output removed)."""
+    from gpujobs.cli.render import console
     from gpujobs.client import Client, Job
     from gpujobs.config import Settings
 
@@ -225,7 +209,9 @@ def worker(
 ) -> None:
     """Run a worker in the foreground (needs the worker extra); --gpus: one per GPU."""
     if check:
-        cli_gpu.check_heartbeat()  # the liveness probe: no worker extra, no broker start
+        from gpujobs.cli.gpu import check_heartbeat
+
+        check_heartbeat()  # the liveness probe: no worker extra, no broker start
         return
     if per_gpu < 1:
         raise GpujobsError(f"--per-gpu must be at least 1, got {per_gpu}")
@@ -250,6 +236,7 @@ def worker(
 def up() -> None:
     """Start the embedded local stack (Valkey + a worker) if it is not running."""
     from gpujobs import local
+    from gpujobs.cli.render import console
     from gpujobs.config import Settings
     from gpujobs.connection import redact
 
@@ -278,6 +265,7 @@ def up() -> None:
 def down() -> None:
     """Stop the embedded local stack (a running job finishes or is handed back first)."""
     from gpujobs import local
+    from gpujobs.cli.render import console
     from gpujobs.client import Client
     from gpujobs.config import Settings
     from gpujobs.specs import JobState
@@ -311,6 +299,7 @@ def demo(
     """Generate a 1080p clip with audio and transcode it to 480p on this machine."""
     import subprocess
 
+    from gpujobs.cli.render import console, exit_for, follow_or_leave, open_client
     from gpujobs.config import Settings
 
     settings = Settings()
@@ -336,15 +325,6 @@ def demo(
         f"(copied), {result.get('duration_s')} s, encode path {result.get('encode_path')}",
         markup=False,
     )
-
-
-cli_gpu.register(app)  # gpujobs gpus, gpujobs doctor
-cli_monitor.register(app)  # gpujobs flower, gpujobs metrics, gpujobs top
-cli_inference.register(app)  # gpujobs infer, gpujobs results
-cli_api.register(app)  # gpujobs api
-cli_cluster.register(app)  # gpujobs cluster status|nodes|scale
-cli_logs.register(app)  # gpujobs logs
-cli_housekeeping.register(app)  # gpujobs retry, gpujobs clean
 
 
 def chunk_attempts(store: JobStore, record: JobRecord) -> list[dict[str, Any]]:
@@ -376,22 +356,10 @@ def read_store() -> JobStore:
                     record_ttl_s=settings.record_ttl_s)  # fmt: skip
 
 
-def readable(command: Any) -> Any:
-    """Help placeholders a reader understands: `--chunk-size CHUNK_SIZE`, not `<int>`, and an
-    argument's name alone (`ID...`), for every option that does not name its own.
-
-    command: the Click command typer built (typer ships its own Click, so duck-typed)."""
-    for sub_command in getattr(command, "commands", {}).values():
-        readable(sub_command)
-    for param in command.params:
-        if param.param_type_name == "argument":
-            # typer appends the Python type (`<list[str]>`) after the name; the name says it.
-            param.display_type_rich = lambda ctx: None
-            if param.metavar is None:
-                param.metavar = (param.name or "value").upper()
-        elif param.param_type_name == "option" and not param.is_flag and param.metavar is None:
-            param.metavar = (param.name or "value").upper()
-    return command
+def _say_error(message: str) -> None:
+    """One line on stderr, as written (no markup: rich is not needed to say it)."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def main() -> None:
@@ -406,13 +374,13 @@ def main() -> None:
     except typer.TyperException as exc:  # a bad option or argument, as Click words it
         format_message = getattr(exc, "format_message", None)  # names the option at fault
         message = format_message() if callable(format_message) else str(exc)
-        err_console.print(f"error: {message}", markup=False, highlight=False)
+        _say_error(message)
         sys.exit(int(getattr(exc, "exit_code", 2)))
     except GpujobsError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        _say_error(str(exc))
         sys.exit(exc.exit_code)
     except TimeoutError as exc:
-        err_console.print(f"error: timed out: {exc}", markup=False, highlight=False)
+        _say_error(f"timed out: {exc}")
         sys.exit(124)
     except KeyboardInterrupt:
         sys.exit(130)
