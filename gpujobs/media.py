@@ -10,6 +10,7 @@ player applies to show the picture upright), frames per second for rates.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass, field, replace
@@ -362,6 +363,12 @@ def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
     return float(value * time_base)
 
 
+@functools.cache
+def _disposition_flags(kind: type) -> tuple[tuple[str, int], ...]:
+    """(name, bit) of each of PyAV's Disposition flags, read once (enum lookups are slow)."""
+    return tuple((name, int(flag)) for name, flag in kind.__members__.items() if flag)
+
+
 def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
     kind = (
         stream.type
@@ -373,10 +380,10 @@ def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
     codec = "none"
     if ctx is not None:
         codec = getattr(ctx.codec, "canonical_name", None) or ctx.name or "none"
+    flags = int(stream.disposition)
     dispositions = frozenset(
-        name for name, flag in type(stream.disposition).__members__.items()
-        if flag and stream.disposition & flag
-    )  # fmt: skip
+        name for name, flag in _disposition_flags(type(stream.disposition)) if flags & flag
+    )
     common: dict[str, Any] = {
         "index": stream.index,
         "kind": kind,
