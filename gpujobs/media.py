@@ -10,7 +10,6 @@ player applies to show the picture upright), frames per second for rates.
 
 from __future__ import annotations
 
-import functools
 import os
 import struct
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ _EXPLAINED = {
 _QUICK = {"probesize": "32", "analyzeduration": "1"}
 NOT_VIDEO = "not a video file (unrecognised container)"
 VERDICTS_KEPT = 4096
+_FLAGS: dict[Any, tuple[tuple[str, int], ...]] = {}  # _disposition_flags' memory
 _VERDICTS: dict[tuple[int, ...], str | None] = {}  # input_verdict's memory, oldest first
 
 StreamKind = Literal["video", "audio", "subtitle", "data", "attachment", "unknown"]
@@ -363,10 +363,14 @@ def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
     return float(value * time_base)
 
 
-@functools.cache
-def _disposition_flags(kind: type) -> tuple[tuple[str, int], ...]:
+def _disposition_flags(kind: Any) -> tuple[tuple[str, int], ...]:
     """(name, bit) of each of PyAV's Disposition flags, read once (enum lookups are slow)."""
-    return tuple((name, int(flag)) for name, flag in kind.__members__.items() if flag)
+    found = _FLAGS.get(kind)
+    if found is None:
+        found = _FLAGS[kind] = tuple(
+            (name, int(flag)) for name, flag in kind.__members__.items() if flag
+        )
+    return found
 
 
 def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
@@ -380,10 +384,8 @@ def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
     codec = "none"
     if ctx is not None:
         codec = getattr(ctx.codec, "canonical_name", None) or ctx.name or "none"
-    flags = int(stream.disposition)
-    dispositions = frozenset(
-        name for name, flag in _disposition_flags(type(stream.disposition)) if flags & flag
-    )
+    flags, flag_type = int(stream.disposition), type(stream.disposition)
+    dispositions = frozenset(name for name, flag in _disposition_flags(flag_type) if flags & flag)
     common: dict[str, Any] = {
         "index": stream.index,
         "kind": kind,

@@ -7,13 +7,15 @@ imports were made lazy).
     .venv/bin/python scripts/bench_cli_start.py --runs 11 [--jobs 20]
 
 Each line prints the median wall time of its command over the runs (they alternate, one
-warm-up of each not counted) and its ratio to the bare interpreter.
+warm-up of each not counted), and its median CPU time (user + system, which a busy machine
+inflates less than wall time), each with what it adds to the bare interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,11 +27,15 @@ HELP = "from gpujobs.cli.main import main; main()"
 EAGER = "import gpujobs.client, gpujobs.batch; from gpujobs.cli.main import main; main()"
 
 
-def timed(args: list[str], env: dict[str, str]) -> float:
+def timed(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one run of `args`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     subprocess.run(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    check=False)  # fmt: skip
-    return time.perf_counter() - began
+    took = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return took, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def queued_jobs(env: dict[str, str], jobs: int) -> str:
@@ -86,17 +92,21 @@ def measure(runs: int, env: dict[str, str], live: dict[str, str], job_id: str, j
         if done.returncode not in (0, 3):  # 3: `ls` with no stack, as meant
             raise SystemExit(f"{name} failed: {done.stderr.decode(errors='replace')}")
     times: dict[str, list[float]] = {name: [] for name in commands}
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
     for run in range(runs + 1):
         for name, (args, run_env) in commands.items():
-            took = timed(args, run_env)
+            took, used = timed(args, run_env)
             if run:  # the first round warms the disk cache
                 times[name].append(took)
+                cpu[name].append(used)
     base = statistics.median(times["python -c pass (baseline)"])
-    print(f"| {runs} runs | median | over bare python |")
-    print("|---|---|---|")
+    base_cpu = statistics.median(cpu["python -c pass (baseline)"])
+    print(f"| {runs} runs | median wall | over bare python | median CPU | over bare python |")
+    print("|---|---|---|---|---|")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median * 1000:.0f} ms | +{(median - base) * 1000:.0f} ms |")
+        median, used = statistics.median(values), statistics.median(cpu[name])
+        print(f"| {name} | {median * 1000:.0f} ms | +{(median - base) * 1000:.0f} ms "
+              f"| {used * 1000:.0f} ms | +{(used - base_cpu) * 1000:.0f} ms |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpujobs import keys
+from gpujobs import keys, media
 from gpujobs.client import Client
 from gpujobs.errors import InvalidSpec
 from gpujobs.specs import JobKind, JobState
@@ -164,3 +164,31 @@ def test_priority_9_behind_1000_priority_0_jobs_starts_first(
     assert first.id == urgent.id
     assert urgent.status().state is JobState.SUCCEEDED
     assert len(low) == 1000
+
+
+def test_an_unchanged_input_is_read_once_and_a_rewritten_one_again(
+    client: Client, media_clip: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The input check is remembered per file identity (device, inode, size, times): many
+    renditions of one file read its header once; a file written since is read afresh, so a
+    good file turned bad (or the reverse) gets the verdict of what it holds now."""
+    clip = media_clip("memo/a.mp4", seconds=1, size="320x180")
+    good = clip.read_bytes()
+    reads: list[Path] = []
+    real_check = media.check_input
+
+    def counting(path: Path) -> media.MediaInfo:
+        reads.append(path)
+        return real_check(path)
+
+    monkeypatch.setattr(media, "check_input", counting)
+    client.submit_many([{"input": clip, "output": f"memo/{h}.mp4", "height": h}
+                        for h in (90, 120, 180)])  # fmt: skip
+    client.submit_transcode(clip, "memo/240.mp4", height=240)
+    assert reads == [clip]
+    clip.write_bytes(good[: len(good) // 2])  # an interrupted upload, in place: same inode
+    with pytest.raises(InvalidSpec, match=r"the file is incomplete"):
+        client.submit_transcode(clip, "memo/360.mp4", height=360)
+    clip.write_bytes(good)  # the upload finished
+    assert client.submit_transcode(clip, "memo/360.mp4", height=360).status().spec["height"] == 360
+    assert reads == [clip, clip, clip]

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
     from gpujobs.client import Client
     from gpujobs.config import Settings
     from gpujobs.specs import JobRecord
@@ -140,6 +141,9 @@ class JobBars:
     """One progress bar per job with fps, speed, ETA and state, fed with records."""
 
     def __init__(self, console: Console) -> None:
+        # Imported here: `ls` and `status` draw no bars (rich.progress is a third of rich).
+        from rich.progress import BarColumn, Progress, TextColumn
+
         self.progress = Progress(
             TextColumn("{task.fields[label]}", style="bold"),
             BarColumn(),
