@@ -194,8 +194,9 @@ def probe(path: Path, first_frame: bool = True, quick: bool = False) -> MediaInf
     the display matrix (rotation) and whether pictures are interlaced (a few milliseconds).
     quick: read only what the container's header says (libavformat's probesize and
     analyzeduration at their minimum: no frames decoded to fill in what it leaves out, such as
-    the pixel format); enough to see a video stream and its size in MP4, MOV and Matroska,
-    not in MPEG-TS, whose streams are found by reading packets.
+    the pixel format); enough to see a video stream and its size where the header holds them
+    (MP4, MOV, Matroska), not always where streams are found by reading packets (MPEG-TS,
+    raw streams): `check_input` then reads the file in full.
     Raises ProbeError with ffmpeg's own reason (explained, see `explain`) when it cannot read it.
     """
     import av  # a 35 MB library: loaded by the commands that probe, never by `import gpujobs`
