@@ -28,7 +28,7 @@ from typing import Any
 from celery import Celery, Task
 
 from gpujobs import keys
-from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK
+from gpujobs.app import INFERENCE_QUEUE, INFERENCE_TASK, broker_priority, chunk_argsrepr
 from gpujobs.batch import batch_summary
 from gpujobs.specs import InferenceSpec, JobRecord, JobState
 from gpujobs.store import JobStore
@@ -70,7 +70,11 @@ def register_inference_task(app: Celery) -> None:
                 delay = min(60.0, rt.settings.retry_backoff_s * 2 ** (tries - 1))
                 log.exception("batch %s chunk %d: try %d failed; again in %g s",
                               job_id, chunk, tries, delay)  # fmt: skip
-                raise self.retry(exc=exc, countdown=delay, max_retries=None) from None
+                # Celery's retry drops the message's argsrepr: keep Flower's chunk label.
+                label = getattr(self.request, "argsrepr", None)
+                raise self.retry(
+                    exc=exc, countdown=delay, max_retries=None, argsrepr=label
+                ) from None
             problem = fail_chunk(rt, ref, tries, exc)
             raise ChunkFailed(problem) from exc
 
@@ -449,8 +453,13 @@ def requeue_expired_chunks(store: JobStore, app: Celery, max_attempts: int) -> l
                          state=JobState.FAILED, error=f"chunk {index} lost its worker {lost} "
                          "times")  # fmt: skip
             continue
-        app.send_task(INFERENCE_TASK, args=ref.task_args(), task_id=f"{job_id}.{index}",
-                      queue=INFERENCE_QUEUE)  # fmt: skip
+        # Sent as the batch sent it: Flower's arguments label and the batch's priority.
+        chunks = int(state.stats().get("chunks", 0)) or index + 1
+        app.send_task(
+            INFERENCE_TASK, args=ref.task_args(), task_id=f"{job_id}.{index}",
+            queue=INFERENCE_QUEUE, argsrepr=chunk_argsrepr(job_id, index, chunks, count),
+            priority=broker_priority(int(record.spec.get("priority", 5))),
+        )  # fmt: skip
         log.warning(
             "batch %s chunk %d: its worker stopped renewing the lease; resent", *ref_ids(ref)
         )
