@@ -16,6 +16,9 @@ from gpujobs.config import Settings
 
 TRANSCODE_QUEUE = "transcode"
 INFERENCE_QUEUE = "inference"
+# Transcodes that require a GPU (`--gpu require`) with no node named: every worker with a GPU
+# consumes it, no CPU-only worker does. ("-", not ".": no node's queue can have this name.)
+GPU_TRANSCODE_QUEUE = "transcode-gpu"
 TRANSCODE_TASK = "gpujobs.transcode"
 INFERENCE_TASK = "gpujobs.inference_chunk"
 
@@ -23,6 +26,12 @@ INFERENCE_TASK = "gpujobs.inference_chunk"
 def node_queue(node: str) -> str:
     """The transcode queue only the workers of `node` consume (`transcode.node-1`)."""
     return f"{TRANSCODE_QUEUE}.{node}"
+
+
+def shared_transcode_queue(gpu_policy: str) -> str:
+    """The queue of a transcode sent to no node in particular: GPU_TRANSCODE_QUEUE for one that
+    requires a GPU (gpu_policy "require"), else the shared transcode queue."""
+    return GPU_TRANSCODE_QUEUE if gpu_policy == "require" else TRANSCODE_QUEUE
 
 
 def gpu_queue(node: str, gpu: int) -> str:

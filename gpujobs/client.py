@@ -24,6 +24,7 @@ from gpujobs.app import (
     gpu_queue,
     make_app,
     node_queue,
+    shared_transcode_queue,
     worker_hostname,
 )
 from gpujobs.config import AudioMode, Codec, Preset, Settings
@@ -144,7 +145,8 @@ class Client:
         }  # fmt: skip
         prepared = self.prepare_transcode(input, output, copy_outside, **params)
         require_gpu_worker(prepared.spec.gpu, self.heartbeats, node, gpu_index)
-        return self.enqueue(prepared, force=force, queue=self.route(node, gpu_index))
+        queue = self.route(node, gpu_index, prepared.spec.gpu)
+        return self.enqueue(prepared, force=force, queue=queue)
 
     def prepare_transcode(
         self,
@@ -349,8 +351,10 @@ class Client:
                 node, gpu_index = given.pop("node", None), given.pop("gpu_index", None)
                 input_path, output = given.pop("input"), given.pop("output", None)
                 copy_outside = bool(given.pop("copy_outside", False))
-                prepared.append(self.prepare_transcode(input_path, output, copy_outside, **given))
-                queues.append(self.route(node, gpu_index))
+                job = self.prepare_transcode(input_path, output, copy_outside, **given)
+                require_gpu_worker(job.spec.gpu, self.heartbeats, node, gpu_index)
+                prepared.append(job)
+                queues.append(self.route(node, gpu_index, job.spec.gpu))
             except InvalidSpec as exc:
                 raise InvalidSpec(f"item {number}: {exc}") from None
 
@@ -372,11 +376,12 @@ class Client:
                 beats[name] = beat
         return beats
 
-    def route(self, node: str | None, gpu: int | None) -> str:
+    def route(self, node: str | None, gpu: int | None, gpu_policy: str = "auto") -> str:
         """The queue for a job sent to `node` (and GPU `gpu` of it); InvalidSpec when no live
-        worker there would take it. No node and no GPU: the shared transcode queue."""
+        worker there would take it. No node and no GPU: the shared transcode queue, or, for a
+        job whose gpu_policy is "require", the queue only workers with a GPU consume."""
         if node is None and gpu is None:
-            return TRANSCODE_QUEUE
+            return shared_transcode_queue(gpu_policy)
         if node is None:
             raise InvalidSpec("a GPU index needs a node (--node) to say whose GPU it is")
         if gpu is not None and gpu < 0:

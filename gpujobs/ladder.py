@@ -20,11 +20,12 @@ from typing import Any, Literal
 from celery import Celery
 from pydantic import Field, ValidationError, field_validator
 
-from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority
+from gpujobs.app import TRANSCODE_TASK, broker_priority, shared_transcode_queue
 from gpujobs.client import Client, Job
 from gpujobs.config import Preset
 from gpujobs.errors import InvalidSpec
 from gpujobs.paths import copy_file, media_relative
+from gpujobs.routing import require_gpu_worker
 from gpujobs.specs import (
     MAX_SPLIT,
     GpuPolicy,
@@ -141,13 +142,14 @@ def enqueue(spec: LadderSpec, store: JobStore, app: Celery) -> str:
     handed in by the caller (Client.enqueue_ladder), as the batch code is."""
     job_id = uuid.uuid4().hex[:12]
     dumped = spec.model_dump(mode="json")
+    queue = shared_transcode_queue(spec.gpu)  # a ladder that requires a GPU: GPU workers only
     store.create(JobRecord(
         id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED, spec=dumped,
-        queue=TRANSCODE_QUEUE, created_at=time.time(),
+        queue=queue, created_at=time.time(),
     ))  # fmt: skip
     try:
         app.send_task(
-            TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=TRANSCODE_QUEUE,
+            TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=queue,
             argsrepr=f"{spec.input} -> {spec.output} | ladder {spec.renditions} {spec.package}",
             priority=broker_priority(spec.priority),
         )  # fmt: skip
@@ -165,7 +167,8 @@ def prepare(
     **params: Any,
 ) -> tuple[LadderSpec, Path | None]:
     """Check a ladder without changing anything: its spec, and the file to copy into the media
-    root first (None when the input lies under it). InvalidSpec (one line) if bad."""
+    root first (None when the input lies under it). InvalidSpec (one line) if bad, or if it
+    requires a GPU and no live worker has one."""
     values = {k: v for k, v in params.items() if v is not None}
     make_spec({**values, "input": "in.mp4", "output": "out"})  # the parameters first
     source, copy_from, _ = client._input_path(Path(input), copy_outside)  # the SDK checks
@@ -173,7 +176,9 @@ def prepare(
         output_rel = default_output(source, values.get("package", "hls")).as_posix()
     else:
         output_rel = media_relative(Path(output), client.settings.media, "output")
-    return make_spec({**values, "input": source.as_posix(), "output": output_rel}), copy_from
+    spec = make_spec({**values, "input": source.as_posix(), "output": output_rel})
+    require_gpu_worker(spec.gpu, client.heartbeats, None, None)  # as a transcode's submit
+    return spec, copy_from
 
 
 def enqueue_prepared(client: Client, spec: LadderSpec, copy_from: Path | None = None) -> Job:

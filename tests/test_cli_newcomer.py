@@ -232,13 +232,14 @@ def test_expected_failures_are_one_log_line_and_chunks_read_as_such(
     broker_url: str, media_clip: Callable[..., Path],
 ) -> None:  # fmt: skip
     # An expected failure on the worker: the job requires a GPU and this worker has none
-    # (another node's heartbeat has one, so submit takes it; this worker picks it up).
+    # (another node's heartbeat has one, so submit takes it; this worker is told to consume
+    # the GPU queue, as a worker whose card cannot decode with CUDA does, and picks it up).
     gpu = {"index": 0, "name": "NVIDIA L4",
            "capabilities": {"nvenc": True, "cuda_decode": True, "scale_cuda": True}}  # fmt: skip
     beat = heartbeat.make_heartbeat("gpu-node", [gpu], ["gpujobs@gpu-node.gpu0"], [], 0)  # type: ignore[list-item]
     heartbeat.publish(client.redis, beat, ttl_s=300)
     clip = media_clip("gpu.mp4", seconds=1, size="320x240")
-    worker = start_worker("--queues", "transcode")
+    worker = start_worker("--queues", "transcode,transcode-gpu")
     failed = client.submit_transcode(clip, gpu="require").wait(timeout=120)
     assert failed.state is JobState.FAILED
     wait_for(lambda: "raised expected" in worker.log(), timeout_s=30)

@@ -237,13 +237,14 @@ def test_browser_finds_jobs_on_the_tasks_page(
     from playwright.sync_api import sync_playwright
 
     flower = start_flower()  # first: it must see the producers' task-sent events
-    start_worker()
+    start_worker("--queues", "transcode,transcode-gpu,inference")  # takes `require` jobs too
     url = flower.wait_ready()
     http = httpx.Client(base_url=url, auth=(USER, password), timeout=10)
 
     # Fails on the worker: it asks for a GPU and this worker has none (a file ffmpeg cannot
     # read is refused at submit now, before any queue). Submit refuses `require` when no live
-    # worker has a GPU, so another node's heartbeat says it has one; this worker takes the job.
+    # worker has a GPU, so another node's heartbeat says it has one; this worker, told to
+    # consume the GPU queue, takes the job.
     gpu = {"index": 0, "name": "NVIDIA L4",
            "capabilities": {"nvenc": True, "cuda_decode": True, "scale_cuda": True}}  # fmt: skip
     heartbeat.publish(client.redis, heartbeat.make_heartbeat(

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.worker import state as worker_state
 
-from gpujobs.app import TRANSCODE_QUEUE, make_app, node_queue
+from gpujobs.app import GPU_TRANSCODE_QUEUE, TRANSCODE_QUEUE, make_app, node_queue
 from gpujobs.config import Settings
 from gpujobs.connection import broker_url
 from gpujobs.errors import GpujobsError
@@ -37,10 +37,11 @@ def run_worker(
     install_recovery(app, settings)
     name = hostname or f"gpujobs@{settings.node_name}"
     heartbeat.attach(name)  # the node's heartbeat, or reports to this worker's supervisor
+    gpu = TRANSCODE_QUEUE in queues and has_gpu(settings)
     app.worker_main(
         argv=[
             "worker",
-            "--queues", ",".join(with_node_queue(queues, settings.node_name)),
+            "--queues", ",".join(with_node_queue(queues, settings.node_name, gpu)),
             "--concurrency", str(concurrency),
             "--pool", "prefork",
             "--hostname", name,
@@ -51,11 +52,20 @@ def run_worker(
     )  # fmt: skip
 
 
-def with_node_queue(queues: list[str], node: str) -> list[str]:
-    """A transcode worker also consumes its node's queue, so `submit --node` reaches it."""
-    if TRANSCODE_QUEUE not in queues or node_queue(node) in queues:
+def with_node_queue(queues: list[str], node: str, gpu: bool = False) -> list[str]:
+    """A transcode worker also consumes its node's queue, so `submit --node` reaches it, and,
+    when it has a GPU (`gpu`), the queue of the jobs that require one (`--gpu require`)."""
+    if TRANSCODE_QUEUE not in queues:
         return list(queues)
-    return [*queues, node_queue(node)]
+    extra = [node_queue(node), *([GPU_TRANSCODE_QUEUE] if gpu else [])]
+    return [*queues, *(q for q in extra if q not in queues)]
+
+
+def has_gpu(settings: Settings) -> bool:
+    """Whether this worker has a GPU, as its heartbeat says (measured once per process)."""
+    from workers.gpu.discovery import detect_capabilities
+
+    return detect_capabilities(settings.ffmpeg_binary()).has_gpu
 
 
 def install_recovery(app: Celery, settings: Settings) -> None:

@@ -26,7 +26,13 @@ from typing import Any
 
 import redis
 
-from gpujobs.app import TRANSCODE_QUEUE, gpu_queue, node_queue, worker_hostname
+from gpujobs.app import (
+    GPU_TRANSCODE_QUEUE,
+    TRANSCODE_QUEUE,
+    gpu_queue,
+    node_queue,
+    worker_hostname,
+)
 from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
 from workers import heartbeat
@@ -119,8 +125,8 @@ def plan_children(
         queues = list(base_queues)
         if TRANSCODE_QUEUE in base_queues:
             queues.append(node_queue(node))
-            if gpu is not None:
-                queues.append(gpu_queue(node, gpu.index))
+            if gpu is not None:  # and the jobs that require a GPU (no CPU child takes them)
+                queues += [gpu_queue(node, gpu.index), GPU_TRANSCODE_QUEUE]
         children.append(
             Child(
                 hostname=worker_hostname(node, None if gpu is None else gpu.index),

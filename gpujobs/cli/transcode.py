@@ -178,8 +178,11 @@ def submit(
     # Before anything is queued: a dead target, or --gpu require with no GPU worker, fails.
     if any(p.spec.gpu == "require" for p in prepared):
         require_gpu_worker("require", client.heartbeats, node, gpu_index)
-    queue = client.route(node, gpu_index)
-    jobs = client.enqueue_many(prepared, force=force, queue=queue)  # pipelined, per batch
+    # A job that requires a GPU goes where only a GPU worker takes it.
+    policies = {p.spec.gpu for p in prepared}
+    routes = {policy: client.route(node, gpu_index, policy) for policy in policies}
+    queues = [routes[p.spec.gpu] for p in prepared]
+    jobs = client.enqueue_many(prepared, force=force, queue=queues)  # pipelined, per batch
     with leave_running([job.id for job in jobs]):  # from here on, Ctrl-C leaves them queued
         for job in jobs:
             if as_json and not wait:

@@ -30,7 +30,13 @@ import redis
 from celery import Celery
 
 from gpujobs import keys
-from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_argsrepr
+from gpujobs.app import (
+    TRANSCODE_QUEUE,
+    TRANSCODE_TASK,
+    broker_priority,
+    shared_transcode_queue,
+    task_argsrepr,
+)
 from gpujobs.config import AudioMode
 from gpujobs.ladder import LadderSpec
 from gpujobs.media import ProbeError, probe
@@ -239,15 +245,16 @@ def send_piece(
     store: JobStore, app: Celery, parent: JobRecord, index: int, spec: dict[str, Any]
 ) -> str:
     """Record piece `index` of `parent` and queue it on the shared transcode queue (pieces go to
-    whichever workers are free); its id."""
+    whichever workers are free; those of a job that requires a GPU, to any GPU worker); its id."""
     job_id = piece_id(parent.id, index)
     dumped = spec
+    queue = shared_transcode_queue(str(spec.get("gpu", "auto")))
     store.create(JobRecord(
         id=job_id, kind=JobKind.TRANSCODE, state=JobState.QUEUED, spec=dumped,
-        queue=TRANSCODE_QUEUE, parent=parent.id, created_at=time.time(),
+        queue=queue, parent=parent.id, created_at=time.time(),
     ))  # fmt: skip
     app.send_task(
-        TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=TRANSCODE_QUEUE,
+        TRANSCODE_TASK, args=[job_id, dumped], task_id=job_id, queue=queue,
         argsrepr=task_argsrepr(dumped), priority=broker_priority(int(spec.get("priority", 5))),
     )  # fmt: skip
     return job_id
