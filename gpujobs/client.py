@@ -172,7 +172,7 @@ class Client:
             _make_spec({**values, "input": "in.mp4", "output": "out.mp4"})
             if len(self._checked_params) < 1024:
                 self._checked_params.add(checked)
-        source, copy_from, source_stat = self._input_path(Path(input), copy_outside)
+        source, copy_from, source_stat = self.input_path(Path(input), copy_outside)
         if output is None:
             output_rel = source.with_name(f"{source.stem}.{values['height']}p.mp4").as_posix()
         else:
@@ -201,11 +201,15 @@ class Client:
             self._media_root = self.settings.media.resolve()
         return self._media_root
 
-    def _input_path(
+    def input_path(
         self, given: Path, copy_outside: bool
     ) -> tuple[PurePosixPath, Path | None, os.stat_result]:
-        """Check the input file; its path relative to the media root, the file to copy there
-        first when it lies outside, and its stat."""
+        """Check an input video as every submit does (exists, a regular non-empty file, a
+        video container PyAV can read, complete); (its path relative to the media root, the
+        file to copy to that path first when it lies outside the root, else None, its stat).
+
+        given: absolute, or relative to the media root. copy_outside: False makes an input
+        outside the media root an InvalidSpec. Raises InvalidSpec (one line) otherwise too."""
         path = given.expanduser()
         if not path.is_absolute():
             path = self.settings.media / path

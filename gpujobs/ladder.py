@@ -171,7 +171,7 @@ def prepare(
     requires a GPU and no live worker has one."""
     values = {k: v for k, v in params.items() if v is not None}
     make_spec({**values, "input": "in.mp4", "output": "out"})  # the parameters first
-    source, copy_from, _ = client._input_path(Path(input), copy_outside)  # the SDK checks
+    source, copy_from, _ = client.input_path(Path(input), copy_outside)  # a transcode's checks
     if output is None:
         output_rel = default_output(source, values.get("package", "hls")).as_posix()
     else:

@@ -4,6 +4,7 @@ rename or a new export is made on purpose (as httpx pins its own)."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import subprocess
 import sys
@@ -189,6 +190,50 @@ def test_no_module_is_over_600_lines() -> None:
         if (count := len(path.read_text().splitlines())) > MAX_MODULE_LINES
     }
     assert too_long == {}
+
+
+def private_names_used_elsewhere() -> list[str]:
+    """`module:line name` for each use of another module's private name: an attribute `_x` read
+    off anything but self or cls where only other modules define `_x`, or `from m import _x`."""
+    sources = [*ROOT.glob("gpujobs/**/*.py"), *ROOT.glob("workers/**/*.py")]
+    trees = {path: ast.parse(path.read_text()) for path in sources}
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    defined: dict[str, set[Path]] = {}
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = node.name
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                name = node.attr
+            else:
+                continue
+            if private(name):
+                defined.setdefault(name, set()).add(path)
+    found = []
+    for path, tree in trees.items():
+        where = path.relative_to(ROOT)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and private(node.attr):
+                base = node.value
+                if isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                    continue
+                owners = defined.get(node.attr, set())
+                if owners and path not in owners:
+                    found.append(f"{where}:{node.lineno} {ast.unparse(node)}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+                "gpujobs",
+                "workers",
+            ):
+                found += [f"{where}:{node.lineno} {node.module}.{alias.name}"
+                          for alias in node.names if private(alias.name)]  # fmt: skip
+    return found
+
+
+def test_no_module_uses_another_modules_private_name() -> None:
+    assert private_names_used_elsewhere() == []
 
 
 def test_every_core_module_is_under_the_core_contract() -> None:
