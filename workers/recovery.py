@@ -25,6 +25,7 @@ from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_a
 from gpujobs.specs import JobKind, JobState
 from gpujobs.store import JobStore
 from workers.inference.chunk import requeue_expired_chunks
+from workers.transcode.split_progress import fail_parent
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 60.0
@@ -59,11 +60,16 @@ def requeue(
              "ended_at": time.time(), "reason": reason}  # fmt: skip
     # Each history entry is written with the state change it describes (one script).
     if max_attempts is not None and attempt >= max_attempts:
-        return store.update(
+        failed = store.update(
             job_id, only_from=(JobState.RUNNING,), attempt=attempt, state=JobState.FAILED,
             error=f"gave up after {attempt} attempts; last: {reason}", eta_s=None,
             history={**entry, "outcome": "failed"},
         )  # fmt: skip
+        if failed and record.parent is not None:  # a split job's piece: its parent fails now
+            piece = store.get(job_id)
+            if piece is not None:
+                fail_parent(store, piece)
+        return failed
     moved = store.update(
         job_id, only_from=(JobState.RUNNING,), attempt=attempt, state=JobState.QUEUED,
         error=f"attempt {attempt} ended: {reason}; requeued", percent=0.0, eta_s=None,

@@ -47,9 +47,9 @@ from workers.runtime import PathOutsideMediaRoot, WorkerRuntime
 from workers.transcode import command as tc
 from workers.transcode.job import TranscodeAttempt
 from workers.transcode.plan import Plan, plan_streams
+from workers.transcode.split_progress import cancel_pieces, fail_parent
 
 log = logging.getLogger(__name__)
-ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -267,11 +267,6 @@ def send_join(app: Celery, parent: JobRecord) -> None:
         argsrepr=task_argsrepr(parent.spec),
         priority=broker_priority(int(parent.spec.get("priority", 5))),
     )  # fmt: skip
-
-
-def cancel_pieces(store: JobStore, pieces: list[str]) -> None:
-    for piece in pieces:
-        store.update(piece, only_from=ACTIVE, state=JobState.CANCELLED, eta_s=None)
 
 
 def run_split(
@@ -528,14 +523,8 @@ def after_piece(rt: WorkerRuntime, app: Celery, job_id: str) -> None:
         if added and count == len(parent.pieces):
             log.info("job %s: last piece %s done, joining", parent.id, job_id)
             send_join(app, parent)
-    elif piece.state is JobState.FAILED:
-        index = parent.pieces.index(job_id) if job_id in parent.pieces else -1
-        reason = f"piece {index + 1}/{len(parent.pieces)} failed: {piece.error}"
-        if store.update(parent.id, only_from=(JobState.RUNNING,), state=JobState.FAILED,
-                        error=reason, eta_s=None):  # fmt: skip
-            store.add_attempt(parent.id, {"attempt": parent.attempt, "outcome": "failed",
-                                          "reason": reason, "ended_at": time.time()})  # fmt: skip
-        cancel_pieces(store, parent.pieces)
+    elif piece.state is JobState.FAILED:  # (the watchdog does this too: workers/recovery.py)
+        fail_parent(store, piece)
 
 
 def remove_work_when_settled(rt: WorkerRuntime, parent: JobRecord) -> None:

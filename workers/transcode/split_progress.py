@@ -1,5 +1,7 @@
-"""A split job's combined progress: while a piece runs, its parent's record shows the pieces'
-progress together (percent, fps, speed, ETA), written from the piece's worker."""
+"""A split job's state from its pieces': while a piece runs, its parent's record shows the
+pieces' progress together (percent, fps, speed, ETA), written from the piece's worker; a piece
+that fails for good fails its parent at once (`fail_parent`), wherever it failed: on its worker,
+or in the watchdog once its worker died too often."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from gpujobs.store import JobStore, parse_published
 
 log = logging.getLogger(__name__)
 PIECE_PROGRESS_INTERVAL_S = 0.5  # at most two combined-progress writes a second per piece
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
 
 
 def combined_progress(pieces: list[JobRecord | None]) -> dict[str, Any]:
@@ -35,6 +38,34 @@ def combined_progress(pieces: list[JobRecord | None]) -> dict[str, Any]:
         "speed": round(sum(p.speed or 0.0 for p in running), 2) or None,
         "eta_s": None if waiting or not etas else max(etas),
     }
+
+
+def cancel_pieces(store: JobStore, pieces: list[str]) -> None:
+    """Cancel every piece still queued or running (the others are left as they are)."""
+    for piece in pieces:
+        store.update(piece, only_from=ACTIVE, state=JobState.CANCELLED, eta_s=None)
+
+
+def fail_parent(store: JobStore, piece: JobRecord) -> bool:
+    """`piece` failed for good: fail its parent, if it still runs, with the piece's reason
+    (`piece 2/4 failed: ...`, with an attempt-history entry written in the same step), and
+    cancel the other pieces. True for the one call that failed the parent; any later call (a
+    sibling's, the watchdog's) finds it failed and changes nothing but the pieces left."""
+    if piece.parent is None:
+        return False
+    parent = store.get(piece.parent)
+    if parent is None or parent.state is not JobState.RUNNING or not parent.pieces:
+        return False
+    index = parent.pieces.index(piece.id) if piece.id in parent.pieces else -1
+    reason = f"piece {index + 1}/{len(parent.pieces)} failed: {piece.error}"
+    entry = {"attempt": parent.attempt, "outcome": "failed", "reason": reason,
+             "ended_at": time.time()}  # fmt: skip
+    failed = store.update(parent.id, only_from=(JobState.RUNNING,), state=JobState.FAILED,
+                          error=reason, eta_s=None, history=entry)  # fmt: skip
+    cancel_pieces(store, parent.pieces)
+    if failed:
+        log.warning("split job %s failed: %s", parent.id, reason)
+    return failed
 
 
 def refresh_parent(store: JobStore, parent_id: str) -> None:
