@@ -418,10 +418,15 @@ class JobStore:
     def watch(self, job_ids: Iterable[str], timeout_s: float | None = None) -> Iterator[JobRecord]:
         """Yield each job's record now, then on every update, until all are terminal.
 
-        Subscribes before reading the current records, so no update falls between the two.
+        Subscribes before reading the current records, so no update falls between the two; an
+        update published before the read but delivered after it is older than what was yielded
+        and is skipped (an earlier attempt's, or a running job's lower percent in the same
+        attempt), so progress never goes backwards within an attempt. A new attempt starts
+        again from its own percent (its record says which attempt it is).
         timeout_s: seconds to wait in all (None: no limit); TimeoutError when it passes.
         """
         ids = list(dict.fromkeys(job_ids))
+        shown: dict[str, JobRecord] = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
@@ -431,6 +436,7 @@ class JobStore:
                 record = self.get(job_id)
                 if record is None:
                     raise KeyError(job_id)
+                shown[job_id] = record
                 yield record
                 if not record.state.terminal:
                     pending.add(job_id)
@@ -447,8 +453,9 @@ class JobStore:
                 record = parse_published(message["data"])
                 if record is None:
                     continue
-                if record.id not in pending:
+                if record.id not in pending or _older(record, shown[record.id]):
                     continue
+                shown[record.id] = record
                 yield record
                 if record.state.terminal:
                     pending.discard(record.id)
@@ -463,6 +470,15 @@ _DEFAULTS = {"percent": "0.0", "attempt": "0"}
 def _lean(fields: dict[str, str]) -> dict[str, str]:
     """A new record's fields without those at their default (each costs ~60 B in Redis)."""
     return {k: v for k, v in fields.items() if _DEFAULTS.get(k) != v}
+
+
+def _older(record: JobRecord, shown: JobRecord) -> bool:
+    """Whether a published `record` is behind the one `shown` last: an earlier attempt's, or,
+    both running in one attempt, a lower percent."""
+    if record.attempt != shown.attempt:
+        return record.attempt < shown.attempt
+    both_running = record.state is JobState.RUNNING and shown.state is JobState.RUNNING
+    return both_running and record.percent < shown.percent
 
 
 def parse_published(data: Any) -> JobRecord | None:

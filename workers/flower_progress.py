@@ -29,8 +29,10 @@ PROGRESS_EVENT = "task-progress"
 
 
 def progress_text(record: JobRecord) -> str:
-    """How far a running job is, in one line: `42.0% | 118 fps | 2.10x | eta 12s`."""
-    parts = [f"{record.percent:.1f}%"]
+    """How far a running job is, in one line: `42.0% | 118 fps | 2.10x | eta 12s`; from the
+    second attempt on it says so (`attempt 2 | 3.0% | ...`): that attempt started again."""
+    parts = [f"attempt {record.attempt}"] if record.attempt > 1 else []
+    parts.append(f"{record.percent:.1f}%")
     if record.fps:
         parts.append(f"{record.fps:.0f} fps")
     if record.speed:
@@ -54,6 +56,16 @@ class _Watch:
         self.last_sent = 0.0
         self.pending: JobRecord | None = None
         self.ended = False
+        self.furthest: tuple[int, float] = (0, 0.0)  # (attempt, percent) of the latest taken
+
+    def take(self, record: JobRecord) -> bool:
+        """Keep `record` to send unless it is behind one taken before (an earlier attempt, or
+        a lower percent in the same attempt): what Flower shows never goes backwards."""
+        if (record.attempt, record.percent) < self.furthest:
+            return False
+        self.furthest = (record.attempt, record.percent)
+        self.pending = record
+        return True
 
 
 class ProgressRelay:
@@ -124,7 +136,7 @@ class ProgressRelay:
                         and record.state is JobState.RUNNING
                         and record.percent > 0
                     ):
-                        watch.pending = record
+                        watch.take(record)
                 now = time.monotonic()
                 for watch in watches.values():
                     if watch.pending is not None and now - watch.last_sent >= self.interval_s:

@@ -171,6 +171,8 @@ class JobBars:
         speed = f"{record.speed:.2f}x" if record.speed else ""
         eta = short_duration(record.eta_s) if record.state is JobState.RUNNING else ""
         state = f"[{STATE_STYLES[record.state]}]{record.state.value}[/]"
+        if record.attempt > 1:  # an attempt after a lost worker or a retry starts again
+            state += f" (attempt {record.attempt})"
         task = self._tasks.get(record.id)
         if task is None:
             label = f"{record.id} {job_subject(record)}"

@@ -6,6 +6,7 @@ or in the watchdog once its worker died too often."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -68,13 +69,42 @@ def fail_parent(store: JobStore, piece: JobRecord) -> bool:
     return failed
 
 
+# KEYS: the parent's hash, its channel. ARGV: the attempt that planned the pieces, the fields
+# (JSON; null deletes one). Writes only while the parent runs that attempt, and never lowers its
+# percent: the pieces' workers write in any order, each from what it read a moment before, and a
+# piece whose worker died starts again from 0. Publishes the record as JobStore.update does.
+_RAISE_LUA = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'percent')
+if cur[1] ~= 'running' or cur[2] ~= ARGV[1] then return 0 end
+local fields = cjson.decode(ARGV[2])
+if tonumber(fields['percent']) <= (tonumber(cur[3]) or 0) then fields['percent'] = nil end
+local flat, gone = {}, {}
+for k, v in pairs(fields) do
+  if v == cjson.null then table.insert(gone, k)
+  else table.insert(flat, k); table.insert(flat, v) end
+end
+if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
+if #flat > 0 then redis.call('HSET', KEYS[1], unpack(flat)) end
+local all = redis.call('HGETALL', KEYS[1])
+local record = {}
+for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
+redis.call('PUBLISH', KEYS[2], cjson.encode(record))
+return 1
+"""
+
+
 def refresh_parent(store: JobStore, parent_id: str) -> None:
-    """Write the parent's combined progress (only while it runs)."""
+    """Write the parent's combined progress (only while it runs); its percent only rises."""
     parent = store.get(parent_id)
     if parent is None or parent.state is not JobState.RUNNING or not parent.pieces:
         return
-    fields = combined_progress([store.get(piece) for piece in parent.pieces])
-    store.update(parent_id, only_from=(JobState.RUNNING,), **fields)
+    combined = combined_progress([store.get(piece) for piece in parent.pieces])
+    fields = {name: None if value is None else str(value) for name, value in combined.items()}
+    fields["updated_at"] = str(time.time())
+    store.redis.eval(
+        _RAISE_LUA, 2, keys.job(parent_id), keys.job_events(parent_id),
+        str(parent.attempt), json.dumps(fields),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
