@@ -200,7 +200,13 @@ def test_ctrl_c_on_submit_wait_says_the_job_goes_on(
     )  # fmt: skip
     assert proc.stdout is not None
     first = proc.stdout.readline()  # "queued ID  v/clip.mp4": the job is in
+    assert first.startswith("queued "), first
     job_id = first.split()[1]
+    # Ctrl-C while the command watches (the case under test), not while it is still starting
+    # to (importing the progress bars, starting their thread): it has subscribed to the job.
+    channel = keys.job_events(job_id)
+    r = redis.Redis.from_url(broker_url)
+    wait_for(lambda: r.pubsub_numsub(channel)[0][1] == 1, timeout_s=60)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
