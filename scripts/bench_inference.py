@@ -11,7 +11,11 @@ Measured, each run alternating so machine noise hits all alike:
 - openai: the `openai` package's AsyncOpenAI at the same concurrency (an asyncio.Semaphore);
 - sequential: one request at a time (httpx), the client many scripts start with.
 
-Medians of the runs and their ratio to C/L are printed as a Markdown table.
+Medians of the runs and their ratio to C/L are printed as a Markdown table, with each client's
+CPU per request (median, in µs): the bench process's CPU time around an in-process client, the
+worker process tree's around a job (its submit and wait in this process not counted). Where
+client and server share the cores (a CPU build of vLLM on the same machine), the sender's CPU
+per request is taken from the server; with a small L the fake server makes that regime.
 
     .venv/bin/python scripts/bench_inference.py [--latency 0.05] [--capacity 10]
         [--requests 1000] [--runs 5] [--no-job]
@@ -63,6 +67,22 @@ def start_server(
         proc.kill()
         raise SystemExit(f"fake server did not start: {line!r}")
     return proc, line.split()[1]
+
+
+def worker_cpu_s(procs: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds (user + system) the worker processes and their children have used."""
+    import psutil
+
+    total = 0.0
+    for proc in procs:
+        try:
+            top = psutil.Process(proc.pid)
+            for each in [top, *top.children(recursive=True)]:
+                times = each.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def stats(url: str) -> dict[str, Any]:
@@ -266,6 +286,7 @@ def main() -> None:
     if args.shared:
         shared_server(args)
         return
+    load_before = os.getloadavg()
     server, url = start_server(args.latency, args.capacity)
     job_bench = None if args.no_job else JobBench(url)
     ideal = args.capacity / args.latency
@@ -278,12 +299,23 @@ def main() -> None:
     if job_bench is not None:
         clients["gpujobs job (queue, 1 worker)"] = lambda: job_bench.run(n, c)
     rates: dict[str, list[float]] = {name: [] for name in clients}
+    cpu_us: dict[str, list[float]] = {name: [] for name in clients}  # CPU per request
     failures: dict[str, int] = dict.fromkeys(clients, 0)
+    sizes = dict.fromkeys(clients, n)
+    sizes["sequential httpx"] = args.sequential_requests
+
+    def cpu_s(name: str) -> float:
+        if name.startswith("gpujobs job") and job_bench is not None:
+            return worker_cpu_s(job_bench.workers)
+        return time.process_time()
+
     try:
         for _ in range(args.runs):
             for name, run in clients.items():
                 before = stats(url)["rejected"]
+                cpu_before = cpu_s(name)
                 rate, failed = run()
+                cpu_us[name].append((cpu_s(name) - cpu_before) / sizes[name] * 1e6)
                 rates[name].append(rate)
                 failures[name] += failed + stats(url)["rejected"] - before
     finally:
@@ -296,15 +328,20 @@ def main() -> None:
           f"{n} requests per concurrent run ({args.sequential_requests} sequential), "
           f"median of {args.runs} runs")  # fmt: skip
     print()
-    print("| client | requests/s (median) | min..max | of ideal C/L | 429s + failures |")
-    print("|---|---:|---:|---:|---:|")
+    print("| client | requests/s (median) | min..max | of ideal C/L | CPU µs/request | "
+          "429s + failures |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
     for name, values in rates.items():
         median = statistics.median(values)
+        cpu = statistics.median(cpu_us[name])
         print(f"| {name} | {median:.1f} | {min(values):.1f}..{max(values):.1f} | "
-              f"{median / ideal:.3f} | {failures[name]} |")  # fmt: skip
+              f"{median / ideal:.3f} | {cpu:.0f} | {failures[name]} |")  # fmt: skip
     print()
     print(f"server: peak {final['peak']} in flight, {final['violations']} over capacity")
     print(json.dumps({name: [round(v, 1) for v in values] for name, values in rates.items()}))
+    print(json.dumps({f"{name} CPU us/request": [round(v) for v in values]
+                      for name, values in cpu_us.items()}))  # fmt: skip
+    print(f"load average before/after: {load_before} / {os.getloadavg()}")
 
 
 if __name__ == "__main__":
