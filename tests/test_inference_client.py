@@ -260,3 +260,19 @@ def test_requests_are_taken_as_slots_free_not_all_at_once(server: FakeOpenAI) ->
     asyncio.run(go())
     assert len(taken_at_first_outcome) == 100 and taken_at_first_outcome[0] <= 8
     assert server.entries("rejected") == [] and server.peak <= 4
+
+
+def test_a_body_that_cannot_be_sent_fails_alone_naming_its_field(server: FakeOpenAI) -> None:
+    requests = [
+        chat(0, "fine"),
+        chat(1, "nan", temperature=float("nan")),
+        chat(2, "lone \ud83d surrogate"),
+        chat(3, "no JSON type", seed={1, 2}),
+    ]
+    outcomes = run({"retry": FAST_RETRY}, requests, server.url)
+    assert not outcomes["c0"].failed
+    for name, field in (("c1", "temperature"), ("c2", "messages[0].content"), ("c3", "seed")):
+        error = outcomes[name].line["error"]
+        assert outcomes[name].failed and error["code"] == "invalid_request", error
+        assert field in error["message"], error
+    assert [entry.key for entry in server.log] == ["fine"]

@@ -146,12 +146,20 @@ class BadBody(ValueError):
 
 
 def encode_body(body: dict[str, Any]) -> bytes:
-    """The request body as sent: standard JSON (no NaN/Infinity), UTF-8; _BadBody naming the
-    field when it cannot be (a batch checked by gpujobs never has one)."""
-    problem = json_problem(body)
-    if problem is not None:
-        raise BadBody(f"the body cannot be sent: {problem}")
-    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """The request body as sent: standard JSON (no NaN/Infinity), UTF-8; BadBody naming the
+    field when it cannot be (a batch checked by gpujobs never has one).
+
+    The encoder itself refuses what cannot be sent (NaN and infinities, a lone surrogate, a
+    value of no JSON type), so a good body is walked once, by the encoder; only a refused one is
+    walked again (json_problem) to name the field. Nesting depth is the batch check's (at
+    submit) to refuse; here only Python's recursion limit bounds it.
+    """
+    try:
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        problem = json_problem(body) or str(exc)
+        raise BadBody(f"the body cannot be sent: {problem}") from None
 
 
 class ImageError(ValueError):
