@@ -23,6 +23,7 @@ from workers.inference.client import (
     Outcome,
     RetryPolicy,
     ServerUnavailable,
+    Slots,
     error_from_body,
     retry_after_s,
 )
@@ -276,3 +277,39 @@ def test_a_body_that_cannot_be_sent_fails_alone_naming_its_field(server: FakeOpe
         assert outcomes[name].failed and error["code"] == "invalid_request", error
         assert field in error["message"], error
     assert [entry.key for entry in server.log] == ["fine"]
+
+
+def test_slots_bound_in_flight_hand_over_in_order_and_survive_cancelled_waiters() -> None:
+    async def go() -> tuple[list[int], int, int]:
+        slots = Slots(2)
+        entered: list[int] = []
+        gates = {i: asyncio.Event() for i in range(6)}
+
+        async def one(i: int) -> None:
+            async with slots:
+                entered.append(i)
+                await gates[i].wait()
+
+        tasks = {i: asyncio.create_task(one(i)) for i in range(6)}
+        while len(entered) < 2:
+            await asyncio.sleep(0)
+        assert entered == [0, 1] and slots.saturated  # 2..5 wait
+        tasks[2].cancel()  # a waiter cancelled: its place is not lost, nor handed a slot
+        await asyncio.gather(tasks[2], return_exceptions=True)
+        assert (slots.active, slots.waiting, slots.demand) == (2, 3, 5)
+        await slots.set_limit(1)
+        gates[0].set()  # 0 leaves; at limit 1 with 1 still in, nobody enters
+        await tasks[0]
+        peak_low = slots.active
+        await slots.set_limit(3)  # 3 and 4 enter at once, in order
+        while len(entered) < 4:
+            await asyncio.sleep(0)
+        for i in (1, 3, 4, 5):
+            gates[i].set()
+        await asyncio.gather(*(tasks[i] for i in (1, 3, 4, 5)))
+        return entered, peak_low, slots.active
+
+    entered, peak_low, active = asyncio.run(go())
+    assert entered == [0, 1, 3, 4, 5]
+    assert peak_low == 1
+    assert active == 0

@@ -16,6 +16,7 @@ The output line of a request is the OpenAI Batch API's (and vllm run-batch's):
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import email.utils
 import itertools
@@ -174,14 +175,19 @@ def transport_reason(exc: BaseException) -> str:
 
 class Slots:
     """At most `limit` requests in flight; the limit may change while requests wait (adaptive
-    concurrency lowers or raises it), and waiting requests follow at once."""
+    concurrency lowers or raises it), and waiting requests follow at once, first come first
+    served.
+
+    A free slot is taken without a lock or a wakeup; a release hands its slot to the longest
+    waiter (one wakeup, not one per waiter), so each request costs O(1) however many wait.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
         self.active = 0
         self.waiting = 0  # requests waiting for a slot
         self.saturated = False  # a request found every slot taken (reset by its reader)
-        self._changed = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def demand(self) -> int:
@@ -189,25 +195,40 @@ class Slots:
         return self.active + self.waiting
 
     async def __aenter__(self) -> None:
-        async with self._changed:
-            if self.active >= self.limit:
-                self.saturated = True
-            self.waiting += 1
-            try:
-                await self._changed.wait_for(lambda: self.active < self.limit)
-            finally:
-                self.waiting -= 1
+        if self.active < self.limit and not self._waiters:
             self.active += 1
+            return
+        self.saturated = True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.waiting += 1
+        try:
+            await waiter  # resolved by _hand_over, which counts the slot as ours
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a slot, then cancelled
+                self.active -= 1
+                self._hand_over()
+            elif waiter in self._waiters:  # else _hand_over dropped it (and counted it out)
+                self._waiters.remove(waiter)
+                self.waiting -= 1
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        async with self._changed:
-            self.active -= 1
-            self._changed.notify_all()
+        self.active -= 1
+        self._hand_over()
 
     async def set_limit(self, limit: int) -> None:
-        async with self._changed:
-            self.limit = max(1, limit)
-            self._changed.notify_all()
+        self.limit = max(1, limit)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give free slots to the longest waiters."""
+        while self._waiters and self.active < self.limit:
+            waiter = self._waiters.popleft()
+            self.waiting -= 1
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
 
 
 class InferenceClient:
