@@ -418,20 +418,36 @@ class InferenceClient:
         """
         queued = iter(requests)
         pending: set[asyncio.Task[Outcome]] = set()
+        # Finished tasks land here from their done callback: one wakeup per batch of finished
+        # requests, not asyncio.wait's callbacks added to and removed from every pending task.
+        finished: collections.deque[asyncio.Task[Outcome]] = collections.deque()
+        wake = asyncio.Event()
+
+        def landed(task: asyncio.Task[Outcome]) -> None:
+            finished.append(task)
+            wake.set()
 
         def top_up() -> None:
             window = 2 * max(self.concurrency, self._slots.limit)
             for request in itertools.islice(queued, max(0, window - len(pending))):
-                pending.add(asyncio.create_task(self.send(request)))
+                task = asyncio.create_task(self.send(request))
+                task.add_done_callback(landed)
+                pending.add(task)
 
         last_check = time.monotonic()
         try:
             top_up()
             while pending:
-                done, pending = await asyncio.wait(
-                    pending, timeout=stop_poll_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
+                if not finished:
+                    try:
+                        async with asyncio.timeout(stop_poll_s):
+                            await wake.wait()
+                    except TimeoutError:
+                        pass
+                wake.clear()
+                while finished:
+                    task = finished.popleft()
+                    pending.discard(task)
                     on_outcome(task.result())
                 top_up()
                 if should_stop is not None and time.monotonic() - last_check >= stop_poll_s:
@@ -442,6 +458,7 @@ class InferenceClient:
             return None
         finally:
             for task in pending:
+                task.remove_done_callback(landed)
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
