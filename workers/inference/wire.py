@@ -114,7 +114,9 @@ def parse_answer(response: httpx.Response) -> tuple[Any, str | None]:
         return text, f"the server's answer is not JSON ({exc.msg} at character {exc.pos + 1})"
     except (ValueError, RecursionError) as exc:
         return text, f"the server's answer is not standard JSON ({exc})"
-    if json_problem(payload) is not None:
+    # A lone surrogate can only come from a \uD800-\uDFFF escape (the text was decoded with
+    # replacement), so an answer without one is not walked again.
+    if ("\\ud" in text or "\\uD" in text) and json_problem(payload) is not None:
         payload = scrub(payload)
         log.warning("a lone surrogate in the server's answer was replaced with U+FFFD")
     return payload, None
