@@ -394,3 +394,27 @@ def test_a_chunk_whose_server_never_came_up_writes_nothing_for_a_job_failed_else
     spec = InferenceSpec.model_validate(job.status().spec)
     assert job.status().state is JobState.FAILED
     assert not (settings.media / spec.output).exists()
+
+
+def test_a_group_of_checkpoints_counts_each_request_once_however_often_it_comes(
+    client: Client, settings: Settings
+) -> None:
+    job = client.submit_inference(batch_rows(3), endpoint="http://127.0.0.1:9/v1", chunk_size=3)
+    state = BatchState(client.redis, job.id, settings.record_ttl_s)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+    def outcome(index: int, failed: bool) -> Outcome:
+        cid = f"req-{index:04d}"
+        return Outcome(index, cid, output_line(cid), failed, {} if failed else usage)
+
+    assert state.checkpoint_many(0, []) == 0
+    assert state.checkpoint_many(0, [outcome(0, False), outcome(1, True)]) == 2
+    # A redelivery's group: 1 again (with another outcome, ignored) and 2 new.
+    assert state.checkpoint_many(0, [outcome(1, False), outcome(2, False)]) == 1
+    assert not state.checkpoint(0, outcome(0, False))
+    stats = state.stats()
+    assert (stats["completed"], stats["failed"], stats["total_tokens"]) == (2, 1, 10)
+    assert sorted(state.finished(0)) == [0, 1, 2]
+    assert json.loads(state.finished(0)[1])["custom_id"] == "req-0001"
+    assert client.redis.ttl(keys.batch_checkpoint(job.id, 0)) > 0
+    assert client.redis.ttl(keys.batch_stats(job.id)) > 0

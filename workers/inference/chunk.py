@@ -230,9 +230,16 @@ def _send_chunk(
     store = rt.store
     deadline = record.created_at + spec.deadline_s if spec.deadline_s else None
 
-    def on_outcome(outcome: Outcome) -> None:
-        state.checkpoint(ref.index, outcome)
-        reporter.maybe_report()
+    # The outcomes that finished together are checkpointed in one script once the client has
+    # handed them all over (before it awaits again): one round trip per group, not per request,
+    # and none is left unwritten while the loop waits.
+    finished: list[Outcome] = []
+
+    def on_settled() -> None:
+        if finished:
+            state.checkpoint_many(ref.index, finished)
+            finished.clear()
+            reporter.maybe_report()
 
     def should_stop() -> str | None:
         if lease.lost.is_set():
@@ -247,8 +254,9 @@ def _send_chunk(
 
     try:
         return asyncio.run(
-            _send_all(rt, spec, pending, on_outcome, should_stop, deadline, reporter.waiting)
-        )
+            _send_all(rt, spec, pending, finished.append, should_stop, deadline,
+                      reporter.waiting, on_settled)
+        )  # fmt: skip
     except ServerUnavailable as exc:
         if fail_job(rt, ref.job_id, str(exc)):
             raise ChunkFailed(str(exc)) from None
@@ -280,10 +288,13 @@ def _fail_unfinished(
     """The deadline passed: checkpoint every request of the chunk not finished as failed."""
     finished = state.finished_indexes(ref.index)
     message = f"the batch's deadline ({spec.deadline_s:g} s) passed before it finished"
-    for request in requests:
-        if request.index not in finished:
-            line = failure_line(request.custom_id, "deadline_exceeded", message)
-            state.checkpoint(ref.index, Outcome(request.index, request.custom_id, line, True))
+    failed = [
+        Outcome(request.index, request.custom_id,
+                failure_line(request.custom_id, "deadline_exceeded", message), True)
+        for request in requests
+        if request.index not in finished
+    ]  # fmt: skip
+    state.checkpoint_many(ref.index, failed)
 
 
 def ref_ids(ref: ChunkRef) -> tuple[str, int]:
@@ -298,6 +309,7 @@ async def _send_all(
     should_stop: Any,
     deadline: float | None,
     on_waiting: Callable[[str | None], None] | None = None,
+    on_settled: Callable[[], None] | None = None,
 ) -> str | None:
     """Wait for the server, then send the pending requests; the reason it stopped, if any.
 
@@ -322,7 +334,9 @@ async def _send_all(
             return None
         await client.wait_for_server(spec.server_wait_s)
         if not spec.adaptive:
-            return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
+            return await client.run(
+                pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S, on_settled=on_settled
+            )
         # The workers sending to this server share one window of requests in flight.
         adaptive = AdaptiveConcurrency(
             rt.store.redis, client.http, spec.endpoint, start=spec.max_concurrency,
@@ -332,7 +346,9 @@ async def _send_all(
         await adaptive.join(client.slots)  # its share before the first request
         ticking = asyncio.create_task(adaptive.run(client.slots))
         try:
-            return await client.run(pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S)
+            return await client.run(
+                pending, on_outcome, should_stop, stop_poll_s=STOP_POLL_S, on_settled=on_settled
+            )
         finally:
             ticking.cancel()
             await asyncio.gather(ticking, return_exceptions=True)

@@ -349,6 +349,7 @@ class InferenceClient:
         on_outcome: Callable[[Outcome], None],
         should_stop: Callable[[], str | None] | None = None,
         stop_poll_s: float = 0.5,
+        on_settled: Callable[[], None] | None = None,
     ) -> str | None:
         """Send every request, calling `on_outcome` for each as it finishes (in any order).
 
@@ -358,6 +359,10 @@ class InferenceClient:
         flight, backing off, or with their images read and waiting for a slot), so memory stays
         bounded however many are given. ServerUnavailable when the server went away for longer
         than `server_wait_s`.
+
+        on_settled: called after each group of `on_outcome` calls that finished together
+        (before run() awaits anything again, also when one of them raised), so that a caller
+        may buffer outcomes and checkpoint each group in one write.
         """
         queued = iter(requests)
         pending: set[asyncio.Task[Outcome]] = set()
@@ -388,10 +393,14 @@ class InferenceClient:
                     except TimeoutError:
                         pass
                 wake.clear()
-                while finished:
-                    task = finished.popleft()
-                    pending.discard(task)
-                    on_outcome(task.result())
+                try:
+                    while finished:
+                        task = finished.popleft()
+                        pending.discard(task)
+                        on_outcome(task.result())
+                finally:
+                    if on_settled is not None:
+                        on_settled()
                 top_up()
                 if should_stop is not None and time.monotonic() - last_check >= stop_poll_s:
                     last_check = time.monotonic()

@@ -23,19 +23,27 @@ from workers.inference.wire import safe_line
 
 LEASE_POLL_S = 0.5  # how often a redelivered chunk looks whether the live holder let go
 
-# KEYS: checkpoint hash, stats hash. ARGV: index, line, "completed"|"failed", prompt tokens,
-# completion tokens, total tokens, ttl seconds. 1 when new; 0 when already checkpointed (and
-# then nothing is counted: a request counts once however often its chunk runs). Both keys live
-# ttl seconds from the latest checkpoint (a counter re-made by HINCRBY would never expire).
+# KEYS: checkpoint hash, stats hash. ARGV: ttl seconds, then per request six: index, line,
+# "completed"|"failed", prompt tokens, completion tokens, total tokens. Returns how many were
+# new; one already checkpointed counts nothing (a request counts once however often its chunk
+# runs). Both keys live ttl seconds from the latest checkpoint (a counter re-made by HINCRBY
+# would never expire).
 _CHECKPOINT_LUA = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[4])
-redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[5])
-redis.call('HINCRBY', KEYS[2], 'total_tokens', ARGV[6])
-return 1
+local added = 0
+for i = 2, #ARGV, 6 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    added = added + 1
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 2], 1)
+    redis.call('HINCRBY', KEYS[2], 'prompt_tokens', ARGV[i + 3])
+    redis.call('HINCRBY', KEYS[2], 'completion_tokens', ARGV[i + 4])
+    redis.call('HINCRBY', KEYS[2], 'total_tokens', ARGV[i + 5])
+  end
+end
+if added > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+return added
 """
 
 # KEYS: done set, stats hash. ARGV: chunk, ttl seconds. Returns {added, chunks done, chunks}.
@@ -116,15 +124,22 @@ class BatchState:
 
     def checkpoint(self, chunk: int, outcome: Outcome) -> bool:
         """Record a finished request and count it; False when it was recorded before."""
-        line = safe_line(outcome.line)  # standard JSON in UTF-8, whatever the server sent
-        usage = outcome.usage
-        added = self._checkpoint(
-            keys=[keys.batch_checkpoint(self.job_id, chunk), keys.batch_stats(self.job_id)],
-            args=[outcome.index, line, "failed" if outcome.failed else "completed",
-                  usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                  usage.get("total_tokens", 0), self.ttl_s],
-        )  # fmt: skip
-        return bool(added)
+        return self.checkpoint_many(chunk, [outcome]) == 1
+
+    def checkpoint_many(self, chunk: int, outcomes: list[Outcome]) -> int:
+        """Record finished requests and count them, all in one script (one round trip, all
+        or none); how many were new (one recorded before counts nothing)."""
+        if not outcomes:
+            return 0
+        args: list[Any] = [self.ttl_s]
+        for outcome in outcomes:
+            usage = outcome.usage
+            args += [outcome.index, safe_line(outcome.line),  # standard JSON in UTF-8
+                     "failed" if outcome.failed else "completed",
+                     usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                     usage.get("total_tokens", 0)]  # fmt: skip
+        keys_ = [keys.batch_checkpoint(self.job_id, chunk), keys.batch_stats(self.job_id)]
+        return int(self._checkpoint(keys=keys_, args=args))
 
     def finished(self, chunk: int) -> dict[int, str]:
         """Request index -> output line of the chunk's checkpointed requests."""
