@@ -7,7 +7,7 @@ Measured, each run alternating so machine noise hits all alike:
 
 - gpujobs: workers/inference/client.py's client at concurrency C (what a chunk task runs);
 - gpujobs job: the same through the whole queue, submit to finished output (Valkey, one worker
-  process, per-request checkpoints; timed from the job's start to its end);
+  process, checkpoints per group of finished requests; timed from the job's start to its end);
 - openai: the `openai` package's AsyncOpenAI at the same concurrency (an asyncio.Semaphore);
 - sequential: one request at a time (httpx), the client many scripts start with.
 

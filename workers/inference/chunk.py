@@ -7,9 +7,10 @@ One delivery of chunk n of job J:
    gets its partial output;
 2. marks the job running, waits (bounded) for the server, reads its lines from the requests file
    and drops those already checkpointed;
-3. sends the rest (workers/inference/client.py); each outcome is checkpointed in Redis together
-   with the batch's counters in one script (workers/inference/state.py), so a restarted chunk
-   resends nothing that finished and counts nothing twice;
+3. sends the rest (workers/inference/client.py); the outcomes that finish together are
+   checkpointed in Redis with the batch's counters in one script (workers/inference/state.py)
+   before the client awaits again, so a restarted chunk resends nothing that finished and
+   counts nothing twice;
 4. writes its part file (and its errors part) under a temporary name, marks itself done and drops
    its checkpoint; the delivery that completes the last chunk writes the output and the errors
    file (temporary name, then rename; workers/inference/output.py) and finishes the job.
