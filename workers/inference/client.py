@@ -2,9 +2,9 @@
 
 - At most `concurrency` requests are in flight (the server's --max-num-seqs): more would only
   queue inside the server and, on a server that refuses the excess, turn into 429s.
-- 429, 408, 5xx and connection errors are retried (a plain loop: nothing is built per
-  attempt) with exponential backoff plus jitter; a Retry-After header wins. A retry waits
-  outside the concurrency limit, so one request backing off does not idle a slot.
+- 429, 408, 5xx and connection errors are retried (tenacity) with exponential backoff plus
+  jitter; a Retry-After header wins. A retry waits outside the concurrency limit, so one
+  request backing off does not idle a slot.
 - A request that still fails becomes that request's error line; the others go on.
 - Each finished request is handed to `on_outcome` as it finishes (the caller checkpoints it),
   and `should_stop` is asked about twice a second so a cancel stops sending at once.
@@ -21,7 +21,6 @@ import datetime
 import email.utils
 import itertools
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,6 +31,12 @@ from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
 
 from gpujobs.batch import image_urls, local_image_path
 from workers.inference.slots import Slots
@@ -218,6 +223,11 @@ class InferenceClient:
         self._outage: asyncio.Task[None] | None = None
         self._gone: str | None = None  # why the server is given up on, once it is
         self.outages = 0  # times the server went away during run()
+        self._backoff = wait_exponential_jitter(
+            multiplier=self.retry.backoff_s,
+            max=self.retry.backoff_max_s,
+            jitter=self.retry.backoff_s,
+        )
 
     async def __aenter__(self) -> InferenceClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
@@ -435,29 +445,30 @@ class InferenceClient:
             return self._failure(request, "model_required", str(exc))
         url = f"{self.root}{request.url}"
         tries = 0  # attempts that got an answer, a timeout or a dropped connection
-        attempt = 0  # every attempt, those that found no server included (the backoff's n)
+
+        def spent(state: RetryCallState) -> bool:
+            return tries > self.retry.max_retries
+
         try:
-            while True:
-                attempt += 1
-                await self._server_here()
-                try:
-                    response = await self._post(url, content)
-                    break
-                except _Retryable as exc:
-                    if exc.down:
-                        self._server_away()
-                    else:
+            async for attempt in AsyncRetrying(
+                stop=spent,
+                wait=self._wait,
+                retry=retry_if_exception_type((_Retryable, _Timeout)),
+                reraise=True,
+            ):
+                with attempt:
+                    await self._server_here()
+                    try:
+                        response = await self._post(url, content)
+                    except _Retryable as exc:
+                        if exc.down:
+                            self._server_away()
+                        else:
+                            tries += 1
+                        raise
+                    except _Timeout:
                         tries += 1
-                    if tries > self.retry.max_retries:
                         raise
-                    delay = self._wait(exc, attempt)
-                except _Timeout as exc:
-                    tries += 1
-                    if tries > self.retry.max_retries:
-                        raise
-                    delay = self._wait(exc, attempt)
-                if delay > 0:
-                    await asyncio.sleep(delay)
             return self._answered(request, response)
         except _Timeout:
             return self._failure(
@@ -510,23 +521,17 @@ class InferenceClient:
         except httpx.TransportError as exc:
             raise _Retryable(error=exc) from exc
 
-    def _wait(self, exc: Exception, attempt: int) -> float:
-        """Seconds before the next try after `exc` ended try number `attempt` (from 1): none
-        after a server that went away (the pause is the wait); Retry-After when the server sent
-        one (at most backoff_max_s); else backoff_s * 2^(attempt-1) plus up to backoff_s of
-        jitter, at most backoff_max_s."""
+    def _wait(self, state: RetryCallState) -> float:
+        """No wait after a server that went away (the pause is the wait); Retry-After when the
+        server sent one (at most backoff_max_s); else backoff + jitter."""
+        exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.down:
             return 0.0
         if isinstance(exc, _Retryable) and exc.response is not None:
             asked = retry_after_s(exc.response.headers)
             if asked is not None:
                 return min(asked, self.retry.backoff_max_s)
-        policy = self.retry
-        try:
-            delay = policy.backoff_s * 2.0 ** (attempt - 1) + random.uniform(0, policy.backoff_s)  # noqa: S311 (jitter)
-        except OverflowError:
-            delay = policy.backoff_max_s
-        return max(0.0, min(delay, policy.backoff_max_s))
+        return float(self._backoff(state))
 
     async def _body(self, request: BatchRequest) -> dict[str, Any]:
         body = request.body
