@@ -4,13 +4,19 @@ reasons. Inputs are MediaInfo values as PyAV reports them; no GPU is needed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from fractions import Fraction
 from typing import Any
 
+import psutil
 import pytest
 
 from gpujobs.media import MediaInfo, StreamInfo, explain
 from gpujobs.specs import TranscodeSpec
+from tests.helpers import wait_for
 from workers.gpu.discovery import NO_GPU, Capabilities
 from workers.transcode.command import (
     X264_PRESETS,
@@ -330,3 +336,43 @@ def test_failure_reason_is_the_line_that_names_the_cause() -> None:
         "ffmpeg exited with 1: [info] plain | last words".replace("[info] ", "")
     )
     assert explain("moov atom not found") == "the file is incomplete (no moov atom)"
+
+
+# A process that starts ffmpeg as the worker does, prints its pid, and waits to be killed.
+# ffmpeg writes nothing, so no broken pipe can end it: only the parent-death signal.
+_STARTER = """
+import sys, time
+from workers.transcode import command as tc
+if sys.argv[2] == "preexec":  # as on a machine without util-linux's setpriv
+    tc.shutil.which = lambda name: None
+proc = tc.popen_dying_with_parent(
+    [sys.argv[1], "-nostdin", "-nostats", "-loglevel", "quiet", "-re", "-f", "lavfi", "-i",
+     "testsrc=duration=600", "-f", "null", "-"]
+)
+print(proc.pid, tc._pdeathsig_prefix() != (), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("way", ["setpriv", "preexec"])
+def test_ffmpeg_dies_with_the_worker_that_started_it(ffmpeg: str, way: str) -> None:
+    if sys.platform != "linux":
+        pytest.skip("the parent-death signal is Linux's")
+    starter = subprocess.Popen(
+        [sys.executable, "-c", _STARTER, ffmpeg, way], stdout=subprocess.PIPE, text=True
+    )
+    assert starter.stdout is not None
+    pid_text, through_setpriv = starter.stdout.readline().split()
+    child = psutil.Process(int(pid_text))
+    try:
+        assert through_setpriv == str(way == "setpriv")
+        # setpriv execs ffmpeg in its own place: the same process, ffmpeg once it runs.
+        wait_for(lambda: "ffmpeg" in child.name(), timeout_s=30)
+        starter.kill()  # SIGKILL: no handler of ours runs, only the kernel can end ffmpeg
+        starter.wait()
+        _, alive = psutil.wait_procs([child], timeout=30)
+        assert not alive, "ffmpeg must die with the process that started it"
+    finally:
+        starter.kill()
+        if child.is_running():
+            os.killpg(child.pid, signal.SIGKILL)
