@@ -32,9 +32,13 @@ def register_tasks(app: Celery) -> None:
         # job is claimed); messages sent before that carry the spec too, and still work.
         rt = runtime()
         worker = self.request.hostname or "worker"
+        # Whether it is a piece of a split job (None: not read yet, older messages): a job that
+        # is not one skips the piece bookkeeping without reading its record for it.
+        piece: bool | None = None
         if spec is None:  # what kind of transcode it is (a ladder, a split job) is in its spec
-            raw = rt.store.redis.hget(keys.job(job_id), "spec")
+            raw, parent = rt.store.redis.hmget(keys.job(job_id), ["spec", "parent"])
             spec = json.loads(raw) if raw else {}
+            piece = parent is not None
         if "renditions" in spec and spec.get("split") is not None:  # a split ladder's parent
             with FlowerProgress(self, rt.store.redis, job_id):
                 result = split.run_split(rt, self.app, job_id, worker, LadderSplitAttempt)
@@ -42,12 +46,12 @@ def register_tasks(app: Celery) -> None:
             with (
                 ladder.job_slots(self, rt, job_id, spec),
                 FlowerProgress(self, rt.store.redis, job_id),
-                split_progress.piece_progress(rt.store, job_id),
+                split_progress.piece_progress(rt.store, job_id, piece),
             ):
                 try:
                     result = ladder.run_ladder(rt, self.app, job_id, worker)
                 finally:
-                    split.after_piece(rt, self.app, job_id)
+                    split.after_piece(rt, self.app, job_id, piece)
         elif spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
             with FlowerProgress(self, rt.store.redis, job_id):
                 result = split.run_split(rt, self.app, job_id, worker)
@@ -58,12 +62,12 @@ def register_tasks(app: Celery) -> None:
             with (
                 nvenc.job_slot(self, rt, job_id, spec),
                 FlowerProgress(self, rt.store.redis, job_id),
-                split_progress.piece_progress(rt.store, job_id),
+                split_progress.piece_progress(rt.store, job_id, piece),
             ):
                 try:
                     result = run_transcode(rt, self.app, job_id, worker=worker)
                 finally:  # a failed piece fails its parent too
-                    split.after_piece(rt, self.app, job_id)
+                    split.after_piece(rt, self.app, job_id, piece)
         cancelled = JobState.CANCELLED.value
         if cancelled in (result.get("stopped"), result.get("skipped")):
             # Flower shows the job REVOKED rather than SUCCESS; Ignore acks without an event.

@@ -501,9 +501,12 @@ class SplitAttempt(TranscodeAttempt):
         return {**summary, "joined": True}
 
 
-def after_piece(rt: WorkerRuntime, app: Celery, job_id: str) -> None:
+def after_piece(rt: WorkerRuntime, app: Celery, job_id: str, is_piece: bool | None = None) -> None:
     """After a delivery of piece `job_id`: count it done and send the join when it completes
-    the set; a piece that failed for good fails its parent and cancels its siblings."""
+    the set; a piece that failed for good fails its parent and cancels its siblings.
+    is_piece: whether the job is a piece, when the caller knows (False: nothing is read)."""
+    if is_piece is False:
+        return
     store = rt.store
     piece = store.get(job_id)
     if piece is None or piece.parent is None:

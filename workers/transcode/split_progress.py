@@ -108,9 +108,13 @@ def refresh_parent(store: JobStore, parent_id: str) -> None:
 
 
 @contextlib.contextmanager
-def piece_progress(store: JobStore, job_id: str) -> Iterator[None]:
+def piece_progress(store: JobStore, job_id: str, piece: bool | None = None) -> Iterator[None]:
     """Around a delivery of a piece: a thread follows the piece's channel and writes its
-    parent's combined progress (at most every PIECE_PROGRESS_INTERVAL_S). Other jobs: nothing."""
+    parent's combined progress (at most every PIECE_PROGRESS_INTERVAL_S). Other jobs: nothing.
+    piece: whether the job is a piece, when the caller knows (False: nothing is read)."""
+    if piece is False:
+        yield
+        return
     record = store.get(job_id)
     if record is None or record.parent is None:
         yield
