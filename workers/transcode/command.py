@@ -484,11 +484,13 @@ def temporary_output(output: Path, job_id: str) -> Path:
 
 
 class Throttle:
-    """Lets an update through at most every `interval_s` seconds; `force` always passes."""
+    """Lets an update through at most every `interval_s` seconds; `force` always passes.
+    wait_first: the first one passes only `interval_s` after the throttle was made (default:
+    at once)."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, wait_first: bool = False) -> None:
         self.interval_s = interval_s
-        self._last = float("-inf")
+        self._last = time.monotonic() if wait_first else float("-inf")
 
     def ready(self, force: bool = False) -> bool:
         now = time.monotonic()

@@ -140,8 +140,11 @@ class TranscodeAttempt:
         command = tc.build_command(rt.ffmpeg, spec, plan, route, str(source_path), str(temp_path))
         self._later["encode_path"] = route.path.value  # written with the first progress or the end
         log.info("job %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))
-        throttle = tc.Throttle(rt.settings.progress_interval_s)
-        stop_check = tc.Throttle(0.5)
+        # Neither writes nor reads before its interval has passed once: a job shorter than
+        # that (a tiny clip) goes from the claim's running to its end in two writes, and its
+        # watchers see both.
+        throttle = tc.Throttle(rt.settings.progress_interval_s, wait_first=True)
+        stop_check = tc.Throttle(0.5, wait_first=True)
         began = time.monotonic()
         total_s = expected_duration(source, plan)
 
