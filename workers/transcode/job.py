@@ -134,8 +134,9 @@ class TranscodeAttempt:
         except tc.NoGpuPath as exc:
             return self.fail(str(exc))
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in tc.stale_temporaries(output_path, self.job_id):
-            stale.unlink(missing_ok=True)  # an earlier attempt died mid-write
+        if self.attempt > 1:  # a first attempt has no earlier one that could have left one
+            for stale in tc.stale_temporaries(output_path, self.job_id):
+                stale.unlink(missing_ok=True)  # an earlier attempt died mid-write
         temp_path = tc.temporary_output(output_path, f"{self.job_id}.{self.attempt}")
         command = tc.build_command(rt.ffmpeg, spec, plan, route, str(source_path), str(temp_path))
         self._later["encode_path"] = route.path.value  # written with the first progress or the end
