@@ -317,7 +317,9 @@ class JobStore:
         if not source or not all(c.isalnum() or c in "-_" for c in source):
             raise ValueError(f"log source must be letters, digits, - or _, got {source!r}")
         key = keys.log(job_id, attempt, source)
-        with self.redis.pipeline() as pipe:
+        # One round trip, no MULTI/EXEC: the text is written before the index entry that leads
+        # readers to it, and each command stands on its own.
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.append(key, text)
             pipe.expire(key, self.record_ttl_s)
             pipe.zadd(keys.logs(job_id), {f"{attempt}:{source}": attempt})
