@@ -25,6 +25,7 @@ def test_transcode_end_to_end_with_live_progress(
 ) -> None:
     source = media_clip("in/talk.mp4", seconds=6, size="1280x720")
     start_worker()
+    progress_event = watch_task_events(client, "task-progress")  # what Flower shows as PROGRESS
     job = client.submit_transcode(source, height=360)
     states = []
     percents = []
@@ -35,6 +36,7 @@ def test_transcode_end_to_end_with_live_progress(
     assert final.state is JobState.SUCCEEDED, final.error
     assert states[0] is JobState.QUEUED and JobState.RUNNING in states
     assert percents == sorted(percents) and percents[-1] == 100.0
+    assert progress_event.wait(30) and progress_event.uuid == job.id
     assert final.worker and final.node and final.attempt == 1 and final.encode_path == "cpu"
     output = client.settings.media / "in" / "talk.360p.mp4"
     info = probe(output)

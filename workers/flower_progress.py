@@ -48,7 +48,7 @@ def progress_text(record: JobRecord) -> str:
 class _Watch:
     """One job the relay follows: its task, the last event sent, the update waiting to be."""
 
-    def __init__(self, task_id: str, hostname: str, job_id: str) -> None:
+    def __init__(self, task_id: str, hostname: str, job_id: str, local: bool = False) -> None:
         self.task_id = task_id
         self.hostname = hostname
         self.job_id = job_id
@@ -57,6 +57,8 @@ class _Watch:
         self.pending: JobRecord | None = None
         self.ended = False
         self.furthest: tuple[int, float] = (0, 0.0)  # (attempt, percent) of the latest taken
+        # Fed in process (`offer`) by the body that writes the job's progress: no subscription.
+        self.local = local
 
     def take(self, record: JobRecord) -> bool:
         """Keep `record` to send unless it is behind one taken before (an earlier attempt, or
@@ -73,7 +75,9 @@ class ProgressRelay:
     following every job the process runs, made on first use and kept for the process's life.
 
     `follow()` subscribes to a job's channel (through the thread: the pub/sub connection is the
-    thread's alone); `end()` marks the job ended under the send lock and returns at once, so a
+    thread's alone), or with local=True leaves it to the caller to `offer()` each record it
+    writes (a plain transcode writes its own progress: no SUBSCRIBE, no UNSUBSCRIBE, no record
+    parsed per write); `end()` marks the job ended under the send lock and returns at once, so a
     task's end never waits for the relay, and no progress event of that job is sent after it.
     interval_s: least seconds between two events of one job (default 0.5).
     """
@@ -88,8 +92,8 @@ class ProgressRelay:
         self._start_lock = threading.Lock()
         self._watches: dict[str, _Watch] = {}  # by channel; the relay thread's alone
 
-    def follow(self, task_id: str, hostname: str, job_id: str) -> _Watch:
-        watch = _Watch(task_id, hostname, job_id)
+    def follow(self, task_id: str, hostname: str, job_id: str, local: bool = False) -> _Watch:
+        watch = _Watch(task_id, hostname, job_id, local)
         self._commands.put(("follow", watch))
         with self._start_lock:
             if self._thread is None:
@@ -98,6 +102,15 @@ class ProgressRelay:
                 )
                 self._thread.start()
         return watch
+
+    def offer(self, watch: _Watch, record: JobRecord) -> None:
+        """A record the caller wrote for a followed job: sent like a published one."""
+        # Nothing to show before the first progress, as for a published record.
+        if record.state is not JobState.RUNNING or record.percent <= 0:
+            return
+        with self._send_lock:
+            if not watch.ended:
+                watch.take(record)
 
     def end(self, watch: _Watch) -> None:
         """The task is ending: drop what is pending. Waits at most for one event in flight."""
@@ -120,8 +133,9 @@ class ProgressRelay:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         connection = self.app.connection_for_write()
         try:
-            if watches:  # starting over after a failure: follow the jobs still running
-                pubsub.subscribe(*watches)
+            channels = [channel for channel, watch in watches.items() if not watch.local]
+            if channels:  # starting over after a failure: follow the jobs still running
+                pubsub.subscribe(*channels)
             while True:
                 self._apply_commands(pubsub, watches, block=not watches)
                 message = pubsub.get_message(timeout=0.1) if watches else None
@@ -158,10 +172,12 @@ class ProgressRelay:
         while True:
             if command == "follow":
                 watches[watch.channel] = watch
-                pubsub.subscribe(watch.channel)
+                if not watch.local:
+                    pubsub.subscribe(watch.channel)
             elif watches.get(watch.channel) is watch:
                 del watches[watch.channel]
-                pubsub.unsubscribe(watch.channel)
+                if not watch.local:
+                    pubsub.unsubscribe(watch.channel)
             try:
                 command, watch = self._commands.get_nowait()
             except queue.Empty:
@@ -210,10 +226,17 @@ class FlowerProgress:
     the worker's task-succeeded/failed event. A failure here is logged and never fails the job.
 
     task: the bound Celery task (its app, request.id and request.hostname are used).
+    local: the body writes the job's progress itself and hands each record written to
+    `offer`; the job's channel is then not followed (default False: it is).
     """
 
     def __init__(
-        self, task: Any, client: redis.Redis, job_id: str, interval_s: float = 0.5
+        self,
+        task: Any,
+        client: redis.Redis,
+        job_id: str,
+        interval_s: float = 0.5,
+        local: bool = False,
     ) -> None:
         # Celery's task.request is thread-local: read it here, in the task's own thread.
         self.task_id: str = task.request.id
@@ -221,11 +244,20 @@ class FlowerProgress:
         self.job_id = job_id
         self.relay = relay_for(task.app, client)
         self.relay.interval_s = interval_s
+        self.local = local
         self._watch: _Watch | None = None
 
     def __enter__(self) -> FlowerProgress:
-        self._watch = self.relay.follow(self.task_id, self.hostname, self.job_id)
+        self._watch = self.relay.follow(self.task_id, self.hostname, self.job_id, self.local)
         return self
+
+    def offer(self, record: JobRecord) -> None:
+        """The job's record as the body just wrote it (with local=True); never raises."""
+        if self._watch is not None:
+            try:
+                self.relay.offer(self._watch, record)
+            except Exception:  # a monitor's failure never fails a job
+                log.warning("progress relay to Flower failed", exc_info=True)
 
     def __exit__(
         self,

@@ -59,13 +59,18 @@ def register_tasks(app: Celery) -> None:
             # Flower shows the job's progress (state PROGRESS, the Result column) while it runs.
             # An NVENC job holds one of the node's NVENC sessions, or waits in its queue for one.
             # A piece of a split job also keeps its parent's combined progress current.
+            # The body writes its own progress and hands each write to the relay (no channel
+            # followed for Flower).
+            flower = FlowerProgress(self, rt.store.redis, job_id, local=True)
             with (
                 nvenc.job_slot(self, rt, job_id, spec),
-                FlowerProgress(self, rt.store.redis, job_id),
+                flower,
                 split_progress.piece_progress(rt.store, job_id, piece),
             ):
                 try:
-                    result = run_transcode(rt, self.app, job_id, worker=worker)
+                    result = run_transcode(
+                        rt, self.app, job_id, worker=worker, on_record=flower.offer
+                    )
                 finally:  # a failed piece fails its parent too
                     split.after_piece(rt, self.app, job_id, piece)
         cancelled = JobState.CANCELLED.value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -28,9 +29,16 @@ class JobRunFailed(Exception):
     """Raised after the failure is recorded, so Celery (and Flower) show the same reason."""
 
 
-def run_transcode(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> dict[str, Any]:
+def run_transcode(
+    rt: WorkerRuntime,
+    app: Celery,
+    job_id: str,
+    worker: str,
+    on_record: Callable[[JobRecord], None] | None = None,
+) -> dict[str, Any]:
     """Run one delivery of a transcode job. A delivery of a job that is finished, cancelled or
-    leased by a live attempt returns at once without running (it is acknowledged)."""
+    leased by a live attempt returns at once without running (it is acknowledged).
+    on_record: called with the record after each progress write (Flower's relay)."""
     claim = rt.leases.claim(job_id, worker, rt.settings.node_name, rt.gpu_label)
     if not claim.claimed:
         log.info("job %s not run: %s", job_id, claim.outcome)
@@ -39,7 +47,7 @@ def run_transcode(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> d
     record = JobRecord.from_hash(claim.record) if claim.record else rt.store.get(job_id)
     assert record is not None
     with LeaseKeeper(rt.leases, job_id, claim.token) as keeper:
-        attempt = TranscodeAttempt(rt, app, record, claim.attempt, keeper, worker)
+        attempt = TranscodeAttempt(rt, app, record, claim.attempt, keeper, worker, on_record)
         return attempt.run()
 
 
@@ -54,8 +62,11 @@ class TranscodeAttempt:
         attempt: int,
         keeper: LeaseKeeper,
         worker: str,
+        on_record: Callable[[JobRecord], None] | None = None,
     ) -> None:
         self.rt = rt
+        self.record = record  # as claimed, then with each progress write
+        self.on_record = on_record
         self.app = app
         self.store = rt.store
         self.job_id = record.id
@@ -77,6 +88,12 @@ class TranscodeAttempt:
         )
         if written and fields.get("state") is not None:
             self.keeper.released = True  # the script dropped the lease with the change
+        elif written and self.on_record is not None and "percent" in fields:
+            shown = ("percent", "fps", "speed", "eta_s", "encode_path")
+            self.record = self.record.model_copy(
+                update={name: fields[name] for name in shown if name in fields}
+            )
+            self.on_record(self.record)
         return written
 
     def entry(self, outcome: str, reason: str | None = None) -> dict[str, Any]:
