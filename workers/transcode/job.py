@@ -54,6 +54,10 @@ def run_transcode(
 class TranscodeAttempt:
     """One attempt at one job, owning its lease while it runs."""
 
+    # Told the record after each progress write (Flower's relay); subclasses with their own
+    # constructor (a ladder's attempt) have none and keep the relay's subscription.
+    on_record: Callable[[JobRecord], None] | None = None
+
     def __init__(
         self,
         rt: WorkerRuntime,
