@@ -121,6 +121,7 @@ class FakeOpenAI:
         self.embedding_dim = embedding_dim
         self.queue = queue
         self.waiting = 0
+        self.peak_waiting = 0  # the most requests that waited at once (with `queue`)
         self.healthy = True
         self.faults: dict[str, list[Fault]] = {}
         self.permanent: dict[str, Fault] = {}
@@ -240,6 +241,7 @@ class FakeOpenAI:
         with self._lock:
             if self.queue and self.capacity is not None:
                 self.waiting += 1
+                self.peak_waiting = max(self.peak_waiting, self.waiting)
                 while self.in_flight >= self.capacity:
                     self._lock.wait()
                 self.waiting -= 1

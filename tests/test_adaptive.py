@@ -227,24 +227,27 @@ def waiting_samples(
 
 
 def test_a_window_too_large_comes_down_to_the_servers_capacity(broker_url: str) -> None:
-    # Two clients start with a window of 16 on a server that runs 4 at once: 12 wait.
-    with FakeOpenAI(latency_s=0.02, capacity=4, queue=True) as server:
+    # Two clients start with a window of 16 on a server that runs 4 at once: 12 wait. (A
+    # request takes 0.1 s: long enough that clients slowed by a busy machine still queue.)
+    with FakeOpenAI(latency_s=0.1, capacity=4, queue=True) as server:
         waiting: list[int] = []
         windows: list[int] = []
         stop = threading.Event()
         sampler = threading.Thread(target=waiting_samples,
                                    args=(server, stop, waiting, windows, broker_url))  # fmt: skip
         sampler.start()
-        with AdaptiveRun(server, broker_url, "a", 600, 16), AdaptiveRun(
-            server, broker_url, "b", 600, 16
+        with AdaptiveRun(server, broker_url, "a", 300, 16), AdaptiveRun(
+            server, broker_url, "b", 300, 16
         ):  # fmt: skip
             wait_for(lambda: window(broker_url, server) <= 5, timeout_s=60)
             settled = len(waiting)
         stop.set()
         sampler.join()
         assert all(count == 1 for count in server.served().values())
-        assert len(server.served()) == 1200
-    assert max(waiting[:settled] or [0]) >= 4  # the queue was there at first
+        assert len(server.served()) == 600
+    # The queue was there at first (counted by the server as requests arrive: a sampler on a
+    # busy machine can miss it).
+    assert server.peak_waiting >= 4, waiting[:settled]
     # Once down, the window stays near the capacity: it grows by one, finds requests
     # waiting, and comes back.
     after = sorted(windows[settled:-1] or [window(broker_url, server)])
