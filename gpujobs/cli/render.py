@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -216,17 +218,39 @@ def open_client(settings: Settings) -> Client:
 
 @contextlib.contextmanager
 def leave_running(job_ids: list[str]) -> Iterator[None]:
-    """Ctrl-C inside leaves the jobs running and says so, with how to watch or stop them."""
+    """Ctrl-C inside leaves the jobs running and says so, with how to watch or stop them, then
+    ends the process with status 130.
+
+    The SIGINT handler writes the line and ends the process at once (os._exit) instead of
+    raising KeyboardInterrupt: raised wherever the main thread happens to be, that could land
+    inside the progress display's lock, and the display's stop would then wait on it forever
+    (seen once in a loaded test run: the process never exited). Nothing is left to clean up:
+    the jobs live in Redis, and the watch only held a subscription."""
+    ids = " ".join(job_ids)
+    line = (
+        f"stopped watching; the job{'s go' if len(job_ids) > 1 else ' goes'} on. "
+        f"Watch again with `gpujobs watch {ids}`, stop with `gpujobs cancel {ids}`\n"
+    )
+
+    def on_sigint(signum: int, frame: object) -> None:
+        # os.write, not print: the interrupted code may hold the streams' own locks.
+        if sys.stdout.isatty():
+            os.write(sys.stdout.fileno(), b"\x1b[?25h\n")  # the bars hid the cursor
+        os.write(sys.stderr.fileno(), line.encode())
+        os._exit(130)
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Ctrl-C is not ours to handle
+        yield
+        return
     try:
         yield
-    except KeyboardInterrupt:
-        ids = " ".join(job_ids)
-        err_console.print(
-            f"stopped watching; the job{'s go' if len(job_ids) > 1 else ' goes'} on. "
-            f"Watch again with `gpujobs watch {ids}`, stop with `gpujobs cancel {ids}`",
-            markup=False, highlight=False,
-        )  # fmt: skip
+    except KeyboardInterrupt:  # one raised before the handler was in place
+        err_console.print(line.rstrip("\n"), markup=False, highlight=False)
         raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def follow_or_leave(client: Client, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
