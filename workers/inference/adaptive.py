@@ -18,11 +18,12 @@ move) and reads the server's load:
 Then it proposes, and a Lua script applies (clients reading the same overload change the
 window once, not once each; a step is the longer of the interval and the round trip):
 
-- *set to what the server takes* when more than ALLOWANCE (1) requests wait in it: the server
-  then runs all it can, so it takes `running` + ALLOWANCE (the one left waiting hides the
-  clients' turn from an answer to the next request); a larger window comes down to that at
-  once, and that window is remembered as the server's size (the largest such reading: one
-  taken as a request leaves and the next is not yet let in is one short);
+- *set to what the server takes* when any request waits in it: the server then runs all it
+  can, so it takes `running`; a larger window comes down to that at once, and that window is
+  remembered as the server's size (the largest such reading: one taken as a request leaves
+  and the next is not yet let in is one short). Nothing is left waiting on purpose: a request
+  kept queued at the server would hide the clients' turnaround (0.978 of C/L instead of
+  0.969) but adds its wait to every answer (p95 1.25 L instead of 1.00 L; docs/benchmarks.md);
 - *multiplicative decrease* when 429/503 come back (x0.75), or when a queue lasts two steps
   after the window last came down (clients that are not ours fill it, or the server takes
   less than it did): by the number waiting, at least 1 and at most a quarter, the known size
@@ -70,7 +71,6 @@ WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
 DECREASE = 0.75  # the multiplicative step
 QUEUE_LATENCY = 1.5  # latency over the lowest seen that reads as a queue (no /metrics)
-ALLOWANCE = 1  # requests left waiting in the server: they hide the clients' turnaround
 PROBE_STEPS = 40  # steps between two probes above the window the server showed it takes
 HOLD_STEPS = 8  # steps after a cut before the window grows again (the server's size unknown)
 
@@ -310,23 +310,21 @@ class AdaptiveConcurrency:
         if overloaded:
             return "dec", 0.0
         if load.waiting is not None:
-            if load.waiting > ALLOWANCE:
-                # Requests wait: the server runs all it can take, and takes what runs (plus
-                # the allowance). A window above that comes down to it at once; a queue that
-                # lasts two steps after that (other clients of the server, not ours, fill
-                # it, or the server takes less) is cut by its excess.
+            if load.waiting > 0:
+                # Requests wait: the server runs all it can take, and takes what runs. A
+                # window above that comes down to it at once; a queue that lasts two steps
+                # after that (other clients of the server, not ours, fill it, or the server
+                # takes less) is cut by its excess.
                 now = time.monotonic()
                 if self._waiting_since is None:
                     self._waiting_since = now
                 # Counted from when the window last came down: its excess drains in a trip.
                 if now - max(self._waiting_since, self._came_down) >= 2 * self.step_s:
                     self._waiting_since = None
-                    return "dec", load.waiting - ALLOWANCE
-                takes = math.floor((load.running or 0.0) + ALLOWANCE)
+                    return "dec", load.waiting
+                takes = math.floor(load.running or 0.0)
                 return ("set", float(takes)) if takes >= 1 else ("keep", 0.0)
             self._waiting_since = None
-            if load.waiting >= 1:
-                return "keep", 0.0
         elif latencies:  # no metrics: latency well over the lowest seen is a queue
             typical = sorted(latencies)[len(latencies) // 2]
             if typical > QUEUE_LATENCY * self._lowest:
