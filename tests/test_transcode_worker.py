@@ -24,12 +24,16 @@ def test_transcode_end_to_end_with_live_progress(
     ffmpeg: str,
 ) -> None:
     source = media_clip("in/talk.mp4", seconds=6, size="1280x720")
-    start_worker()
     progress_event = watch_task_events(client, "task-progress")  # what Flower shows as PROGRESS
     job = client.submit_transcode(source, height=360)
-    states = []
-    percents = []
-    for record in job.watch(timeout=60):
+    # The watch sees the job queued before any worker exists (a worker started first can
+    # claim it before a slowed watcher's first read), then every change after.
+    watching = job.watch(timeout=120)
+    first = next(watching)
+    start_worker()
+    states = [first.state]
+    percents = [first.percent]
+    for record in watching:
         states.append(record.state)
         percents.append(record.percent)
     final = job.status()
