@@ -32,10 +32,12 @@ from gpujobs.specs import JobKind, JobRecord, JobState
 # (ARGV[4]) moves it out of running (finished, failed, requeued), its lease goes with the change.
 # Returns 1 when written, 0 when the job is missing, in another state, or owned by another attempt.
 _UPDATE_LUA = """
-local cur = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'kind', 'created_at')
-local state = cur[1]
+local all = redis.call('HGETALL', KEYS[1])
+local record = {}
+for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
+local state = record['state']
 if not state then return 0 end
-if ARGV[4] ~= '' and cur[2] ~= ARGV[4] then return 0 end
+if ARGV[4] ~= '' and record['attempt'] ~= ARGV[4] then return 0 end
 local allowed = cjson.decode(ARGV[1])
 if #allowed > 0 then
   local ok = false
@@ -45,16 +47,19 @@ end
 local fields = cjson.decode(ARGV[2])
 local flat, gone = {}, {}
 for k, v in pairs(fields) do
-  if v == cjson.null then table.insert(gone, k)
+  if v == cjson.null then
+    if record[k] then table.insert(gone, k) end
   else table.insert(flat, k); table.insert(flat, v) end
+  record[k] = nil
 end
+for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
 if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
 if #flat > 0 then redis.call('HSET', KEYS[1], unpack(flat)) end
 local new = fields['state']
 if new and new ~= cjson.null and new ~= state then
-  local kind = cur[3] or ''
+  local kind = record['kind'] or ''
   redis.call('ZREM', ARGV[5] .. kind .. ':' .. state, ARGV[6])
-  redis.call('ZADD', ARGV[5] .. kind .. ':' .. new, tonumber(cur[4]) or 0, ARGV[6])
+  redis.call('ZADD', ARGV[5] .. kind .. ':' .. new, tonumber(record['created_at']) or 0, ARGV[6])
   if ARGV[4] ~= '' and new ~= 'running' then
     redis.call('DEL', KEYS[4])
     redis.call('ZREM', KEYS[5], ARGV[6])
@@ -68,9 +73,6 @@ if ttl > 0 then
 elseif ARGV[7] ~= '' then
   redis.call('EXPIRE', KEYS[3], ARGV[8])
 end
-local all = redis.call('HGETALL', KEYS[1])
-local record = {}
-for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
 redis.call('PUBLISH', KEYS[2], cjson.encode(record))
 return 1
 """

@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 # Returns {outcome, attempt[, record]}: outcome is "claimed" (then the record as it now is, as
 # JSON), "missing", "leased" or a terminal state.
 _CLAIM_LUA = """
-local cur = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'kind', 'created_at')
-local state = cur[1]
+local all = redis.call('HGETALL', KEYS[1])
+local record = {}
+for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
+local state = record['state']
 if not state then return {'missing', '0'} end
-local attempt = tonumber(cur[2] or '0')
+local attempt = tonumber(record['attempt'] or '0')
 if state == 'succeeded' or state == 'failed' or state == 'cancelled' then
   return {state, tostring(attempt)}
 end
@@ -44,22 +46,25 @@ end
 attempt = attempt + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HSET', KEYS[1], 'state', 'running', 'attempt', tostring(attempt),
-           'worker', ARGV[1], 'node', ARGV[4], 'gpu', ARGV[5], 'started_at', tostring(now),
-           'updated_at', tostring(now), 'percent', '0.0')
-if attempt > 1 then  -- what an earlier attempt left; a first attempt has none of it
-  redis.call('HDEL', KEYS[1], 'error', 'eta_s', 'fps', 'speed', 'finished_at')
+local set = {state = 'running', attempt = tostring(attempt), worker = ARGV[1], node = ARGV[4],
+             gpu = ARGV[5], started_at = tostring(now), updated_at = tostring(now),
+             percent = '0.0'}
+local flat = {}
+for k, v in pairs(set) do record[k] = v; table.insert(flat, k); table.insert(flat, v) end
+redis.call('HSET', KEYS[1], unpack(flat))
+local gone = {}  -- what an earlier attempt left; a first attempt has none of it
+for _, k in ipairs({'error', 'eta_s', 'fps', 'speed', 'finished_at'}) do
+  if record[k] then table.insert(gone, k); record[k] = nil end
 end
+if #gone > 0 then redis.call('HDEL', KEYS[1], unpack(gone)) end
 if state ~= 'running' then
-  redis.call('ZREM', ARGV[7] .. (cur[3] or '') .. ':' .. state, ARGV[6])
-  redis.call('ZADD', ARGV[7] .. (cur[3] or '') .. ':running', tonumber(cur[4]) or 0, ARGV[6])
+  local kind = record['kind'] or ''
+  redis.call('ZREM', ARGV[7] .. kind .. ':' .. state, ARGV[6])
+  redis.call('ZADD', ARGV[7] .. kind .. ':running', tonumber(record['created_at']) or 0, ARGV[6])
 end
 local lease = cjson.encode({attempt = attempt, worker = ARGV[1], token = ARGV[2]})
 redis.call('SET', KEYS[3], lease, 'PX', ARGV[3])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]) / 1000, ARGV[6])
-local all = redis.call('HGETALL', KEYS[1])
-local record = {}
-for i = 1, #all, 2 do record[all[i]] = all[i + 1] end
 local encoded = cjson.encode(record)
 redis.call('PUBLISH', KEYS[2], encoded)
 return {'claimed', tostring(attempt), encoded}
