@@ -81,12 +81,14 @@ return 1
 # the key lives, ARGV[3] = the job hash key prefix. Returns the id of a queued or running job
 # that already holds the fingerprint, else takes it for the new job and returns false.
 _DEDUP_LUA = """
-local existing = redis.call('GET', KEYS[1])
-if existing and existing ~= ARGV[1] then
-  local state = redis.call('HGET', ARGV[3] .. existing, 'state')
-  if state == 'queued' or state == 'running' then return existing end
+local existing = redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX', 'GET')
+if existing then
+  if existing ~= ARGV[1] then
+    local state = redis.call('HGET', ARGV[3] .. existing, 'state')
+    if state == 'queued' or state == 'running' then return existing end
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 """
 
@@ -98,12 +100,15 @@ return false
 # or false when the job was recorded and queued.
 _SUBMIT_LUA = """
 if tonumber(ARGV[3]) > 0 then
-  local existing = redis.call('GET', KEYS[3])
-  if existing and existing ~= ARGV[1] then
-    local state = redis.call('HGET', ARGV[4] .. existing, 'state')
-    if state == 'queued' or state == 'running' then return existing end
+  -- Taken at once when free (one command: the usual case); else who holds it decides.
+  local existing = redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3], 'NX', 'GET')
+  if existing then
+    if existing ~= ARGV[1] then
+      local state = redis.call('HGET', ARGV[4] .. existing, 'state')
+      if state == 'queued' or state == 'running' then return existing end
+    end
+    redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
   end
-  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
 end
 local flat = {}
 for k, v in pairs(cjson.decode(ARGV[7])) do table.insert(flat, k); table.insert(flat, v) end
