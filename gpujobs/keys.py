@@ -25,12 +25,11 @@ JOB_EVENTS = PREFIX + ":events:{job_id}"
 ALL_JOB_EVENTS = PREFIX + ":events:*"
 # List per job: one JSON entry per attempt (worker, start, end, outcome, reason), oldest first.
 ATTEMPTS = PREFIX + ":attempts:{job_id}"
-# Logs per job (`gpujobs logs ID`): LOG is one text per attempt and source ("ffmpeg" for a
-# transcode's whole stderr; inference may add "requests"), appended with APPEND; LOGS is the
-# job's sorted set of "<attempt>:<source>" members scored by attempt, to list them in order.
-# Both expire with the record (record_ttl_s after their last write).
+# Logs per job (`gpujobs logs ID`): one text per attempt and source (LOG_SOURCES), written once
+# with SET EX when the attempt's tool ends, expiring with the record (record_ttl_s). No index:
+# a reader finds them from the record's attempt count (attempts 1..N, each source).
 LOG = PREFIX + ":log:{job_id}:{attempt}:{source}"
-LOGS = PREFIX + ":logs:{job_id}"
+LOG_SOURCES = ("ffmpeg",)  # "ffmpeg": a transcode's whole stderr
 # Idempotency: spec fingerprint -> job id of the live job for it, so a duplicate submit returns it.
 DEDUP = PREFIX + ":dedup:{fingerprint}"
 
@@ -79,10 +78,6 @@ def attempts(job_id: str) -> str:
 
 def log(job_id: str, attempt: int, source: str) -> str:
     return LOG.format(job_id=job_id, attempt=attempt, source=source)
-
-
-def logs(job_id: str) -> str:
-    return LOGS.format(job_id=job_id)
 
 
 def dedup(fingerprint: str) -> str:

@@ -239,9 +239,13 @@ class JobStore:
             pipe.execute()
 
     def purge(self, job_id: str) -> None:
-        """Remove a job's record, its attempt history and its index entries (`gpujobs clean`)."""
+        """Remove a job's record, its attempt history, its logs and its index entries
+        (`gpujobs clean`)."""
+        last = self.redis.hget(keys.job(job_id), "attempt")
+        logs = [keys.log(job_id, n, source) for n in range(1, int(last or 0) + 1)
+                for source in keys.LOG_SOURCES]  # fmt: skip
         with self.redis.pipeline() as pipe:
-            pipe.delete(keys.job(job_id), keys.attempts(job_id))
+            pipe.delete(keys.job(job_id), keys.attempts(job_id), *logs)
             for index in ALL_INDEXES:
                 pipe.zrem(index, job_id)
             pipe.execute()
@@ -317,34 +321,28 @@ class JobStore:
         rows: list[str] = self.redis.lrange(keys.attempts(job_id), 0, -1)  # type: ignore[assignment]
         return [json.loads(row) for row in rows]
 
-    def append_log(self, job_id: str, attempt: int, source: str, text: str) -> None:
-        """Append `text` to the log of one attempt of a job from one source ("ffmpeg", or
-        "requests" for inference); it expires with the record (record_ttl_s after this write).
-        source: letters, digits, '-' and '_' only (ValueError otherwise)."""
-        if not source or not all(c.isalnum() or c in "-_" for c in source):
-            raise ValueError(f"log source must be letters, digits, - or _, got {source!r}")
-        key = keys.log(job_id, attempt, source)
-        # One round trip, no MULTI/EXEC: the text is written before the index entry that leads
-        # readers to it, and each command stands on its own.
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.append(key, text)
-            pipe.expire(key, self.record_ttl_s)
-            pipe.zadd(keys.logs(job_id), {f"{attempt}:{source}": attempt})
-            pipe.expire(keys.logs(job_id), self.record_ttl_s)
-            pipe.execute()
+    def write_log(self, job_id: str, attempt: int, source: str, text: str) -> None:
+        """Keep `text` as the log of one attempt of a job from one source (keys.LOG_SOURCES:
+        "ffmpeg"), replacing what that attempt and source had; it expires with the record
+        (record_ttl_s). One command. ValueError for a source not in keys.LOG_SOURCES."""
+        if source not in keys.LOG_SOURCES:
+            known = ", ".join(keys.LOG_SOURCES)
+            raise ValueError(f"log source must be one of {known}, got {source!r}")
+        self.redis.set(keys.log(job_id, attempt, source), text, ex=self.record_ttl_s)
 
     def logs(self, job_id: str, attempt: int | None = None) -> list[LogEntry]:
         """A job's logs, oldest attempt first (only `attempt`'s when given); [] when none."""
-        members: list[Any] = self.redis.zrange(keys.logs(job_id), 0, -1)
-        entries = []
-        for member in members:
-            number, _, source = _str(member).partition(":")
-            if attempt is not None and int(number) != attempt:
-                continue
-            text = self.redis.get(keys.log(job_id, int(number), source))
-            if text is not None:
-                entries.append(LogEntry(int(number), source, _str(text)))
-        return entries
+        if attempt is None:
+            last = self.redis.hget(keys.job(job_id), "attempt")
+            attempts = range(1, int(last) + 1) if last else range(0)
+        else:
+            attempts = range(attempt, attempt + 1)
+        wanted = [(number, source) for number in attempts for source in keys.LOG_SOURCES]
+        if not wanted:
+            return []
+        texts = self.redis.mget([keys.log(job_id, n, source) for n, source in wanted])
+        found = zip(wanted, texts, strict=True)
+        return [LogEntry(n, source, _str(text)) for (n, source), text in found if text is not None]
 
     def list(self, limit: int = 50, states: Iterable[JobState] = ()) -> list[JobRecord]:
         """Newest first (by creation time), `limit` at most; only jobs in `states` when given.

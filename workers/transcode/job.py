@@ -246,7 +246,7 @@ class TranscodeAttempt:
     def keep_log(self, lines: list[str]) -> None:
         """Keep ffmpeg's whole stderr as this attempt's log (`gpujobs logs ID`)."""
         try:
-            self.store.append_log(self.job_id, self.attempt, "ffmpeg", "\n".join(lines) + "\n")
+            self.store.write_log(self.job_id, self.attempt, "ffmpeg", "\n".join(lines) + "\n")
         except Exception:  # a log we could not keep never fails the job
             log.warning("job %s: could not keep the ffmpeg log", self.job_id, exc_info=True)
 
