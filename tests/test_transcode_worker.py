@@ -40,7 +40,7 @@ def test_transcode_end_to_end_with_live_progress(
     assert final.state is JobState.SUCCEEDED, final.error
     assert states[0] is JobState.QUEUED and JobState.RUNNING in states
     assert percents == sorted(percents) and percents[-1] == 100.0
-    assert progress_event.wait(30) and progress_event.uuid == job.id
+    assert progress_event.wait(60) and progress_event.uuid == job.id
     assert final.worker and final.node and final.attempt == 1 and final.encode_path == "cpu"
     output = client.settings.media / "in" / "talk.360p.mp4"
     info = probe(output)
@@ -85,9 +85,12 @@ class EventSeen(threading.Event):
 
 def watch_task_events(client: Client, event_type: str) -> EventSeen:
     """Listen to Celery's task events from a thread; the returned event is set on the first
-    `event_type` (its task id in `.uuid`)."""
+    `event_type` (its task id in `.uuid`). Returns once the listener is subscribed (kombu's
+    fanout is a PSUBSCRIBE: the server's pattern count rises), so no event sent after it is
+    missed."""
     seen = EventSeen()
     ready = threading.Event()
+    patterns_before = int(client.redis.pubsub_numpat())
 
     def listen() -> None:
         with client.app.connection() as connection:
@@ -99,10 +102,11 @@ def watch_task_events(client: Client, event_type: str) -> EventSeen:
 
             receiver = client.app.events.Receiver(connection, handlers={event_type: on_event})
             ready.set()
-            receiver.capture(limit=None, timeout=30, wakeup=False)
+            receiver.capture(limit=None, timeout=600, wakeup=False)
 
     threading.Thread(target=listen, daemon=True).start()
-    ready.wait(30)
+    ready.wait(60)
+    wait_for(lambda: int(client.redis.pubsub_numpat()) > patterns_before, timeout_s=60)
     return seen
 
 
