@@ -21,6 +21,7 @@ from gpujobs.client import Client
 from gpujobs.errors import InvalidSpec
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess, wait_for
+from workers.supervisor import STOP_TIMEOUT_S
 
 FAKE_BIN = Path(__file__).parent / "fake_bin"
 NODE = "node-1"
@@ -55,6 +56,7 @@ def children(pid: int) -> dict[str, psutil.Process]:
     return found
 
 
+@pytest.mark.timeout(400)
 def test_one_pinned_worker_per_gpu_each_on_its_own_queue(
     client: Client, broker_url: str, media_clip: Callable[..., Path],
     start_worker: Callable[..., WorkerProcess],
@@ -119,7 +121,9 @@ def test_one_pinned_worker_per_gpu_each_on_its_own_queue(
 
     # SIGTERM: passed on for a warm shutdown; the node's heartbeat is withdrawn.
     procs = list(children(supervisor.pid).values())
-    assert supervisor.stop(timeout_s=60) == 0
+    # A child stopped within a second of its start can sit in Celery's warm shutdown (seen on a
+    # loaded machine); the supervisor kills it after STOP_TIMEOUT_S and still exits 0.
+    assert supervisor.stop(timeout_s=STOP_TIMEOUT_S + 60) == 0
     _, alive = psutil.wait_procs(procs, timeout=10)
     assert not alive
     assert heartbeat(broker_url) == {}
