@@ -187,39 +187,44 @@ class JobStore:
             pipe.execute()
 
     def submit(self, jobs: list[Submission]) -> list[str | None]:
-        """Record, index and queue each job, all in one pipelined round trip.
+        """Record, index and queue each job, in one round trip.
 
         Each job is one script call that writes its record, its state index entry and its
         Celery message (and task-sent event) at once, after the duplicate check: for each job,
         the id of the queued or running job that already holds its fingerprint (nothing of
-        this one is written), or None when it was queued.
+        this one is written), or None when it was queued. One job is one EVALSHA (a pipeline
+        would first send SCRIPT EXISTS: a second command and round trip); more are pipelined.
         """
+        if len(jobs) == 1:
+            return [_found(self._submit(*self._submit_call(jobs[0])))]
         with self.redis.pipeline(transaction=False) as pipe:
             for job in jobs:
-                record = job.record
-                self._submit(
-                    keys=[
-                        keys.job(record.id),
-                        _index(record.kind, record.state),
-                        keys.dedup(job.fingerprint or "-"),
-                        job.queue_list,
-                        job.event_channel,
-                        keys.QUEUES,
-                    ],
-                    args=[
-                        record.id,
-                        record.created_at,
-                        self.record_ttl_s if job.fingerprint else 0,
-                        keys.JOB.format(job_id=""),
-                        job.message,
-                        job.event,
-                        json.dumps(_lean(record.to_hash()), separators=(",", ":")),
-                        "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
-                    ],
-                    client=pipe,
-                )
+                self._submit(*self._submit_call(job), client=pipe)
             results = pipe.execute()
-        return [_str(found) if found else None for found in results]
+        return [_found(found) for found in results]
+
+    def _submit_call(self, job: Submission) -> tuple[list[str], list[Any]]:
+        """The submit script's keys and arguments for `job`."""
+        record = job.record
+        script_keys = [
+            keys.job(record.id),
+            _index(record.kind, record.state),
+            keys.dedup(job.fingerprint or "-"),
+            job.queue_list,
+            job.event_channel,
+            keys.QUEUES,
+        ]
+        args = [
+            record.id,
+            record.created_at,
+            self.record_ttl_s if job.fingerprint else 0,
+            keys.JOB.format(job_id=""),
+            job.message,
+            job.event,
+            json.dumps(_lean(record.to_hash()), separators=(",", ":")),
+            "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
+        ]
+        return script_keys, args
 
     def claim_fingerprint(self, fingerprint: str, job_id: str) -> str | None:
         """Make `job_id` the live job for `fingerprint`, unless a queued or running job already
@@ -495,6 +500,11 @@ def parse_published(data: Any) -> JobRecord | None:
         return JobRecord.from_hash(json.loads(text))
     except (ValueError, TypeError):
         return None
+
+
+def _found(value: Any) -> str | None:
+    """A submit script's answer: the id of the job already holding the fingerprint, or None."""
+    return _str(value) if value else None
 
 
 def _str(value: bytes | str) -> str:
