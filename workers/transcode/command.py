@@ -24,12 +24,11 @@ import ctypes
 import dataclasses
 import functools
 import os
-import queue
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -386,6 +385,42 @@ def stale_temporaries(output: Path, job_id: str) -> list[Path]:
     return list(output.parent.glob(f".{output.stem}.{job_id}.*.part{output.suffix}"))
 
 
+def _ignore(_: ProgressSample) -> None:
+    """A progress callback that drops the sample."""
+
+
+class _LinePipes:
+    """Lines from several pipes read in one thread: `read` waits up to `timeout_s` for data on
+    any of them and hands each complete line (without its newline) to `on_line(name, line)`; a
+    pipe at its end gives its last unterminated line and is dropped from `open`."""
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._partial: dict[int, bytes] = {}
+        for fd, name in names.items():
+            self._selector.register(fd, selectors.EVENT_READ, name)
+            self._partial[fd] = b""
+        self.open = len(names)
+
+    def read(self, timeout_s: float, on_line: Callable[[str, bytes], None]) -> None:
+        for key, _ in self._selector.select(timeout_s):
+            fd, name = int(key.fd), str(key.data)
+            data = os.read(fd, 1 << 16)
+            if not data:
+                self._selector.unregister(fd)
+                self.open -= 1
+                rest, self._partial[fd] = self._partial[fd], b""
+                if rest:
+                    on_line(name, rest)
+                continue
+            *lines, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
+            for line in lines:
+                on_line(name, line)
+
+    def close(self) -> None:
+        self._selector.close()
+
+
 def run_ffmpeg(
     command: list[str],
     on_progress: Callable[[ProgressSample], None],
@@ -400,55 +435,40 @@ def run_ffmpeg(
     assert proc.stdout is not None and proc.stderr is not None
     head: list[str] = []
     tail: deque[str] = deque(maxlen=LOG_KEEP_LINES)
-    counted = [0]
-    blocks: queue.Queue[dict[str, str] | None] = queue.Queue()
+    counted = 0
     meter = InputReadMeter(proc.pid, input_file) if input_file is not None else None
+    block: dict[str, str] = {}
+    last: ProgressSample | None = None
 
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
+    def on_line(stream: str, raw: bytes) -> None:
+        nonlocal counted, block, last
+        if stream == "stderr":
             line = raw.decode(errors="replace").rstrip()
             if line:
-                counted[0] += 1
+                counted += 1
                 if len(head) < LOG_KEEP_LINES:
                     head.append(line)
                 else:
                     tail.append(line)
+            return
+        key, _, value = raw.decode(errors="replace").strip().partition("=")
+        block[key] = value
+        if key == "progress":
+            sample = parse_progress_block(block)
+            block = {}
+            if meter is not None:
+                read = 1.0 if sample.done else meter.fraction()
+                sample = dataclasses.replace(sample, read_fraction=read)
+            last = sample
+            on_progress(sample)
 
-    def read_progress() -> None:
-        assert proc.stdout is not None
-        block: dict[str, str] = {}
-        for raw in proc.stdout:
-            key, _, value = raw.decode(errors="replace").strip().partition("=")
-            block[key] = value
-            if key == "progress":
-                blocks.put(block)
-                block = {}
-        blocks.put(None)
-
-    readers = [
-        threading.Thread(target=read_stderr, daemon=True),
-        threading.Thread(target=read_progress, daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
+    # Both pipes are read in this thread (one selector, no reader threads: a thread started
+    # costs more than a tiny job's whole progress).
+    pipes = _LinePipes({proc.stdout.fileno(): "progress", proc.stderr.fileno(): "stderr"})
     stopped = False
-    last: ProgressSample | None = None
     try:
-        while True:
-            try:
-                block = blocks.get(timeout=check_every_s)
-            except queue.Empty:
-                block = {}
-            if block is None:
-                break
-            if block:
-                sample = parse_progress_block(block)
-                if meter is not None:
-                    read = 1.0 if sample.done else meter.fraction()
-                    sample = dataclasses.replace(sample, read_fraction=read)
-                last = sample
-                on_progress(sample)
+        while pipes.open:
+            pipes.read(check_every_s, on_line)
             if should_stop():
                 stopped = True
                 break
@@ -456,10 +476,16 @@ def run_ffmpeg(
         if stopped or proc.poll() is None:
             kill_group(proc)  # stopped on request, or our loop raised: never leave ffmpeg behind
     returncode = proc.wait()
-    for reader in readers:
-        reader.join(timeout=5)
+    if stopped:  # what ffmpeg wrote before it was killed still goes into the log
+        deadline = time.monotonic() + 5.0
+        on_progress = _ignore  # no progress reported after the stop
+        while pipes.open and time.monotonic() < deadline:
+            pipes.read(0.25, on_line)
+    pipes.close()
+    proc.stdout.close()
+    proc.stderr.close()
     log = list(head)
-    left_out = counted[0] - len(head) - len(tail)
+    left_out = counted - len(head) - len(tail)
     if left_out > 0:
         log.append(f"[... {left_out} lines left out ...]")
     log += tail
