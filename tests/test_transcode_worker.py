@@ -25,7 +25,9 @@ def test_transcode_end_to_end_with_live_progress(
 ) -> None:
     source = media_clip("in/talk.mp4", seconds=6, size="1280x720")
     progress_event = watch_task_events(client, "task-progress")  # what Flower shows as PROGRESS
-    job = client.submit_transcode(source, height=360)
+    # x264 "slow" (p7): the job runs long enough for Flower's relay to be up and send (a job
+    # of a third of a second can end before the relay's first event).
+    job = client.submit_transcode(source, height=360, preset="p7")
     # The watch sees the job queued before any worker exists (a worker started first can
     # claim it before a slowed watcher's first read), then every change after.
     watching = job.watch(timeout=120)
