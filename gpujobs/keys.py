@@ -30,6 +30,11 @@ ATTEMPTS = PREFIX + ":attempts:{job_id}"
 # a reader finds them from the record's attempt count (attempts 1..N, each source).
 LOG = PREFIX + ":log:{job_id}:{attempt}:{source}"
 LOG_SOURCES = ("ffmpeg",)  # "ffmpeg": a transcode's whole stderr
+# kombu's Redis transport (its default key names, not prefixed): a message taken from a queue
+# waits in the UNACKED hash (delivery tag -> [message, exchange, routing key]) and the
+# UNACKED_INDEX sorted set (tag scored by delivery time) until it is acknowledged.
+KOMBU_UNACKED = "unacked"
+KOMBU_UNACKED_INDEX = "unacked_index"
 # Idempotency: spec fingerprint -> job id of the live job for it, so a duplicate submit returns it.
 DEDUP = PREFIX + ":dedup:{fingerprint}"
 

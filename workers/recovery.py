@@ -25,6 +25,7 @@ from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_a
 from gpujobs.specs import JobKind, JobState
 from gpujobs.store import JobStore
 from workers.inference.chunk import requeue_expired_chunks
+from workers.lost_deliveries import restore_lost_deliveries
 from workers.transcode.split_progress import fail_parent
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def expired_leases(store: JobStore) -> list[str]:
 
 
 class Watchdog:
-    """A thread that, once per `interval_s`, requeues running jobs whose lease expired.
+    """A thread that, once per `interval_s`, requeues running jobs whose lease expired, resends
+    expired inference chunks and gives deliveries lost with their connection back to their
+    queue (workers/lost_deliveries.py).
 
     Every worker runs one; a Redis lock (SET NX PX) lets one of them win each round.
     """
@@ -141,6 +144,7 @@ class Watchdog:
                 moved.append(job_id)
             self.store.redis.zrem(keys.LEASES, job_id)
         moved += requeue_expired_chunks(self.store, self.app, self.max_attempts)
+        moved += restore_lost_deliveries(self.store, self.app)
         return moved
 
 

@@ -1,0 +1,80 @@
+"""A delivery lost with its connection (the message in kombu's unacked hash, its job never
+claimed) goes back to its queue at the watchdog's round, not after the 12 h visibility timeout."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from gpujobs import keys
+from gpujobs.app import make_app
+from gpujobs.client import Client
+from gpujobs.config import Settings
+from gpujobs.specs import JobState
+from tests.helpers import WorkerProcess
+from workers.lost_deliveries import restore_lost_deliveries
+
+
+def take_without_ack(r: redis.Redis, tag: str, taken_s_ago: float) -> dict[str, Any]:
+    """Take the one transcode message from its queue as kombu's Redis transport delivers it
+    (into the unacked hash and its index, scored by delivery time), and never acknowledge it:
+    what a worker whose connection dropped at that instant leaves behind."""
+    for name in keys.queue_lists("transcode"):
+        raw = r.rpop(name)
+        if raw is not None:
+            message: dict[str, Any] = json.loads(raw)
+            r.hset(keys.KOMBU_UNACKED, tag, json.dumps([message, "", "transcode"]))
+            r.zadd(keys.KOMBU_UNACKED_INDEX, {tag: time.time() - taken_s_ago})
+            return message
+    raise AssertionError("no message queued")
+
+
+def queued_messages(r: redis.Redis) -> int:
+    return sum(int(r.llen(name)) for name in keys.queue_lists("transcode"))  # type: ignore[arg-type]
+
+
+def test_a_lost_delivery_goes_back_to_its_queue_and_runs(
+    client: Client, settings: Settings, media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:  # fmt: skip
+    r = client.redis
+    app = make_app(settings, client.broker_url)
+    job = client.submit_transcode(media_clip("lost.mp4", seconds=1, size="320x240"), height=120)
+    take_without_ack(r, "tag-lost", taken_s_ago=5)
+    # Delivered 5 s ago: not yet counted as lost (30 s by default).
+    assert restore_lost_deliveries(client.store, app) == []
+    assert queued_messages(r) == 0
+    r.zadd(keys.KOMBU_UNACKED_INDEX, {"tag-lost": time.time() - 60})
+    assert restore_lost_deliveries(client.store, app) == [job.id]
+    assert queued_messages(r) == 1
+    assert not r.hexists(keys.KOMBU_UNACKED, "tag-lost")
+    assert not r.zscore(keys.KOMBU_UNACKED_INDEX, "tag-lost")
+    start_worker()
+    record = job.wait(timeout=120)
+    assert record.state is JobState.SUCCEEDED and record.attempt == 1, record.error
+
+
+def test_claimed_jobs_and_countdowns_are_left_alone(
+    client: Client, settings: Settings, media_clip: Callable[..., Path],
+) -> None:  # fmt: skip
+    r = client.redis
+    app = make_app(settings, client.broker_url)
+    source = media_clip("kept.mp4", seconds=1, size="320x240")
+    # A job some worker claimed (running, or over): its message is that worker's to ack.
+    running = client.submit_transcode(source, height=120)
+    take_without_ack(r, "tag-running", taken_s_ago=600)
+    client.store.update(running.id, state=JobState.RUNNING)
+    # A message held for its countdown (an NVENC wait, a retry's backoff) that is not yet due.
+    waiting = client.submit_transcode(source, height=96)
+    message = take_without_ack(r, "tag-countdown", taken_s_ago=600)
+    message["headers"]["eta"] = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    r.hset(keys.KOMBU_UNACKED, "tag-countdown", json.dumps([message, "", "transcode"]))
+    assert restore_lost_deliveries(client.store, app) == []
+    assert r.hlen(keys.KOMBU_UNACKED) == 2 and queued_messages(r) == 0
+    assert waiting.status().state is JobState.QUEUED

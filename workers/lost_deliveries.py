@@ -1,0 +1,89 @@
+"""Deliveries lost with their connection: give them back to their queue.
+
+A worker that takes a message from its queue moves it into kombu's `unacked` hash (indexed by
+delivery time in `unacked_index`) until it acknowledges it. When the worker's connection to
+Redis drops at that instant (a broker restart), kombu's own restore of the message fails with
+the connection, and Redis hands the message out again only after the visibility timeout (12 h
+by default, longer than the longest job): the job stays `queued` all that time.
+
+The watchdog calls `restore_lost_deliveries` each round: a transcode message delivered more
+than `after_s` seconds ago whose job is still `queued` (never claimed: a claim happens as the
+task starts) and that carries no countdown still running goes back to the head of its queue,
+out of the unacked hash, through kombu's own `QoS.restore_by_tag`. A copy restored while its
+worker was about to start it after all is harmless: the claim runs a job once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+
+from gpujobs import keys
+from gpujobs.app import TRANSCODE_TASK
+from gpujobs.specs import JobState
+from gpujobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+LOST_AFTER_S = 30.0  # a delivery not claimed this long after it was taken is lost (default)
+BATCH = 100  # unacked messages looked at per round, oldest first
+
+
+def restore_lost_deliveries(
+    store: JobStore, app: Celery, after_s: float = LOST_AFTER_S
+) -> list[str]:
+    """Give each lost transcode delivery back to its queue; the ids of their jobs.
+
+    after_s: seconds since the delivery (kombu's `unacked_index` score, the delivering worker's
+    clock) before a message whose job is still queued counts as lost (default 30).
+    """
+    redis = store.redis
+    now = time.time()
+    tags: list[Any] = redis.zrangebyscore(
+        keys.KOMBU_UNACKED_INDEX, "-inf", now - after_s, start=0, num=BATCH
+    )
+    if not tags:
+        return []
+    payloads: list[Any] = redis.hmget(keys.KOMBU_UNACKED, tags)
+    lost: list[tuple[Any, str]] = []
+    for tag, payload in zip(tags, payloads, strict=True):
+        job_id = _lost_job(payload, now - after_s)
+        if job_id is not None and _text(redis.hget(keys.job(job_id), "state")) == JobState.QUEUED:
+            lost.append((tag, job_id))
+    if not lost:
+        return []
+    with app.connection_for_write() as connection:
+        qos = connection.default_channel.qos
+        for tag, job_id in lost:
+            qos.restore_by_tag(tag, leftmost=True)
+            log.warning("job %s: its delivery was lost with its connection; back in its queue",
+                        job_id)  # fmt: skip
+    return [job_id for _, job_id in lost]
+
+
+def _lost_job(payload: Any, before: float) -> str | None:
+    """The job id of an unacked transcode message that should have started before `before`
+    (epoch s), or None (another task, a countdown not yet due, or not kombu's shape)."""
+    if payload is None:
+        return None
+    try:
+        message, _exchange, _routing_key = json.loads(payload)
+        headers = message["headers"]
+        if headers.get("task") != TRANSCODE_TASK:
+            return None
+        eta = headers.get("eta")
+        if eta and datetime.fromisoformat(eta).timestamp() > before:
+            return None  # held for its countdown (an NVENC wait, a retry's backoff)
+        job_id = headers["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return job_id if isinstance(job_id, str) else None
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
