@@ -77,21 +77,6 @@ redis.call('PUBLISH', KEYS[2], cjson.encode(record))
 return 1
 """
 
-# KEYS[1] = the dedup key of a spec's fingerprint. ARGV[1] = the new job's id, ARGV[2] = seconds
-# the key lives, ARGV[3] = the job hash key prefix. Returns the id of a queued or running job
-# that already holds the fingerprint, else takes it for the new job and returns false.
-_DEDUP_LUA = """
-local existing = redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX', 'GET')
-if existing then
-  if existing ~= ARGV[1] then
-    local state = redis.call('HGET', ARGV[3] .. existing, 'state')
-    if state == 'queued' or state == 'running' then return existing end
-  end
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-end
-return false
-"""
-
 # KEYS: job hash, state index, dedup key (unused when ARGV[3] is 0), queue list, event channel.
 # ARGV: job id, created_at, dedup TTL in seconds (0: no duplicate check), job hash key prefix,
 # the Celery message, the task-sent event ("" for none), the record's fields (a JSON object),
@@ -175,7 +160,6 @@ class JobStore:
         self.redis = client
         self.record_ttl_s = record_ttl_s
         self._update = client.register_script(_UPDATE_LUA)
-        self._dedup = client.register_script(_DEDUP_LUA)
         self._submit = client.register_script(_SUBMIT_LUA)
 
     def create(self, record: JobRecord) -> None:
@@ -225,15 +209,6 @@ class JobStore:
             "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
         ]
         return script_keys, args
-
-    def claim_fingerprint(self, fingerprint: str, job_id: str) -> str | None:
-        """Make `job_id` the live job for `fingerprint`, unless a queued or running job already
-        is: then return that job's id. Call after `create`, so a racing submit sees a record."""
-        existing = self._dedup(
-            keys=[keys.dedup(fingerprint)],
-            args=[job_id, self.record_ttl_s, keys.JOB.format(job_id="")],
-        )
-        return _str(existing) if existing else None
 
     def delete(self, job_id: str) -> None:
         """Remove a record that never reached a queue (its send failed)."""

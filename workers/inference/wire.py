@@ -88,8 +88,8 @@ def _finite_float(text: str) -> float:
 
 
 def scrub(value: Any) -> Any:
-    """A JSON value with every lone UTF-16 surrogate (from a `\\udXXX` escape that pairs with
-    nothing) replaced by U+FFFD, so that it can be written as UTF-8."""
+    """A JSON value with every lone UTF-16 surrogate (from a `\\ud800`..`\\udfff` escape that pairs
+    with nothing) replaced by U+FFFD, so that it can be written as UTF-8."""
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
