@@ -385,10 +385,6 @@ def stale_temporaries(output: Path, job_id: str) -> list[Path]:
     return list(output.parent.glob(f".{output.stem}.{job_id}.*.part{output.suffix}"))
 
 
-def _ignore(_: ProgressSample) -> None:
-    """A progress callback that drops the sample."""
-
-
 class _LinePipes:
     """Lines from several pipes read in one thread: `read` waits up to `timeout_s` for data on
     any of them and hands each complete line (without its newline) to `on_line(name, line)`; a
@@ -451,6 +447,8 @@ def run_ffmpeg(
                 else:
                     tail.append(line)
             return
+        if stopped:  # after a stop only the log is read, no progress reported
+            return
         key, _, value = raw.decode(errors="replace").strip().partition("=")
         block[key] = value
         if key == "progress":
@@ -478,7 +476,6 @@ def run_ffmpeg(
     returncode = proc.wait()
     if stopped:  # what ffmpeg wrote before it was killed still goes into the log
         deadline = time.monotonic() + 5.0
-        on_progress = _ignore  # no progress reported after the stop
         while pipes.open and time.monotonic() < deadline:
             pipes.read(0.25, on_line)
     pipes.close()
