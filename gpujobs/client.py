@@ -6,6 +6,7 @@ before anything is queued; a problem raises InvalidSpec with one line that says 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import redis
 from celery import Celery
 from pydantic import ValidationError
 
@@ -65,18 +67,35 @@ class PreparedJob:
 
 
 class Client:
-    """A connection to one gpujobs cluster (or the local stack). Cheap to make; reuse it."""
+    """A connection to one gpujobs cluster (or the local stack). Cheap to make; reuse it.
+
+    The broker is reached on first use, not here: checking a spec (`prepare_transcode`, a
+    refused file) neither starts the local stack nor needs a broker. start_local: with no
+    broker configured, start the embedded one on first use (False: BrokerUnreachable then).
+    """
 
     def __init__(self, settings: Settings | None = None, start_local: bool = True) -> None:
         self.settings = settings or Settings()
-        self.broker_url = broker_url(self.settings, start_local=start_local)
-        self.redis = connect(self.broker_url, self.settings)
-        self.store = JobStore(self.redis, record_ttl_s=self.settings.record_ttl_s)
+        self._start_local = start_local
         self._app: Celery | None = None
         self._messages: TaskMessages | None = None
         self._media_root: Path | None = None
         self._dir_cache: dict[Path, Path] | None = None  # folders resolved, in a bulk submit
         self._checked_params: set[tuple[tuple[str, Any], ...]] = set()
+
+    @functools.cached_property
+    def broker_url(self) -> str:
+        """The broker's URL (the local stack's, started if need be); BrokerUnreachable if none."""
+        return broker_url(self.settings, start_local=self._start_local)
+
+    @functools.cached_property
+    def redis(self) -> redis.Redis:
+        """A client of the broker that has answered PING; BrokerUnreachable if it does not."""
+        return connect(self.broker_url, self.settings)
+
+    @functools.cached_property
+    def store(self) -> JobStore:
+        return JobStore(self.redis, record_ttl_s=self.settings.record_ttl_s)
 
     @property
     def app(self) -> Celery:

@@ -18,6 +18,29 @@ from tests.helpers import WorkerProcess, make_clip
 from tests.k8s_cluster import k8s_cluster  # noqa: F401  (a session fixture: the real API server)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_stack_in_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A test that names no state dir still never starts a stack in the user's own one: the
+    session's default is a temporary folder, and a stack left running there is stopped and
+    fails the run (a test that starts a stack must stop it)."""
+    state = tmp_path_factory.mktemp("default-state")
+    old = os.environ.get("GPUJOBS_STATE_DIR")
+    os.environ["GPUJOBS_STATE_DIR"] = str(state)
+    yield state
+    if old is None:
+        os.environ.pop("GPUJOBS_STATE_DIR", None)
+    else:
+        os.environ["GPUJOBS_STATE_DIR"] = old
+    if (state / "stack.json").exists():
+        import subprocess
+        import sys
+
+        env = {**os.environ, "GPUJOBS_STATE_DIR": str(state)}
+        subprocess.run([sys.executable, "-m", "gpujobs", "down"], env=env, check=False,
+                       capture_output=True, timeout=120)  # fmt: skip
+        pytest.fail(f"a test left the local stack running in {state} (stopped now)")
+
+
 @pytest.fixture(scope="session")
 def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyServer]:
     server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"), save="", appendonly="no")

@@ -27,8 +27,10 @@ from gpujobs.monitor.flower import is_loopback
 
 
 def make_app(settings: Settings, client: Client | None = None) -> FastAPI:
-    """The API over the cluster `settings` name (or over `client`)."""
+    """The API over the cluster `settings` name (or over `client`). BrokerUnreachable when
+    the broker does not answer: a server that cannot do its work does not start."""
     client = client or Client(settings)
+    client.redis  # noqa: B018  (the Client connects lazily: reach the broker now)
     files = FileStore(settings.media, settings.api_max_file_bytes)
     batches = BatchService(client, files)
     key = settings.api_key.get_secret_value() if settings.api_key else None

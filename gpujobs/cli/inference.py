@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
-from gpujobs.cli.render import STATE_STYLES
+from gpujobs.cli.render import STATE_STYLES, start_stack
 from gpujobs.errors import GpujobsError, InvalidSpec
 
 if TYPE_CHECKING:
@@ -112,9 +112,12 @@ def submit_batches(
         raise InvalidSpec(f"{flags} {verb} not apply to a batch file (see gpujobs infer --help)")
     if output is not None and len(files) > 1:
         raise InvalidSpec("--output takes one batch file; drop it to name outputs per input")
-    client = Client(Settings())
+    settings = Settings()
     out = None if output is None else _cwd_path(output)
-    prepared = [prepare_batch(client.settings, _cwd_path(f), out, **params) for f in files]
+    # Every file is checked before the broker is touched: a refused batch starts no stack.
+    prepared = [prepare_batch(settings, _cwd_path(f), out, **params) for f in files]
+    start_stack(settings)
+    client = Client(settings)
     ids = enqueue_batches(prepared, settings=client.settings, store=client.store, app=client.app)
     jobs = [Job(job_id, client) for job_id in ids]  # all or none: every file written first
     if not wait:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpujobs.cli.render import console, exit_for, follow, record_json
+from gpujobs.cli.render import console, exit_for, follow, record_json, start_stack
 from gpujobs.errors import InvalidSpec
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def submit_ladders(
         prepared.append(ladder_sdk.prepare(
             client, given_path, out, copy, renditions=renditions, package=package, **params
         ))  # fmt: skip
+    start_stack(client.settings)  # every file checked: now the broker
     jobs = [ladder_sdk.enqueue_prepared(client, spec, copy_from) for spec, copy_from in prepared]
     if not wait:
         for job in jobs:

@@ -200,8 +200,16 @@ err_console = Console(stderr=True, soft_wrap=True)
 def open_client(settings: Settings) -> Client:
     """A Client for a command that may start the local stack (submit, demo, infer); when it does,
     one line on stderr says so, with Flower's URL and how to stop it."""
-    from gpujobs import local
     from gpujobs.client import Client
+
+    start_stack(settings)
+    return Client(settings)
+
+
+def start_stack(settings: Settings) -> None:
+    """With no broker configured, start the local stack unless it runs; when it starts, one
+    line on stderr says so, with Flower's URL and how to stop it."""
+    from gpujobs import local
 
     if settings.embedded:
         _, started = local.ensure_running_started(settings)
@@ -213,7 +221,6 @@ def open_client(settings: Settings) -> Client:
                 "stop it with `gpujobs down`",
                 markup=False, highlight=False,
             )  # fmt: skip
-    return Client(settings)
 
 
 @contextlib.contextmanager

@@ -14,8 +14,8 @@ from gpujobs.cli.render import (
     exit_for,
     follow,
     leave_running,
-    open_client,
     record_json,
+    start_stack,
 )
 from gpujobs.errors import InvalidSpec
 
@@ -140,6 +140,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
 ) -> None:
     """Queue a transcode for each FILE (all are checked before any is queued)."""
+    from gpujobs.client import Client
     from gpujobs.config import Settings
     from gpujobs.routing import require_gpu_worker
     from gpujobs.specs import JobState
@@ -167,7 +168,8 @@ def submit(
                   "gpu_index": gpu_index, "force": force or None}  # fmt: skip
         cli_inference.submit_batches(files, output, batch_only, wait, timeout, as_json, others)
         return
-    client = open_client(Settings())
+    settings = Settings()
+    client = Client(settings)  # reaches the broker on first use, after every file is checked
     prepared: list[PreparedJob] = []
     for file in files:
         given = file if file.is_absolute() else Path.cwd() / file
@@ -175,6 +177,7 @@ def submit(
             raise InvalidSpec(f"input file name {file.name!r} must not start with '-'")
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
+    start_stack(settings)
     # Before anything is queued: a dead target, or --gpu require with no GPU worker, fails.
     if any(p.spec.gpu == "require" for p in prepared):
         require_gpu_worker("require", client.heartbeats, node, gpu_index)
