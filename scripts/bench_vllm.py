@@ -13,7 +13,9 @@ alike (gpujobs first, then the baseline):
   fixed C per worker. Total requests/s from the first chunk's start to the last one's end;
 - gpujobs client: workers/inference/client.py's InferenceClient alone at C, in this process
   (the chunk task's sender without the queue, checkpoints and output file);
-- openai: the `openai` package's AsyncOpenAI with an asyncio.Semaphore(C), N chat completions.
+- openai: the `openai` package's AsyncOpenAI with an asyncio.Semaphore(C), N chat completions
+  (the baseline every ratio is to); and once more with the aiohttp backend the package ships
+  (`http_client=DefaultAioHttpClient()`), the fastest the openai client can be asked to be.
 
 Every request is a short chat prompt with max_tokens 16. p95 latency comes from the server's
 own histogram `http_request_duration_highr_seconds` (arrival at the API server to its answer,
@@ -126,14 +128,17 @@ def run_client(url: str, model: str, n: int, concurrency: int) -> Sample:
     return Sample(rate, sum(o.failed for o in done), histogram_p95(root, before, n))
 
 
-def run_openai(url: str, model: str, n: int, concurrency: int) -> Sample:
-    from openai import AsyncOpenAI
+def run_openai(url: str, model: str, n: int, concurrency: int, aiohttp: bool = False) -> Sample:
+    """The `openai` package's AsyncOpenAI with an asyncio.Semaphore(C): its default HTTP client
+    (httpx2), or with aiohttp=True the aiohttp backend it ships (DefaultAioHttpClient)."""
+    from openai import AsyncOpenAI, DefaultAioHttpClient
 
     root = url.removesuffix("/v1")
     latencies: list[float] = []
 
     async def go() -> int:
-        client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=5)
+        http = DefaultAioHttpClient() if aiohttp else None
+        client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=5, http_client=http)
         slots = asyncio.Semaphore(concurrency)
         failed = 0
 
@@ -270,6 +275,9 @@ def main() -> None:
         f"shared: 2 x {half} from 2 workers, fixed C each": lambda: bench.run(2, half, c, False),
         "gpujobs InferenceClient alone (no queue)": lambda: run_client(args.url, args.model, n, c),
         "openai AsyncOpenAI + Semaphore(C)": lambda: run_openai(args.url, args.model, n, c),
+        "openai AsyncOpenAI, aiohttp backend": lambda: run_openai(
+            args.url, args.model, n, c, aiohttp=True
+        ),
     }
     results: dict[str, list[Sample]] = {name: [] for name in rows}
     try:

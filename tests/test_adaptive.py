@@ -13,9 +13,9 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-import httpx
+import aiohttp
 import redis
 
 from gpujobs import keys
@@ -79,9 +79,11 @@ def test_water_filling_gives_what_one_client_leaves_to_the_others() -> None:
 def shared_clients(
     broker_url: str, count: int, endpoint: str, start: int = 10
 ) -> list[AdaptiveConcurrency]:
-    """`count` clients of a made-up server's window, ticked by hand (no requests sent)."""
+    """`count` clients of a made-up server's window, ticked by hand (no requests sent, so
+    no HTTP session: load() is never called)."""
     shared = redis.Redis.from_url(broker_url, decode_responses=True)
-    return [AdaptiveConcurrency(shared, httpx.AsyncClient(), endpoint, start=start,
+    no_http = cast(aiohttp.ClientSession, None)
+    return [AdaptiveConcurrency(shared, no_http, endpoint, start=start,
                                 interval_s=1.0) for _ in range(count)]  # fmt: skip
 
 

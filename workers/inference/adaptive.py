@@ -58,12 +58,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpujobs import keys
 from workers.inference.client import Slots
+from workers.inference.transport import TRANSPORT_ERRORS, fetch
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class AdaptiveConcurrency:
     def __init__(
         self,
         redis_client: redis.Redis,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         endpoint: str,
         start: int,
         ceiling: int | None = None,
@@ -280,13 +281,15 @@ class AdaptiveConcurrency:
         if not self._has_metrics:
             return ServerLoad(None, None)
         try:
-            answer = await self.http.get(self.metrics_url, timeout=2.0, headers=self._headers)
-        except httpx.HTTPError:
+            answer = await fetch(
+                self.http, "GET", self.metrics_url, headers=self._headers, timeout_s=2.0
+            )
+        except TRANSPORT_ERRORS:
             return ServerLoad(None, None)
-        if answer.status_code == 404:
+        if answer.status == 404:
             self._has_metrics = False  # not vLLM: latency alone tells
             log.info("%s has no /metrics: concurrency follows latency", self.metrics_url)
-        if answer.status_code != 200:
+        if answer.status != 200:
             return ServerLoad(None, None)
         try:
             return parse_vllm_metrics(answer.text)

@@ -1,4 +1,5 @@
-"""The batch client: sends requests to an OpenAI-compatible server (vLLM) with httpx.
+"""The batch client: sends requests to an OpenAI-compatible server (vLLM) with aiohttp
+(workers/inference/transport.py says why not httpx).
 
 - At most `concurrency` requests are in flight (the server's --max-num-seqs): more would only
   queue inside the server and, on a server that refuses the excess, turn into 429s.
@@ -20,16 +21,17 @@ import collections
 import datetime
 import email.utils
 import itertools
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import (
     AsyncRetrying,
@@ -40,6 +42,15 @@ from tenacity import (
 
 from gpujobs.batch import image_urls, local_image_path
 from workers.inference.slots import Slots
+from workers.inference.transport import (
+    TRANSPORT_ERRORS,
+    Answer,
+    closed_early,
+    fetch,
+    no_connection,
+    open_session,
+    os_reason,
+)
 from workers.inference.wire import (
     BadBody,
     ImageError,
@@ -107,11 +118,11 @@ class _Retryable(Exception):
 
     def __init__(
         self,
-        response: httpx.Response | None = None,
+        response: Answer | None = None,
         error: BaseException | None = None,
         down: bool = False,
     ) -> None:
-        super().__init__(str(error) if error else f"HTTP {response and response.status_code}")
+        super().__init__(str(error) if error else f"HTTP {response and response.status}")
         self.response = response
         self.error = error
         self.down = down
@@ -119,6 +130,13 @@ class _Retryable(Exception):
 
 class _Timeout(Exception):
     """A request that got no whole answer within the request timeout."""
+
+
+class ModelLookupFailed(Exception):
+    """The server's /v1/models could not be read (to find the model a body leaves out)."""
+
+
+_JSON = {"Content-Type": "application/json"}
 
 
 def server_root(endpoint: str) -> str:
@@ -135,8 +153,9 @@ def shown_url(url: str) -> str:
     return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
-def retry_after_s(headers: httpx.Headers) -> float | None:
-    """Seconds a Retry-After header asks for (a number, or an HTTP date); None if absent."""
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds a Retry-After header asks for (a number, or an HTTP date); None if absent.
+    headers: case-insensitive (an answer's)."""
     value = headers.get("retry-after")
     if not value:
         return None
@@ -154,24 +173,15 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
 
 
 def transport_reason(exc: BaseException) -> str:
-    """Why a connection failed, in words: the OS's reason when one is in the chain
-    (`connection refused`), rather than anyio's "All connection attempts failed"."""
-    if isinstance(exc, httpx.TimeoutException | TimeoutError | _Timeout):
-        return (
-            "no answer in time"
-            if not isinstance(exc, httpx.ConnectTimeout)
-            else ("connect timed out")
-        )
-    if isinstance(exc, httpx.RemoteProtocolError):
+    """Why a request got no answer, in words: the OS's reason when one is in the chain
+    (`connection refused`), rather than the HTTP library's own wording."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect timed out"
+    if isinstance(exc, TimeoutError | _Timeout):
+        return "no answer in time"
+    if closed_early(exc):
         return "the server closed the connection without a whole answer"
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(seen, OSError) and seen.strerror:
-            return str(seen.strerror).lower()
-        seen = seen.__cause__ or seen.__context__
-    return str(exc) or type(exc).__name__
+    return os_reason(exc) or str(exc) or type(exc).__name__
 
 
 class InferenceClient:
@@ -214,7 +224,7 @@ class InferenceClient:
         # Told of every answer: its status (None: no answer) and latency in seconds (the
         # adaptive concurrency listens here).
         self.on_answer: Callable[[int | None, float], None] | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
         self._slots = Slots(concurrency)
         self._default_model: str | None = None
         self._model_lock = asyncio.Lock()
@@ -230,13 +240,7 @@ class InferenceClient:
         )
 
     async def __aenter__(self) -> InferenceClient:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        self._http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.concurrency),
-            # The slots bound the requests; the pool never makes one wait on top.
-            timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s), pool=None),
-            headers=headers,
-        )
+        self._http = open_session(self.concurrency, self.timeout_s, self.api_key)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -244,11 +248,11 @@ class InferenceClient:
             self._outage.cancel()
             await asyncio.gather(self._outage, return_exceptions=True)
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
             self._http = None
 
     @property
-    def http(self) -> httpx.AsyncClient:
+    def http(self) -> aiohttp.ClientSession:
         if self._http is None:
             raise RuntimeError("use InferenceClient as `async with`")
         return self._http
@@ -260,18 +264,18 @@ class InferenceClient:
         naming the URL tried (`http://h:9999/v1/models answered HTTP 404`)."""
         health = f"{self.root}/health"
         try:
-            answer = await self.http.get(health, timeout=PROBE_TIMEOUT_S)
-            if answer.status_code == 200:
+            answer = await fetch(self.http, "GET", health, timeout_s=PROBE_TIMEOUT_S)
+            if answer.status == 200:
                 return None
-            if answer.status_code != 404:
-                return f"{shown_url(health)} answered HTTP {answer.status_code}"
+            if answer.status != 404:
+                return f"{shown_url(health)} answered HTTP {answer.status}"
             # No /health (not vLLM): an OpenAI-compatible server that lists models is up.
             models = f"{self.endpoint}/models"
-            answer = await self.http.get(models, timeout=PROBE_TIMEOUT_S)
-            if answer.status_code == 200:
+            answer = await fetch(self.http, "GET", models, timeout_s=PROBE_TIMEOUT_S)
+            if answer.status == 200:
                 return None
-            return f"{shown_url(models)} answered HTTP {answer.status_code}"
-        except httpx.TransportError as exc:
+            return f"{shown_url(models)} answered HTTP {answer.status}"
+        except TRANSPORT_ERRORS as exc:
             return transport_reason(exc)
 
     async def wait_for_server(self, wait_s: float, poll_s: float = 0.5) -> None:
@@ -331,10 +335,16 @@ class InferenceClient:
             raise ServerUnavailable(self._gone)
 
     async def served_models(self) -> list[str]:
-        """The model ids the server lists at /v1/models."""
-        response = await self.http.get(f"{self.endpoint}/models", timeout=PROBE_TIMEOUT_S)
-        response.raise_for_status()
-        data = response.json().get("data", [])
+        """The model ids the server lists at /v1/models. ModelLookupFailed when it cannot be
+        asked or does not answer 200; ValueError when the answer is not JSON."""
+        url = f"{self.endpoint}/models"
+        try:
+            answer = await fetch(self.http, "GET", url, timeout_s=PROBE_TIMEOUT_S)
+        except TRANSPORT_ERRORS as exc:
+            raise ModelLookupFailed(f"{shown_url(url)}: {transport_reason(exc)}") from None
+        if answer.status != 200:
+            raise ModelLookupFailed(f"{shown_url(url)} answered HTTP {answer.status}")
+        data = json.loads(answer.body).get("data", [])
         return [str(entry["id"]) for entry in data if isinstance(entry, dict) and "id" in entry]
 
     async def default_model(self) -> str:
@@ -437,8 +447,8 @@ class InferenceClient:
             content = encode_body(body)
         except ImageError as exc:
             return self._failure(request, "invalid_image", str(exc))
-        except httpx.HTTPError as exc:  # asking /v1/models for the default model
-            return self._failure(request, "model_lookup_failed", str(exc) or type(exc).__name__)
+        except ModelLookupFailed as exc:  # asking /v1/models for the default model
+            return self._failure(request, "model_lookup_failed", str(exc))
         except BadBody as exc:
             return self._failure(request, "invalid_request", str(exc))
         except ValueError as exc:
@@ -481,7 +491,7 @@ class InferenceClient:
             assert exc.error is not None
             reason = transport_reason(exc.error)
             return self._failure(request, "connection_error", f"{reason}, {_tries(tries)}")
-        except httpx.HTTPError as exc:  # not worth a retry (an undecodable body, say)
+        except aiohttp.ClientError as exc:  # not worth a retry (an undecodable body, say)
             return self._failure(request, "http_error", str(exc) or type(exc).__name__)
 
     @property
@@ -489,36 +499,31 @@ class InferenceClient:
         """The bound on requests in flight (its limit may be moved while requests run)."""
         return self._slots
 
-    async def _post(self, url: str, content: bytes) -> httpx.Response:
+    async def _post(self, url: str, content: bytes) -> Answer:
         async with self._slots:
             started = time.monotonic()
             status: int | None = None
             try:
                 response = await self._post_once(url, content)
-                status = response.status_code
+                status = response.status
             finally:
                 if self.on_answer is not None:
                     self.on_answer(status, time.monotonic() - started)
-        if response.status_code in RETRY_STATUSES or response.status_code >= 500:
+        if response.status in RETRY_STATUSES or response.status >= 500:
             raise _Retryable(response=response)
         return response
 
-    async def _post_once(self, url: str, content: bytes) -> httpx.Response:
+    async def _post_once(self, url: str, content: bytes) -> Answer:
         """One attempt; its failures sorted into the kinds that are retried."""
         try:
-            # The whole answer within the timeout: httpx's own limit is per read, and a server
-            # that trickles a byte at a time would never reach it.
+            # The whole answer within the timeout, however slowly the server trickles it.
             async with asyncio.timeout(self.timeout_s):
-                return await self.http.post(
-                    url, content=content, headers={"Content-Type": "application/json"}
-                )
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
+                return await fetch(self.http, "POST", url, content=content, headers=_JSON)
+        except TRANSPORT_ERRORS as exc:
+            if no_connection(exc):
                 raise _Retryable(error=exc, down=True) from exc
-            raise _Timeout() from exc
-        except httpx.ConnectError as exc:
-            raise _Retryable(error=exc, down=True) from exc
-        except httpx.TransportError as exc:
+            if isinstance(exc, TimeoutError):
+                raise _Timeout() from exc
             raise _Retryable(error=exc) from exc
 
     def _wait(self, state: RetryCallState) -> float:
@@ -545,24 +550,24 @@ class InferenceClient:
             body = {**body, "model": await self.default_model()}
         return body
 
-    def _answered(self, request: BatchRequest, response: httpx.Response) -> Outcome:
+    def _answered(self, request: BatchRequest, response: Answer) -> Outcome:
         payload, problem = parse_answer(response)
         request_id = response.headers.get("x-request-id")
         if request_id is None and isinstance(payload, dict) and isinstance(payload.get("id"), str):
             request_id = payload["id"]
         data = {
-            "status_code": response.status_code,
+            "status_code": response.status,
             "request_id": request_id or f"req_{uuid.uuid4().hex[:24]}",
             "body": payload,
         }
-        if response.is_success and problem is None and isinstance(payload, dict):
+        if response.ok and problem is None and isinstance(payload, dict):
             line = output_line(request.custom_id, response=data)
             return Outcome(request.index, request.custom_id, line, False, usage_of(payload))
-        if response.is_success:
+        if response.ok:
             message = problem or "the server's answer is not a JSON object"
             error = {"code": "invalid_response", "message": message}
         else:
-            error = error_from_body(response.status_code, payload)
+            error = error_from_body(response.status, payload)
         line = output_line(request.custom_id, response=data, error=error)
         return Outcome(request.index, request.custom_id, line, True)
 

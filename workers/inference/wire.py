@@ -19,10 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from gpujobs.batch import image_mime, image_urls, local_image_path
 from gpujobs.jsontext import json_problem
+from workers.inference.transport import Answer
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def scrub(value: Any) -> Any:
     return value
 
 
-def parse_answer(response: httpx.Response) -> tuple[Any, str | None]:
+def parse_answer(response: Answer) -> tuple[Any, str | None]:
     """A response's body (parsed JSON, else its text) and, when it is no usable JSON, why.
 
     Standard JSON only: NaN, Infinity and numbers out of range are refused as not JSON. Lone
