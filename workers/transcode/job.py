@@ -21,6 +21,7 @@ from workers.recovery import backoff_s, requeue
 from workers.runtime import PathOutsideMediaRoot, WorkerRuntime
 from workers.transcode import command as tc
 from workers.transcode.plan import plan_streams
+from workers.transcode.source import probe_source
 from workers.transcode.validate import expected_duration, failure_reason, validate_output
 
 log = logging.getLogger(__name__)
@@ -161,9 +162,11 @@ class TranscodeAttempt:
         if output_path.exists() and not spec.overwrite:
             return self.fail(f"output {spec.output} exists (submit with --overwrite to replace)")
         try:
-            source = probe(source_path)
+            source = probe_source(source_path)
         except ProbeError as exc:
             return self.fail(f"cannot read the input {spec.input}: {exc}")
+        except OSError as exc:
+            return self.fail(f"cannot read the input {spec.input}: {exc.strerror or exc}")
         try:
             plan = plan_streams(spec, source)
         except ValueError as exc:
