@@ -310,6 +310,22 @@ class JobStore:
             raise ValueError(f"log source must be one of {known}, got {source!r}")
         self.redis.set(keys.log(job_id, attempt, source), text, ex=self.record_ttl_s)
 
+    def write_log_and_state(
+        self, job_id: str, attempt: int, source: str, text: str
+    ) -> tuple[JobState, int] | None:
+        """write_log, then state_of, in one round trip (a worker keeps its log and checks that
+        the job is still its own before it moves the output into place)."""
+        if source not in keys.LOG_SOURCES:
+            known = ", ".join(keys.LOG_SOURCES)
+            raise ValueError(f"log source must be one of {known}, got {source!r}")
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.log(job_id, attempt, source), text, ex=self.record_ttl_s)
+            pipe.hmget(keys.job(job_id), ["state", "attempt"])
+            _, (state, number) = pipe.execute()
+        if state is None:
+            return None
+        return JobState(_str(state)), int(_str(number)) if number is not None else 0
+
     def logs(self, job_id: str, attempt: int | None = None) -> list[LogEntry]:
         """A job's logs, oldest attempt first (only `attempt`'s when given); [] when none."""
         if attempt is None:

@@ -76,6 +76,8 @@ class TranscodeAttempt:
     # Told the record after each progress write (Flower's relay); subclasses with their own
     # constructor (a ladder's attempt) have none and keep the relay's subscription.
     on_record: Callable[[JobRecord], None] | None = None
+    # ffmpeg's log, not kept yet: it goes with the last stop check, or before an end.
+    _log: list[str] | None = None
 
     def __init__(
         self,
@@ -130,6 +132,7 @@ class TranscodeAttempt:
         self.store.add_attempt(self.job_id, self.entry(outcome, reason))
 
     def fail(self, reason: str) -> dict[str, Any]:
+        self.keep_log()
         # The history entry goes in with the state, in one step: readers never see one alone.
         self.update(state=JobState.FAILED, error=reason, eta_s=None,
                     history=self.entry("failed", reason))  # fmt: skip
@@ -137,6 +140,7 @@ class TranscodeAttempt:
 
     def retry_later(self, reason: str) -> dict[str, Any]:
         """A transient failure: requeue with backoff, or fail once attempts are spent."""
+        self.keep_log()
         delay = backoff_s(self.rt.settings.retry_backoff_s, self.attempt)
         requeue(self.store, self.app, self.job_id, self.attempt, reason,
                 self.rt.settings.max_attempts, countdown_s=delay)  # fmt: skip
@@ -149,7 +153,11 @@ class TranscodeAttempt:
         """Stop when the job was cancelled or requeued, or this attempt lost its lease."""
         if self.keeper.lost.is_set():
             return True
-        current = self.store.state_of(self.job_id)  # two fields, not the whole record
+        if self._log is not None:  # the log is kept in the same round trip
+            text, self._log = "\n".join(self._log) + "\n", None
+            current = self.store.write_log_and_state(self.job_id, self.attempt, "ffmpeg", text)
+        else:
+            current = self.store.state_of(self.job_id)  # two fields, not the whole record
         return current is None or current != (JobState.RUNNING, self.attempt)
 
     def run(self) -> dict[str, Any]:
@@ -215,7 +223,7 @@ class TranscodeAttempt:
                 lambda: stop_check.ready() and self.should_stop(),
                 input_file=source_path,
             )
-            self.keep_log(outcome.log)
+            self._log = outcome.log  # kept by the next stop check, or before the end
             if outcome.stopped:
                 return self.stopped()
             if outcome.returncode != 0:
@@ -237,6 +245,7 @@ class TranscodeAttempt:
                 return self.fail(f"output {spec.output} appeared while encoding; not replaced")
             temp_path.replace(output_path)  # readers never see a half-written file
         finally:
+            self.keep_log()  # an unforeseen error still leaves the log (a no-op once kept)
             temp_path.unlink(missing_ok=True)
         assert result.video is not None
         summary = {
@@ -264,14 +273,19 @@ class TranscodeAttempt:
                     result=summary, history=self.entry("succeeded"))  # fmt: skip
         return summary
 
-    def keep_log(self, lines: list[str]) -> None:
-        """Keep ffmpeg's whole stderr as this attempt's log (`gpujobs logs ID`)."""
+    def keep_log(self) -> None:
+        """Keep ffmpeg's whole stderr as this attempt's log (`gpujobs logs ID`), unless it is
+        kept already or there is none."""
+        if self._log is None:
+            return
+        text, self._log = "\n".join(self._log) + "\n", None
         try:
-            self.store.write_log(self.job_id, self.attempt, "ffmpeg", "\n".join(lines) + "\n")
+            self.store.write_log(self.job_id, self.attempt, "ffmpeg", text)
         except Exception:  # a log we could not keep never fails the job
             log.warning("job %s: could not keep the ffmpeg log", self.job_id, exc_info=True)
 
     def stopped(self) -> dict[str, Any]:
+        self.keep_log()
         current = self.store.get(self.job_id)
         why = current.state.value if current is not None else "record gone"
         if self.keeper.lost.is_set():
