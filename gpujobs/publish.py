@@ -131,6 +131,14 @@ class TaskMessages:
         return _dumps(envelope)
 
 
+# The third argument of a transcode message whose job is a plain one: not split, not a ladder.
+PLAIN = "plain"
+
+
+def _transcode_args(job_id: str, spec: TranscodeSpec) -> list[Any]:
+    return [job_id] if spec.split is not None else [job_id, None, PLAIN]
+
+
 def transcode_submission(
     messages: TaskMessages, spec: TranscodeSpec, queue: str, fingerprint: str | None
 ) -> Submission:
@@ -152,9 +160,13 @@ def transcode_submission(
     step = broker_priority(spec.priority)
     return Submission(
         record=record,
-        # The job id only: the worker reads the spec from the record (it reads the record
-        # anyway), so the spec is not kept twice in Redis while the job waits.
-        message=messages.message(TRANSCODE_TASK, job_id, [job_id], argsrepr, queue, step),
+        # The job id, not the spec: the worker reads the spec from the record (its claim
+        # reads the record anyway), so the spec is not kept twice in Redis while the job
+        # waits. A job that is neither split nor a ladder says so (PLAIN), so the worker goes
+        # straight to its claim without reading the record first to tell.
+        message=messages.message(
+            TRANSCODE_TASK, job_id, _transcode_args(job_id, spec), argsrepr, queue, step
+        ),
         queue_list=messages.queue_list(queue, step),
         event=messages.sent_event(TRANSCODE_TASK, job_id, argsrepr, queue),
         event_channel=messages.event_channel,

@@ -10,6 +10,7 @@ from celery.exceptions import Ignore
 
 from gpujobs import keys
 from gpujobs.app import TRANSCODE_TASK
+from gpujobs.publish import PLAIN
 from gpujobs.specs import JobState
 from workers.flower_progress import FlowerProgress
 from workers.gpu import nvenc
@@ -27,24 +28,30 @@ def register_tasks(app: Celery) -> None:
     # A job that fails for a known reason (bad input, validation, attempts spent) is logged as
     # one line ("raised expected"), not as "raised unexpected" with a traceback.
     @app.task(name=TRANSCODE_TASK, bind=True, throws=(JobRunFailed,))
-    def transcode(self: Task, job_id: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    def transcode(
+        self: Task, job_id: str, spec: dict[str, Any] | None = None, kind: str | None = None
+    ) -> dict[str, Any]:
         # The message carries the job id only (the spec is in the record, read once when the
         # job is claimed); messages sent before that carry the spec too, and still work.
+        # kind: PLAIN when the submit knew the job is neither split nor a ladder.
         rt = runtime()
         worker = self.request.hostname or "worker"
         # Whether it is a piece of a split job (None: not read yet, older messages): a job that
         # is not one skips the piece bookkeeping without reading its record for it.
         piece: bool | None = None
-        if spec is None:  # what kind of transcode it is (a ladder, a split job) is in its spec
+        if kind == PLAIN:  # nothing to read before the claim
+            piece = False
+        elif spec is None:  # what kind of transcode it is (a ladder, a split job) is in its spec
             raw, parent = rt.store.redis.hmget(keys.job(job_id), ["spec", "parent"])
             spec = json.loads(raw) if raw else {}
             piece = parent is not None
-        if "renditions" in spec and spec.get("split") is not None:  # a split ladder's parent
+        shape = spec or {}  # a plain job's ({}: see PLAIN) is read by its claim
+        if "renditions" in shape and shape.get("split") is not None:  # a split ladder's parent
             with FlowerProgress(self, rt.store.redis, job_id):
                 result = split.run_split(rt, self.app, job_id, worker, LadderSplitAttempt)
-        elif "renditions" in spec:  # an ABR ladder (or a piece of one): an NVENC session each
+        elif "renditions" in shape:  # an ABR ladder (or a piece of one): an NVENC session each
             with (
-                ladder.job_slots(self, rt, job_id, spec),
+                ladder.job_slots(self, rt, job_id, shape),
                 FlowerProgress(self, rt.store.redis, job_id),
                 split_progress.piece_progress(rt.store, job_id, piece),
             ):
@@ -52,7 +59,7 @@ def register_tasks(app: Celery) -> None:
                     result = ladder.run_ladder(rt, self.app, job_id, worker)
                 finally:
                     split.after_piece(rt, self.app, job_id, piece)
-        elif spec.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
+        elif shape.get("split") is not None:  # a split job's parent: plan or join (no NVENC)
             with FlowerProgress(self, rt.store.redis, job_id):
                 result = split.run_split(rt, self.app, job_id, worker)
         else:
