@@ -71,10 +71,13 @@ def make_app(settings: Settings, broker_url: str) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Flower sees queued jobs (sent events) and running ones (task events, STARTED state).
+        # Flower sees queued jobs (sent events) and running ones (task events).
         task_send_sent_event=True,
         worker_send_task_events=True,
-        task_track_started=True,
+        # No STARTED state in the result backend: the job record says running, Flower has the
+        # task-started event, and that write ran before the task body, where a broker restart
+        # made Celery fail the delivery and ack it, a queued job lost with no lease to recover.
+        task_track_started=False,
         broker_transport_options={
             # Longer than the longest job: Redis would otherwise hand a running job to a
             # second worker when the timeout passes.
