@@ -78,3 +78,29 @@ def test_claimed_jobs_and_countdowns_are_left_alone(
     assert restore_lost_deliveries(client.store, app) == []
     assert r.hlen(keys.KOMBU_UNACKED) == 2 and queued_messages(r) == 0
     assert waiting.status().state is JobState.QUEUED
+
+
+def test_a_channel_closed_after_its_connection_went_keeps_its_deliveries(broker_url: str) -> None:
+    """kombu 5.7: closing the channel of a connection already torn down tries to restore its
+    deliveries through that connection and raises AttributeError, which kills a Celery worker.
+    With the guard the close completes and the message waits in the unacked hash."""
+    from kombu import Connection, Queue
+
+    from workers.lost_deliveries import keep_deliveries_when_the_connection_is_gone
+
+    r = redis.Redis.from_url(broker_url)
+    with Connection(broker_url) as connection:
+        channel = connection.channel()
+        queue = Queue("guard-test", channel=channel)
+        queue.declare()
+        producer = connection.Producer(channel)
+        producer.publish({"n": 1}, routing_key="guard-test", serializer="json")
+        message = channel.basic_get("guard-test", no_ack=False)
+        assert message is not None and r.hlen(keys.KOMBU_UNACKED) == 1
+        # The state Celery's consumer leaves the channel in when the broker drops it.
+        channel._pool = None
+        channel.connection.client = None
+        keep_deliveries_when_the_connection_is_gone()
+        keep_deliveries_when_the_connection_is_gone()  # idempotent: wrapped once
+        channel.close()  # without the guard: AttributeError ('NoneType' ... 'hostname')
+    assert r.hlen(keys.KOMBU_UNACKED) == 1  # kept for the watchdog, not lost

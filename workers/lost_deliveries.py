@@ -87,3 +87,38 @@ def _lost_job(payload: Any, before: float) -> str | None:
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def keep_deliveries_when_the_connection_is_gone() -> None:
+    """Stop a lost broker connection from killing the worker (kombu 5.7, Celery 5.7).
+
+    When the connection drops, Celery's consumer closes it, and closing its channel restores
+    the messages the worker holds unacknowledged. By then kombu has already detached the
+    channel's transport from its connection, so the restore fails reading the connection's host
+    (`AttributeError: 'NoneType' object has no attribute 'hostname'`), which Celery does not
+    expect there: "Unrecoverable error", and the worker process exits with its jobs. Seen here
+    in a broker restart under 200 queued tiny transcodes (tests/test_reliability.py).
+
+    With this guard such a restore gives up instead, the messages stay in the unacked hash,
+    and nothing is lost: a job that was running has a lease (the watchdog requeues it when the
+    lease runs out), one that was never claimed is still `queued` and its message is given back
+    by `restore_lost_deliveries`, an inference chunk has its own lease. Idempotent.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "gpujobs_guard", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> Any:
+        try:
+            return original(self, client)
+        except AttributeError as exc:
+            held = len(self._delivered)
+            self._delivered.clear()  # kept in the unacked hash: see above
+            log.warning("could not give back %d delivered message(s) on a lost connection (%s);"
+                        " they wait in the unacked hash for the watchdog", held, exc)  # fmt: skip
+            return None
+
+    restore_unacked.gpujobs_guard = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked

@@ -13,6 +13,7 @@ from gpujobs.config import Settings
 from gpujobs.connection import broker_url
 from gpujobs.errors import GpujobsError
 from workers import heartbeat
+from workers.lost_deliveries import keep_deliveries_when_the_connection_is_gone
 from workers.recovery import Watchdog, drain_on_shutdown
 from workers.runtime import runtime
 from workers.tasks import register_tasks
@@ -35,6 +36,7 @@ def run_worker(
     app = make_app(settings, broker_url(settings, start_local=False))
     register_tasks(app)
     install_recovery(app, settings)
+    keep_deliveries_when_the_connection_is_gone()
     name = hostname or f"gpujobs@{settings.node_name}"
     heartbeat.attach(name)  # the node's heartbeat, or reports to this worker's supervisor
     gpu = TRANSCODE_QUEUE in queues and has_gpu(settings)
