@@ -268,6 +268,13 @@ def check_input(path: Path) -> MediaInfo:
     return info
 
 
+def file_version(info: os.stat_result) -> tuple[int, ...]:
+    """A file's identity and change stamps, from its stat: device, inode, size, modification
+    and change times in ns. Any write, a rename over it or a copy in its place changes one
+    (the change time cannot be set back by a user), so facts kept by it are never stale."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
 def input_verdict(path: Path, info: os.stat_result) -> str | None:
     """Why `path` is no input to transcode, in one line, or None when it is one: NOT_VIDEO
     when it does not start like a video container, else `check_input`'s reason.
@@ -278,7 +285,7 @@ def input_verdict(path: Path, info: os.stat_result) -> str | None:
     not read again; a file written since is read afresh. OSError (unreadable) is raised and
     not remembered.
     """
-    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    key = file_version(info)
     if key in _VERDICTS:
         return _VERDICTS[key]
     verdict: str | None = None

@@ -236,10 +236,7 @@ class JobStore:
 
     def state_of(self, job_id: str) -> tuple[JobState, int] | None:
         """A job's state and attempt (two fields, no record parsed); None when it is gone."""
-        state, attempt = self.redis.hmget(keys.job(job_id), ["state", "attempt"])
-        if state is None:
-            return None
-        return JobState(_str(state)), int(_str(attempt)) if attempt is not None else 0
+        return _state_of(*self.redis.hmget(keys.job(job_id), ["state", "attempt"]))
 
     def update(
         self,
@@ -305,26 +302,18 @@ class JobStore:
         """Keep `text` as the log of one attempt of a job from one source (keys.LOG_SOURCES:
         "ffmpeg"), replacing what that attempt and source had; it expires with the record
         (record_ttl_s). One command. ValueError for a source not in keys.LOG_SOURCES."""
-        if source not in keys.LOG_SOURCES:
-            known = ", ".join(keys.LOG_SOURCES)
-            raise ValueError(f"log source must be one of {known}, got {source!r}")
-        self.redis.set(keys.log(job_id, attempt, source), text, ex=self.record_ttl_s)
+        self.redis.set(_log_key(job_id, attempt, source), text, ex=self.record_ttl_s)
 
     def write_log_and_state(
         self, job_id: str, attempt: int, source: str, text: str
     ) -> tuple[JobState, int] | None:
         """write_log, then state_of, in one round trip (a worker keeps its log and checks that
         the job is still its own before it moves the output into place)."""
-        if source not in keys.LOG_SOURCES:
-            known = ", ".join(keys.LOG_SOURCES)
-            raise ValueError(f"log source must be one of {known}, got {source!r}")
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.log(job_id, attempt, source), text, ex=self.record_ttl_s)
+            pipe.set(_log_key(job_id, attempt, source), text, ex=self.record_ttl_s)
             pipe.hmget(keys.job(job_id), ["state", "attempt"])
-            _, (state, number) = pipe.execute()
-        if state is None:
-            return None
-        return JobState(_str(state)), int(_str(number)) if number is not None else 0
+            _, fields = pipe.execute()
+        return _state_of(*fields)
 
     def logs(self, job_id: str, attempt: int | None = None) -> list[LogEntry]:
         """A job's logs, oldest attempt first (only `attempt`'s when given); [] when none."""
@@ -504,3 +493,19 @@ def _str(value: bytes | str) -> str:
 
 def _text(data: dict[Any, Any]) -> dict[str, str]:
     return {_str(k): _str(v) for k, v in data.items()}
+
+
+def _log_key(job_id: str, attempt: int, source: str) -> str:
+    """The key of one attempt's log from one source; ValueError for a source not in
+    keys.LOG_SOURCES."""
+    if source not in keys.LOG_SOURCES:
+        known = ", ".join(keys.LOG_SOURCES)
+        raise ValueError(f"log source must be one of {known}, got {source!r}")
+    return keys.log(job_id, attempt, source)
+
+
+def _state_of(state: Any, attempt: Any) -> tuple[JobState, int] | None:
+    """(state, attempt) from a record's two fields as read; None when the record is gone."""
+    if state is None:
+        return None
+    return JobState(_str(state)), int(_str(attempt)) if attempt is not None else 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,9 +34,6 @@ def no_stack_in_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     else:
         os.environ["GPUJOBS_STATE_DIR"] = old
     if (state / "stack.json").exists():
-        import subprocess
-        import sys
-
         env = {**os.environ, "GPUJOBS_STATE_DIR": str(state)}
         subprocess.run([sys.executable, "-m", "gpujobs", "down"], env=env, check=False,
                        capture_output=True, timeout=120)  # fmt: skip

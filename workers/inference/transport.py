@@ -2,10 +2,10 @@
 
 Why aiohttp and not httpx (which the producer side uses): the sender shares its node's cores
 with the inference server, and every millisecond of CPU it spends per request is taken from
-the server. Measured on this project's 2-core machine against the real vLLM CPU server (see
-docs/benchmarks.md, "Which HTTP client"): aiohttp spends about 0.4 ms of CPU per chat request,
-httpx about 2 ms and the `openai` package's default client (httpx2) about 2 ms; at concurrency
-10 aiohttp's sender got well over the others' requests/s out of the same server. The `openai`
+the server. Measured on this project's 2-core machine against the real vLLM CPU server
+(scripts/bench_http_clients.py; docs/benchmarks.md, "Where issue 11 stands"): aiohttp spends
+0.84 ms of CPU per chat request, httpx 4.0 ms and the `openai` package's default client
+(httpx2) 2.2 ms, and aiohttp got the most requests/s out of the same server. The `openai`
 package ships aiohttp as its own faster backend (`DefaultAioHttpClient`) for the same reason.
 
 Everything aiohttp-specific stays here: the rest of the batch client sees an `Answer` (status,
@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDictProxy
 
 # A connection that could not be made at all (refused, unreachable, connect timed out): the
 # server is away. ClientConnectorError covers refusals and name lookups; ConnectionTimeoutError
@@ -31,11 +30,13 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 @dataclass(frozen=True)
 class Answer:
-    """An HTTP answer, read whole: status code, headers (case-insensitive), body (bytes)."""
+    """An HTTP answer, read whole: status code, headers (case-insensitive), body (bytes), and
+    the charset its Content-Type names (None: none named)."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
+    charset: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -44,16 +45,10 @@ class Answer:
 
     @property
     def text(self) -> str:
-        """The body as text: the charset the headers name (UTF-8 when none, or one Python does
-        not know), undecodable bytes replaced with U+FFFD."""
-        charset = "utf-8"
-        content_type = self.headers.get("content-type", "")
-        for part in content_type.split(";")[1:]:
-            name, _, value = part.strip().partition("=")
-            if name.lower() == "charset" and value:
-                charset = value.strip('"')
+        """The body as text: in its charset (UTF-8 when none is named, or one Python does not
+        know), undecodable bytes replaced with U+FFFD."""
         try:
-            return self.body.decode(charset, errors="replace")
+            return self.body.decode(self.charset or "utf-8", errors="replace")
         except LookupError:
             return self.body.decode("utf-8", errors="replace")
 
@@ -97,8 +92,7 @@ async def fetch(
         request = session.request(method, url, data=content, headers=headers, timeout=limit)
     async with request as response:
         body = await response.read()
-        answer_headers: Mapping[str, str] = CIMultiDictProxy(response.headers)
-        return Answer(response.status, answer_headers, body)
+        return Answer(response.status, response.headers, body, response.charset)
 
 
 def no_connection(exc: BaseException) -> bool:

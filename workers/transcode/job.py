@@ -157,8 +157,8 @@ class TranscodeAttempt:
         """Stop when the job was cancelled or requeued, or this attempt lost its lease."""
         if self.keeper.lost.is_set():
             return True
-        if self._log is not None:  # the log is kept in the same round trip
-            text, self._log = "\n".join(self._log) + "\n", None
+        text = self._take_log()
+        if text is not None:  # the log is kept in the same round trip
             current = self.store.write_log_and_state(self.job_id, self.attempt, "ffmpeg", text)
         else:
             current = self.store.state_of(self.job_id)  # two fields, not the whole record
@@ -280,13 +280,20 @@ class TranscodeAttempt:
     def keep_log(self) -> None:
         """Keep ffmpeg's whole stderr as this attempt's log (`gpujobs logs ID`), unless it is
         kept already or there is none."""
-        if self._log is None:
+        text = self._take_log()
+        if text is None:
             return
-        text, self._log = "\n".join(self._log) + "\n", None
         try:
             self.store.write_log(self.job_id, self.attempt, "ffmpeg", text)
         except Exception:  # a log we could not keep never fails the job
             log.warning("job %s: could not keep the ffmpeg log", self.job_id, exc_info=True)
+
+    def _take_log(self) -> str | None:
+        """ffmpeg's log as text, once (None when kept already or there is none)."""
+        if self._log is None:
+            return None
+        text, self._log = "\n".join(self._log) + "\n", None
+        return text
 
     def stopped(self) -> dict[str, Any]:
         self.keep_log()
