@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import orjson
 import redis
 from celery import Celery
 from pydantic import ValidationError
@@ -546,7 +547,7 @@ def _fingerprint(spec: TranscodeSpec, info: os.stat_result) -> str:
         "spec": spec.model_dump(mode="json", exclude={"priority"}),
         "input": [info.st_size, info.st_mtime_ns],
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
 def _make_spec(values: dict[str, Any]) -> TranscodeSpec:

@@ -12,7 +12,6 @@ whole batch.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import time
@@ -21,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from celery import Celery
 from celery.utils.time import utcoffset
 
 from gpujobs.app import TRANSCODE_TASK, broker_priority, task_argsrepr
-from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
+from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec, compact_json
 from gpujobs.store import Submission
 
 # kombu's Redis transport: queue name and priority step joined by this to name a list.
@@ -34,13 +34,10 @@ _PRIORITY_SEP = "\x06\x16"
 _EMBED: dict[str, Any] = {}
 
 
-def _dumps(value: Any) -> str:
-    """Compact JSON (kombu reads any): every byte is kept in Redis while the job waits."""
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
+def _b64(value: Any) -> str:
+    """`value` as compact JSON (see `compact_json`; kombu reads any), base64-encoded (kombu's
+    body_encoding "base64")."""
+    return base64.b64encode(orjson.dumps(value)).decode()
 
 
 @dataclass
@@ -79,7 +76,7 @@ class TaskMessages:
     ) -> str:
         """One task message, as `send_task(task, args, task_id=, queue=, priority=)` writes
         it (protocol 2: args, no kwargs, no callbacks; no countdown, expiry or time limit)."""
-        body = _dumps([args, {}, _EMBED])
+        body = [args, {}, _EMBED]
         headers: dict[str, Any] = {
             "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
             "expires": None, "group": None, "group_index": None, "retries": 0,
@@ -102,7 +99,7 @@ class TaskMessages:
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
-        return _dumps(envelope)
+        return compact_json(envelope)
 
     def sent_event(self, task: str, task_id: str, argsrepr: str, queue: str) -> str:
         """The task-sent event Celery publishes for that message ("" when events are off)."""
@@ -116,7 +113,7 @@ class TaskMessages:
             "timestamp": time.time(), "type": "task-sent",
         }  # fmt: skip
         envelope = {
-            "body": _b64(_dumps(event)),
+            "body": _b64(event),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {"hostname": self.origin},
@@ -128,7 +125,7 @@ class TaskMessages:
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
-        return _dumps(envelope)
+        return compact_json(envelope)
 
 
 # The third argument of a transcode message whose job is a plain one: not split, not a ladder.

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from gpujobs import keys
-from gpujobs.specs import JobKind, JobRecord, JobState
+from gpujobs.specs import JobKind, JobRecord, JobState, compact_json
 
 # KEYS[1] = job hash, KEYS[2] = job channel.
 # ARGV[1] = JSON list of states the job may be in ("[]": any state, the job must exist),
@@ -133,7 +133,7 @@ def _encode(value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
+        return compact_json(value)
     if isinstance(value, JobState):
         return value.value
     return str(value)
@@ -205,7 +205,7 @@ class JobStore:
             keys.JOB.format(job_id=""),
             job.message,
             job.event,
-            json.dumps(_lean(record.to_hash()), separators=(",", ":")),
+            compact_json(_lean(record.to_hash())),
             "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
         ]
         return script_keys, args
@@ -274,13 +274,13 @@ class JobStore:
                 keys.LEASES,
             ],
             args=[
-                json.dumps(allowed),
-                json.dumps(encoded),
+                compact_json(allowed),
+                compact_json(encoded),
                 ttl,
                 "" if attempt is None else attempt,
                 keys.STATE_INDEX_PREFIX,
                 job_id,
-                "" if history is None else json.dumps(history, separators=(",", ":")),
+                "" if history is None else compact_json(history),
                 self.record_ttl_s,
             ],
         )
@@ -289,7 +289,7 @@ class JobStore:
     def add_attempt(self, job_id: str, entry: dict[str, Any]) -> None:
         """Append how one attempt went (attempt, worker, started_at, ended_at, outcome, reason)."""
         with self.redis.pipeline() as pipe:
-            pipe.rpush(keys.attempts(job_id), json.dumps(entry, separators=(",", ":")))
+            pipe.rpush(keys.attempts(job_id), compact_json(entry))
             pipe.expire(keys.attempts(job_id), self.record_ttl_s)
             pipe.execute()
 
