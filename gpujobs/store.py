@@ -420,7 +420,7 @@ class JobStore:
         ids = list(dict.fromkeys(job_ids))
         shown: dict[str, JobRecord] = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         try:
             pubsub.subscribe(*[keys.job_events(job_id) for job_id in ids])
             pending: set[str] = set()

@@ -130,7 +130,7 @@ class ProgressRelay:
     def _serve(self) -> None:
         watches = self._watches
         dispatchers: dict[str, Any] = {}
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         connection = self.app.connection_for_write()
         try:
             channels = [channel for channel, watch in watches.items() if not watch.local]

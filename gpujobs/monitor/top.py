@@ -176,7 +176,7 @@ def follow(
     many seconds (None: never).
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
     try:
         pubsub.psubscribe(keys.ALL_JOB_EVENTS)
         store = JobStore(client)

@@ -121,7 +121,7 @@ def piece_progress(store: JobStore, job_id: str, piece: bool | None = None) -> I
         return
     parent_id = record.parent
     stop = threading.Event()
-    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
     pubsub.subscribe(keys.job_events(job_id))
 
     def relay() -> None:
