@@ -34,7 +34,7 @@ from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.media import NOT_VIDEO, input_verdict
-from gpujobs.paths import copy_file, inbox_target, media_relative
+from gpujobs.paths import below, copy_file, inbox_target, media_relative
 from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.routing import require_gpu_worker
 from gpujobs.specs import (
@@ -81,7 +81,7 @@ class Client:
         self._app: Celery | None = None
         self._messages: TaskMessages | None = None
         self._media_root: Path | None = None
-        self._dir_cache: dict[Path, Path] | None = None  # folders resolved, in a bulk submit
+        self._dir_cache: dict[str, str] | None = None  # folders resolved, in a bulk submit
         self._checked_params: set[tuple[tuple[str, Any], ...]] = set()
 
     @functools.cached_property
@@ -197,22 +197,22 @@ class Client:
             output_rel = source.with_name(f"{source.stem}.{values['height']}p.mp4").as_posix()
         else:
             output_rel = media_relative(
-                Path(output), self.settings.media, "output", self._media_resolved(), self._dir
+                output, self.settings.media, "output", self._media_resolved(), self._dir
             )
         spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
-        if not spec.overwrite and (self.settings.media / spec.output).exists():
+        if not spec.overwrite and os.path.exists(os.path.join(self.settings.media, spec.output)):
             raise InvalidSpec(f"output {spec.output} exists (use --overwrite to replace it)")
         # The input's stat (it follows symlinks): the same file copied in or not.
         found = _fingerprint(spec, source_stat)
         return PreparedJob(spec=spec, fingerprint=found, copy_from=copy_from)
 
-    def _dir(self, folder: Path) -> Path:
+    def _dir(self, folder: str) -> str:
         """`folder` resolved; during a bulk submit, each folder once."""
         if self._dir_cache is None:
-            return folder.resolve()
+            return os.path.realpath(folder)
         found = self._dir_cache.get(folder)
         if found is None:
-            found = self._dir_cache[folder] = folder.resolve()
+            found = self._dir_cache[folder] = os.path.realpath(folder)
         return found
 
     def _media_resolved(self) -> Path:
@@ -260,13 +260,18 @@ class Client:
             raise InvalidSpec(f"input {shown}: {verdict}")
         media = self._media_resolved()
         # The folder resolved (once per folder in a bulk submit), then the file if it is a link.
-        resolved = path.resolve() if path.is_symlink() else self._dir(path.parent) / path.name
-        if resolved.is_relative_to(media):
-            return PurePosixPath(resolved.relative_to(media).as_posix()), None, info
+        if os.path.islink(path):
+            resolved = os.path.realpath(path)
+        else:
+            folder, name = os.path.split(path)  # realpath, not normpath: `link/..` is not `.`
+            resolved = os.path.join(self._dir(folder), name)
+        inside = below(resolved, os.fspath(media))
+        if inside is not None:
+            return PurePosixPath(inside), None, info
         if not copy_outside:
             raise InvalidSpec(f"input {shown} is outside the media root {media}")
-        target = inbox_target(resolved, media / INBOX)
-        return PurePosixPath(target.relative_to(media).as_posix()), resolved, info
+        target = inbox_target(Path(resolved), media / INBOX)
+        return PurePosixPath(target.relative_to(media).as_posix()), Path(resolved), info
 
     def enqueue(
         self, prepared: PreparedJob, force: bool = False, queue: str = TRANSCODE_QUEUE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,29 +11,42 @@ from gpujobs.errors import InvalidSpec
 
 
 def media_relative(
-    given: Path,
+    given: Path | str,
     media: Path,
     what: str,
     root: Path | None = None,
-    resolve_dir: Callable[[Path], Path] = Path.resolve,
+    resolve_dir: Callable[[str], str] = os.path.realpath,
 ) -> str:
     """`given` (absolute, or relative to the media root) as a POSIX path relative to the media
     root. InvalidSpec when it contains `..`, lies outside the root, or is a directory. `what`
     names the path in the message ("output"). root: `media` resolved, if the caller has it;
-    resolve_dir: how to resolve a folder (a bulk submit resolves each folder once)."""
-    if ".." in given.parts:
-        raise InvalidSpec(f"{what} path {str(given)!r} must not contain '..'")
-    path = given.expanduser()
-    if not path.is_absolute():
-        path = media / path
-    root = root or media.resolve()
+    resolve_dir: how to resolve a folder (a bulk submit resolves each folder once).
+
+    Written with os.path, not pathlib: a bulk submit runs it once a job, and pathlib's parsing
+    made it three times as slow (Python 3.11)."""
+    text = os.fspath(given)
+    if ".." in text.split("/"):
+        raise InvalidSpec(f"{what} path {text!r} must not contain '..'")
+    path = os.path.normpath(os.path.join(media, os.path.expanduser(text)))
+    top = os.fspath(root or media.resolve())
     # The folder is resolved (symlinks included), the file name is not: it may not exist yet.
-    resolved = resolve_dir(path.parent) / path.name
-    if not resolved.is_relative_to(root):
-        raise InvalidSpec(f"{what} {given} is outside the media root {root}")
-    if resolved.is_dir():
-        raise InvalidSpec(f"{what} {given} is a directory")
-    return resolved.relative_to(root).as_posix()
+    folder, name = os.path.split(path)
+    resolved = os.path.join(resolve_dir(folder), name)
+    inside = below(resolved, top)
+    if inside is None:
+        raise InvalidSpec(f"{what} {text} is outside the media root {top}")
+    if os.path.isdir(resolved):
+        raise InvalidSpec(f"{what} {text} is a directory")
+    return inside
+
+
+def below(path: str, root: str) -> str | None:
+    """Absolute, normalised `path` relative to `root` ("" for the root itself), or None when
+    it lies outside (no file is read: resolve links first)."""
+    if path == root:
+        return ""
+    prefix = root if root.endswith("/") else root + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else None
 
 
 def inbox_target(source: Path, inbox: Path) -> Path:

@@ -56,8 +56,13 @@ class JobKind(StrEnum):
 def check_media_path(value: str, what: str) -> str:
     """A path relative to the media root: POSIX, not absolute, no `..`, no name starting with `-`.
 
-    Raises ValueError with one line that says what is wrong.
+    Returns it normalised (`a//b/./c` -> `a/b/c`). Raises ValueError with one line that says
+    what is wrong.
     """
+    return _media_path(value, what).as_posix()
+
+
+def _media_path(value: str, what: str) -> PurePosixPath:
     if not value or not value.strip():
         raise ValueError(f"{what} path is empty")
     path = PurePosixPath(value)
@@ -70,7 +75,7 @@ def check_media_path(value: str, what: str) -> str:
         raise ValueError(f"{what} file name {path.name!r} must not start with '-'")
     if "\x00" in value or "\n" in value:
         raise ValueError(f"{what} path contains a control character")
-    return path.as_posix()
+    return path
 
 
 class MediaJobSpec(BaseModel):
@@ -92,17 +97,16 @@ class MediaJobSpec(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_path(cls, value: str) -> str:
-        value = check_media_path(value, "output")
-        suffix = PurePosixPath(value).suffix.lower()
-        if cls.output_suffixes and suffix not in cls.output_suffixes:
+        path = _media_path(value, "output")
+        if cls.output_suffixes and path.suffix.lower() not in cls.output_suffixes:
             *first, last = cls.output_suffixes
             allowed = f"{', '.join(first)} or {last}" if first else last
-            raise ValueError(f"output must end in {allowed}, got {PurePosixPath(value).name!r}")
-        return value
+            raise ValueError(f"output must end in {allowed}, got {path.name!r}")
+        return path.as_posix()
 
     @model_validator(mode="after")
     def _output_differs(self) -> Self:
-        if PurePosixPath(self.output) == PurePosixPath(self.input):
+        if self.output == self.input:  # both normalised by their validators
             raise ValueError("output must differ from the input")
         return self
 

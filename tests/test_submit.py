@@ -192,3 +192,34 @@ def test_an_unchanged_input_is_read_once_and_a_rewritten_one_again(
     clip.write_bytes(good)  # the upload finished
     assert client.submit_transcode(clip, "memo/360.mp4", height=360).status().spec["height"] == 360
     assert reads == [clip, clip, clip]
+
+
+def test_paths_are_confined_to_the_media_root_through_links(
+    client: Client, media_clip: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Inputs and outputs are judged by where their folders really are (links resolved), as a
+    bulk submit checks them (os.path, not pathlib: it must not read `link/..` as `.`)."""
+    media = client.settings.media
+    clip = media_clip("in/a.mp4", seconds=1, size="320x180")
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "a.mp4").write_bytes(clip.read_bytes())
+    (media / "away").symlink_to(outside / "deep")
+
+    # `away/..` is the outside folder, not the media root: the input there is outside.
+    for given in ("away/../a.mp4", str(media / "away" / ".." / "a.mp4")):
+        with pytest.raises(InvalidSpec, match="is outside the media root"):
+            client.prepare_transcode(given, "out/x.mp4")
+        copied = client.prepare_transcode(given, "out/x.mp4", copy_outside=True)
+        assert copied.copy_from == (outside / "a.mp4").resolve()
+        assert copied.spec.input == "inbox/a.mp4"
+    with pytest.raises(InvalidSpec, match=r"output away/x\.mp4 is outside the media root"):
+        client.prepare_transcode(clip, "away/x.mp4")
+    with pytest.raises(InvalidSpec, match=r"must not contain '\.\.'"):
+        client.prepare_transcode(clip, "out/../../x.mp4")
+    (media / "out" / "dir.mp4").mkdir(parents=True)
+    with pytest.raises(InvalidSpec, match=r"output out/dir\.mp4 is a directory"):
+        client.prepare_transcode(clip, "out/dir.mp4")
+    # A path given the long way round is kept in its plain form.
+    prepared = client.prepare_transcode(str(media / "in" / "." / "a.mp4"), "out//./b.mp4")
+    assert (prepared.spec.input, prepared.spec.output) == ("in/a.mp4", "out/b.mp4")
