@@ -33,7 +33,7 @@ from gpujobs.app import (
 from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
-from gpujobs.media import NOT_VIDEO, input_verdict
+from gpujobs.media import NOT_VIDEO, input_verdict, read_verdicts
 from gpujobs.paths import below, copy_file, inbox_target, media_relative
 from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.routing import require_gpu_worker
@@ -206,6 +206,14 @@ class Client:
         found = _fingerprint(spec, source_stat)
         return PreparedJob(spec=spec, fingerprint=found, copy_from=copy_from)
 
+    def read_inputs(self, inputs: Iterable[str | Path]) -> None:
+        """Read many inputs' headers at once, on every core, ahead of their checks
+        (`prepare_transcode` then finds each verdict remembered): a bulk submit of new files
+        is bound by these reads. Paths as `prepare_transcode` takes them; anything that
+        cannot be read is left to that check to report."""
+        media = self.settings.media
+        read_verdicts(media / Path(given).expanduser() for given in inputs if given)
+
     def _dir(self, folder: str) -> str:
         """`folder` resolved; during a bulk submit, each folder once."""
         if self._dir_cache is None:
@@ -369,6 +377,9 @@ class Client:
         prepared: list[PreparedJob],
         queues: list[str],
     ) -> None:
+        items = list(items)
+        inputs = [item if isinstance(item, str | Path) else item.get("input") for item in items]
+        self.read_inputs(given for given in inputs if isinstance(given, str | Path))
         for number, item in enumerate(items, start=1):
             given: dict[str, Any] = {"input": item} if isinstance(item, str | Path) else dict(item)
             unknown = sorted(set(given) - _ITEM_FIELDS)

@@ -223,3 +223,33 @@ def test_paths_are_confined_to_the_media_root_through_links(
     # A path given the long way round is kept in its plain form.
     prepared = client.prepare_transcode(str(media / "in" / "." / "a.mp4"), "out//./b.mp4")
     assert (prepared.spec.input, prepared.spec.output) == ("in/a.mp4", "out/b.mp4")
+
+
+def test_a_bulk_submit_reads_new_inputs_together_each_once(
+    client: Client, media_clip: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New inputs of a bulk submit are read on worker threads before the items are checked
+    (each file once, however often it is named); a bad one is still refused by its item, and
+    libav's log level is left as it was."""
+    import av.logging
+
+    clips = [media_clip(f"many/{n}.mp4", seconds=1, size="320x180") for n in range(4)]
+    broken = clips[2].read_bytes()
+    clips[2].write_bytes(broken[: len(broken) // 2])
+    reads: list[tuple[Path, str]] = []
+    real_check = media.check_input
+
+    def counting(path: Path) -> media.MediaInfo:
+        reads.append((path, threading.current_thread().name))
+        return real_check(path)
+
+    monkeypatch.setattr(media, "check_input", counting)
+    level = av.logging.get_level()
+    items = [{"input": clip, "output": f"many/out{n}-{h}.mp4", "height": h}
+             for n, clip in enumerate(clips) for h in (90, 120)]  # fmt: skip
+    with pytest.raises(InvalidSpec, match=r"^item 5: input .*2\.mp4: the file is incomplete"):
+        client.submit_many(items)
+    assert sorted(path for path, _ in reads) == sorted(clips)
+    assert all(thread.startswith("gpujobs-probe") for _, thread in reads)
+    assert av.logging.get_level() == level
+    assert queued_messages(client) == 0

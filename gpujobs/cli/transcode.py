@@ -171,8 +171,9 @@ def submit(
     settings = Settings()
     client = Client(settings)  # reaches the broker on first use, after every file is checked
     prepared: list[PreparedJob] = []
-    for file in files:
-        given = file if file.is_absolute() else Path.cwd() / file
+    givens = [file if file.is_absolute() else Path.cwd() / file for file in files]
+    client.read_inputs(givens)  # every new file's header read at once, on every core
+    for file, given in zip(files, givens, strict=True):
         if file.name.startswith("-"):
             raise InvalidSpec(f"input file name {file.name!r} must not start with '-'")
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
