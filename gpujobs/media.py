@@ -243,11 +243,12 @@ def probe(
     return info
 
 
-def check_input(path: Path) -> MediaInfo:
+def check_input(path: Path, demuxer: str | None = None) -> MediaInfo:
     """The producer's check at submit: the file is complete and has a real video stream.
 
-    A quick read of the header first (see `probe`); only when that finds no real video is the
-    file read in full, so a refusal is always the full probe's verdict.
+    A quick read of the header first (see `probe`), with `demuxer` when the file's first bytes
+    name it (see `sniffed_demuxer`); only when that finds no real video is the file read in
+    full, its container guessed, so a refusal is always the full probe's verdict.
     Raises ProbeError with one line: "the file is incomplete (...)", "no video stream (audio
     with cover art)", or ffmpeg's reason for not reading it.
     """
@@ -255,7 +256,7 @@ def check_input(path: Path) -> MediaInfo:
     if truncated:
         raise ProbeError(truncated)
     try:
-        info = probe(path, first_frame=False, quick=True)
+        info = probe(path, first_frame=False, quick=True, format=demuxer)
     except ProbeError:
         info = None
     if info is None or info.video is None:
@@ -286,11 +287,13 @@ def input_verdict(path: Path, info: os.stat_result) -> str | None:
     if key in _VERDICTS:
         return _VERDICTS[key]
     verdict: str | None = None
-    if not looks_like_video(path):
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if not looks_like_video(head):
         verdict = NOT_VIDEO
     else:
         try:
-            check_input(path)
+            check_input(path, sniffed_demuxer(head))
         except ProbeError as exc:
             verdict = str(exc)
     with _VERDICTS_LOCK:
@@ -391,10 +394,9 @@ def iso_truncation(path: Path) -> str | None:
     return None
 
 
-def looks_like_video(path: Path) -> bool:
-    """True when the file starts like a container ffmpeg reads video from (no ffmpeg needed)."""
-    with path.open("rb") as f:
-        head = f.read(SNIFF_BYTES)
+def looks_like_video(head: bytes) -> bool:
+    """True when a file's first bytes (SNIFF_BYTES of them) look like a container ffmpeg reads
+    video from (no ffmpeg needed)."""
     if len(head) < 12:
         return False
     if head[4:8] in _ISO_BOXES:
@@ -412,6 +414,17 @@ def looks_like_video(path: Path) -> bool:
     if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):  # ASF / WMV
         return True
     return head.startswith((b"\x00\x00\x00\x01", b"\x00\x00\x01"))  # raw H.264/HEVC Annex B
+
+
+def sniffed_demuxer(head: bytes) -> str | None:
+    """The libavformat demuxer a file's first bytes name beyond doubt: "mov" for ISO media (MP4,
+    MOV, M4V, 3GP: one demuxer), "matroska" for EBML (Matroska, WebM); None otherwise (let
+    libavformat guess). Naming it skips the guess, about 0.1 ms of a 0.6 ms header read."""
+    if len(head) >= 12 and head[4:8] in _ISO_BOXES:
+        return "mov"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"
+    return None
 
 
 def _open_failure(path: Path, options: dict[str, Any], exc: Exception) -> str:

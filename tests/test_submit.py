@@ -177,9 +177,9 @@ def test_an_unchanged_input_is_read_once_and_a_rewritten_one_again(
     reads: list[Path] = []
     real_check = media.check_input
 
-    def counting(path: Path) -> media.MediaInfo:
+    def counting(path: Path, demuxer: str | None = None) -> media.MediaInfo:
         reads.append(path)
-        return real_check(path)
+        return real_check(path, demuxer)
 
     monkeypatch.setattr(media, "check_input", counting)
     client.submit_many([{"input": clip, "output": f"memo/{h}.mp4", "height": h}
@@ -239,9 +239,9 @@ def test_a_bulk_submit_reads_new_inputs_together_each_once(
     reads: list[tuple[Path, str]] = []
     real_check = media.check_input
 
-    def counting(path: Path) -> media.MediaInfo:
+    def counting(path: Path, demuxer: str | None = None) -> media.MediaInfo:
         reads.append((path, threading.current_thread().name))
-        return real_check(path)
+        return real_check(path, demuxer)
 
     monkeypatch.setattr(media, "check_input", counting)
     level = av.logging.get_level()
