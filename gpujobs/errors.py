@@ -15,6 +15,13 @@ class GpujobsError(Exception):
     exit_code = 1
 
 
+class UsageError(GpujobsError):
+    """A command's option or argument is wrong (`ls --state bogus`); exit 2, as for Click's own
+    usage errors and for a bad spec."""
+
+    exit_code = 2
+
+
 class InvalidSpec(GpujobsError, ValueError):
     """A job's input or parameters are wrong; nothing was queued."""
 

@@ -71,7 +71,7 @@ def test_version_and_help_that_answers_questions(settings: Settings) -> None:
 
 def test_a_bogus_state_is_answered_in_plain_words(settings: Settings) -> None:
     result = gpujobs("ls", "--state", "bogus")
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""  # a usage error, as Click's own
     assert result.stderr == (
         "error: no state 'bogus': a job is queued, running, succeeded, failed or cancelled\n"
     )

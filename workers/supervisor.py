@@ -34,7 +34,7 @@ from gpujobs.app import (
     worker_hostname,
 )
 from gpujobs.config import Settings
-from gpujobs.errors import GpujobsError
+from gpujobs.errors import UsageError
 from workers import heartbeat
 from workers.gpu.discovery import MEASURED_ENV, NO_GPU, Capabilities, GpuInfo, list_gpus, measure
 from workers.gpu.nvenc import NvencSemaphore
@@ -46,10 +46,8 @@ STABLE_AFTER_S = 60.0  # a child that ran this long before dying starts again at
 STOP_TIMEOUT_S = 60.0  # seconds children get for a warm shutdown before SIGKILL
 
 
-class BadWorkerOptions(GpujobsError):
+class BadWorkerOptions(UsageError):
     """--gpus / --per-gpu make no sense on this node."""
-
-    exit_code = 2
 
 
 def select_gpus(text: str, gpus: list[GpuInfo]) -> list[GpuInfo] | None:

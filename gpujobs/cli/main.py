@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpujobs.cli.lazy import LazyGroup, readable
-from gpujobs.errors import GpujobsError
+from gpujobs.errors import GpujobsError, UsageError
 
 if TYPE_CHECKING:
     from gpujobs.specs import JobRecord
@@ -139,8 +139,8 @@ def list_jobs(
     wanted = []
     for name in state or ():
         if name.lower() not in STATES:
-            raise GpujobsError(f"no state {name!r}: a job is {', '.join(STATES[:-1])} or "
-                               f"{STATES[-1]}")  # fmt: skip
+            raise UsageError(f"no state {name!r}: a job is {', '.join(STATES[:-1])} or "
+                             f"{STATES[-1]}")  # fmt: skip
         wanted.append(JobState(name.lower()))
     records = read_store().list(limit=limit, states=tuple(wanted))
     if as_jsonl:
@@ -214,7 +214,7 @@ def worker(
         check_heartbeat()  # the liveness probe: no worker extra, no broker start
         return
     if per_gpu < 1:
-        raise GpujobsError(f"--per-gpu must be at least 1, got {per_gpu}")
+        raise UsageError(f"--per-gpu must be at least 1, got {per_gpu}")
     try:
         from workers.main import run_worker  # the worker extra: producers never import it
         from workers.supervisor import run_supervisor
@@ -227,7 +227,7 @@ def worker(
         shared = [q for q in queues.split(",") if q] if queues else None
         raise typer.Exit(run_supervisor(gpus, per_gpu, shared, loglevel.value))
     if per_gpu != 1:
-        raise GpujobsError("--per-gpu goes with --gpus (a single worker takes --concurrency)")
+        raise UsageError("--per-gpu goes with --gpus (a single worker takes --concurrency)")
     names = queues or "transcode,inference"
     run_worker([q for q in names.split(",") if q], concurrency, hostname, loglevel.value)
 
