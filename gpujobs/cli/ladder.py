@@ -57,8 +57,9 @@ def submit_ladders(
     renditions, package = ladder
     client = Client(Settings())
     prepared = []
-    for file in files:
-        given_path = file if file.is_absolute() else Path.cwd() / file
+    givens = [file if file.is_absolute() else Path.cwd() / file for file in files]
+    client.read_inputs(givens)  # every new file's header read at once, on every core
+    for given_path in givens:
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(ladder_sdk.prepare(
             client, given_path, out, copy, renditions=renditions, package=package, **params
