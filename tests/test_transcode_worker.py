@@ -55,6 +55,11 @@ def test_transcode_end_to_end_with_live_progress(
     assert abs(info.duration_s - 6.0) < 0.1
     assert job.result() == final.result
     assert not list(output.parent.glob(".*part*")), "no temporary output may remain"
+    # Celery keeps (and Flower's Result column shows) the outcome in one line; the record keeps
+    # the whole result.
+    assert client.app.AsyncResult(job.id).get(timeout=10) == (
+        "in/talk.360p.mp4 | 640x360 h264 | audio aac | 6.0 s | cpu"
+    )
 
 
 def test_a_broken_input_is_refused_at_submit_or_fails_with_the_cause(
