@@ -538,7 +538,7 @@ def _queue_staged(
     redis_client: redis.Redis = store.redis
     with redis_client.pipeline() as pipe:
         stats = {**empty_stats(), "chunks": len(chunks)}
-        pipe.hset(keys.batch_stats(job_id), mapping=stats)  # type: ignore[arg-type]
+        pipe.hset(keys.batch_stats(job_id), mapping=stats)  # type: ignore[arg-type,unused-ignore]
         pipe.expire(keys.batch_stats(job_id), ttl)
         pipe.execute()
     record = JobRecord(
@@ -573,5 +573,5 @@ def _queue_staged(
 
 def read_stats(client: redis.Redis, job_id: str) -> dict[str, int]:
     """A batch's counters (completed, failed, token counts, chunks) as integers."""
-    raw: Mapping[str, str] = client.hgetall(keys.batch_stats(job_id))  # type: ignore[assignment]
+    raw: Mapping[str, str] = client.hgetall(keys.batch_stats(job_id))  # type: ignore[assignment,unused-ignore]
     return {str(name): int(value) for name, value in raw.items()}

@@ -114,7 +114,7 @@ def connect_api(kubeconfig: Path | None = None, context: str | None = None) -> c
     if not path.is_file():
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
+                config.load_incluster_config()  # type: ignore[no-untyped-call,unused-ignore]
             except ConfigException as exc:
                 raise ClusterError(f"in-cluster config: {exc}") from None
             return client.ApiClient()
@@ -123,7 +123,7 @@ def connect_api(kubeconfig: Path | None = None, context: str | None = None) -> c
             "(set KUBECONFIG or pass --kubeconfig)"
         )
     try:
-        api = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        api = config.new_client_from_config(  # type: ignore[no-untyped-call,unused-ignore]
             config_file=str(path), context=context
         )
         return cast(client.ApiClient, api)

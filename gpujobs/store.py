@@ -166,7 +166,7 @@ class JobStore:
         """Store a new record and index it (newest first in `list`)."""
         with self.redis.pipeline() as pipe:
             # redis-py stubs want a Mapping invariant in its key type; a dict[str, str] is fine.
-            pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
+            pipe.hset(keys.job(record.id), mapping=record.to_hash())  # type: ignore[arg-type,unused-ignore]
             pipe.zadd(_index(record.kind, record.state), {record.id: record.created_at})
             pipe.execute()
 
@@ -295,7 +295,7 @@ class JobStore:
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
         """Every attempt of a job, oldest first."""
-        rows: list[str] = self.redis.lrange(keys.attempts(job_id), 0, -1)  # type: ignore[assignment]
+        rows: list[str] = self.redis.lrange(keys.attempts(job_id), 0, -1)  # type: ignore[assignment,unused-ignore]
         return [json.loads(row) for row in rows]
 
     def write_log(self, job_id: str, attempt: int, source: str, text: str) -> None:

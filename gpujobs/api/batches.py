@@ -186,7 +186,7 @@ class BatchService:
         if match is None:
             raise not_found("Batch", batch_id)
         job_id = match.group(1)
-        meta: dict[str, str] = self.client.redis.hgetall(keys.api_batch(job_id))  # type: ignore[assignment]
+        meta: dict[str, str] = self.client.redis.hgetall(keys.api_batch(job_id))  # type: ignore[assignment,unused-ignore]
         record = self.client.store.get(job_id) if meta else None
         if record is None:
             raise not_found("Batch", batch_id)
@@ -253,7 +253,7 @@ class BatchService:
             rank = redis.zrevrank(keys.API_BATCHES, match.group(1)) if match else None
             if rank is None:
                 raise ApiError(400, f"Invalid 'after': no batch {after!r}.", param="after")
-            start = int(rank) + 1  # type: ignore[arg-type]
+            start = int(rank) + 1  # type: ignore[arg-type,unused-ignore]
         found: list[tuple[JobRecord, dict[str, str]]] = []
         while len(found) <= limit:  # one more than asked: whether there are more
             ids = _texts(redis.zrevrange(keys.API_BATCHES, start, start + limit))

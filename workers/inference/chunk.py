@@ -54,7 +54,7 @@ STOP_POLL_S = 0.5  # how often a running chunk looks for a cancel, a deadline or
 def register_inference_task(app: Celery) -> None:
     """Bind the chunk task to `app` under the name producers send (gpujobs.inference_chunk)."""
 
-    @app.task(name=INFERENCE_TASK, bind=True, throws=(ChunkFailed,))  # type: ignore[untyped-decorator]
+    @app.task(name=INFERENCE_TASK, bind=True, throws=(ChunkFailed,))  # type: ignore[untyped-decorator,unused-ignore]
     def inference_chunk(
         self: Task, job_id: str, chunk: int, start: int, count: int, offset: int
     ) -> dict[str, Any]:

@@ -143,22 +143,22 @@ class BatchState:
 
     def finished(self, chunk: int) -> dict[int, str]:
         """Request index -> output line of the chunk's checkpointed requests."""
-        raw: dict[str, str] = self.redis.hgetall(keys.batch_checkpoint(self.job_id, chunk))  # type: ignore[assignment]
+        raw: dict[str, str] = self.redis.hgetall(keys.batch_checkpoint(self.job_id, chunk))  # type: ignore[assignment,unused-ignore]
         return {int(index): line for index, line in raw.items()}
 
     def finished_indexes(self, chunk: int) -> set[int]:
-        raw: list[str] = self.redis.hkeys(keys.batch_checkpoint(self.job_id, chunk))  # type: ignore[assignment]
+        raw: list[str] = self.redis.hkeys(keys.batch_checkpoint(self.job_id, chunk))  # type: ignore[assignment,unused-ignore]
         return {int(index) for index in raw}
 
     def drop_checkpoint(self, chunk: int) -> None:
         self.redis.delete(keys.batch_checkpoint(self.job_id, chunk))
 
     def stats(self) -> dict[str, int]:
-        raw: dict[str, str] = self.redis.hgetall(keys.batch_stats(self.job_id))  # type: ignore[assignment]
+        raw: dict[str, str] = self.redis.hgetall(keys.batch_stats(self.job_id))  # type: ignore[assignment,unused-ignore]
         return {name: int(value) for name, value in raw.items()}
 
     def done_chunks(self) -> set[int]:
-        raw: set[str] = self.redis.smembers(keys.batch_done(self.job_id))  # type: ignore[assignment]
+        raw: set[str] = self.redis.smembers(keys.batch_done(self.job_id))  # type: ignore[assignment,unused-ignore]
         return {int(chunk) for chunk in raw}
 
     def mark_done(self, chunk: int) -> tuple[bool, int, int]:
