@@ -329,3 +329,18 @@ def test_status_lists_a_batchs_chunk_attempts(client: Client, broker_url: str) -
     assert as_json["attempts"] == [
         {"chunk": 2, "outcome": "resent 2 times: its worker was lost", "resent": 2}
     ]
+
+
+def test_the_demo_runs_again_and_again(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """`scripts/demo.sh` twice: the second run replaces the demo's own output, not refuses."""
+    start_worker()
+    outputs = []
+    for _ in range(2):
+        result = gpujobs("demo", "--seconds", "1", timeout=240)
+        assert result.returncode == 0, result.stderr
+        [line] = [line for line in result.stdout.splitlines() if line.startswith("output ")]
+        assert ": 854x480 h264, audio aac (copied), 1.0 s" in line, result.stdout
+        outputs.append(line)
+    assert outputs[0] == outputs[1]

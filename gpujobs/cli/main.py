@@ -314,15 +314,22 @@ def demo(
         check=True,
     )  # fmt: skip
     client = open_client(settings)
-    job = client.submit_transcode(clip, settings.media / "demo" / "sample-480p.mp4")
+    # The demo's own files: a second run replaces its output rather than refusing.
+    output = settings.media / "demo" / "sample-480p.mp4"
+    job = client.submit_transcode(clip, output, overwrite=True)
     console.print(f"queued {job.id}", markup=False)
     [record] = follow_or_leave(client, [job.id], timeout=None)
     exit_for([record])
     result = record.result or {}
+    # What happened to the audio, from the job's own record of each stream (kept or converted).
+    audio: dict[str, Any] = next(
+        (s for s in result.get("streams", []) if s.get("kind") == "audio"), {}
+    )
+    how = "copied" if audio.get("action") == "kept" else audio.get("action", "none")
     console.print(
         f"output {settings.media / str(record.output)}: {result.get('width')}x"
         f"{result.get('height')} {result.get('video_codec')}, audio {result.get('audio_codec')} "
-        f"(copied), {result.get('duration_s')} s, encode path {result.get('encode_path')}",
+        f"({how}), {result.get('duration_s')} s, encode path {result.get('encode_path')}",
         markup=False,
     )
 
