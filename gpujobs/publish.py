@@ -37,7 +37,7 @@ _EMBED: dict[str, Any] = {}
 def _b64(value: Any) -> str:
     """`value` as compact JSON (see `compact_json`; kombu reads any), base64-encoded (kombu's
     body_encoding "base64")."""
-    return base64.b64encode(orjson.dumps(value)).decode()
+    return base64.b64encode(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)).decode()
 
 
 @dataclass
