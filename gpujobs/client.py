@@ -211,8 +211,11 @@ class Client:
         (`prepare_transcode` then finds each verdict remembered): a bulk submit of new files
         is bound by these reads. Paths as `prepare_transcode` takes them; anything that
         cannot be read is left to that check to report."""
-        media = self.settings.media
-        read_verdicts(media / Path(given).expanduser() for given in inputs if given)
+        read_verdicts(self._located(Path(given)) for given in inputs if given)
+
+    def _located(self, given: Path) -> Path:
+        """Where an input path points: `~` expanded; absolute, or under the media root."""
+        return self.settings.media / given.expanduser()  # an absolute path stays itself
 
     def _dir(self, folder: str) -> str:
         """`folder` resolved; during a bulk submit, each folder once."""
@@ -238,9 +241,7 @@ class Client:
 
         given: absolute, or relative to the media root. copy_outside: False makes an input
         outside the media root an InvalidSpec. Raises InvalidSpec (one line) otherwise too."""
-        path = given.expanduser()
-        if not path.is_absolute():
-            path = self.settings.media / path
+        path = self._located(given)
         shown = str(given)
         if given.name.startswith("-"):
             raise InvalidSpec(f"input file name {given.name!r} must not start with '-'")
@@ -278,8 +279,9 @@ class Client:
             return PurePosixPath(inside), None, info
         if not copy_outside:
             raise InvalidSpec(f"input {shown} is outside the media root {media}")
-        target = inbox_target(Path(resolved), media / INBOX)
-        return PurePosixPath(target.relative_to(media).as_posix()), Path(resolved), info
+        outside = Path(resolved)
+        target = inbox_target(outside, media / INBOX)
+        return PurePosixPath(target.relative_to(media).as_posix()), outside, info
 
     def enqueue(
         self, prepared: PreparedJob, force: bool = False, queue: str = TRANSCODE_QUEUE

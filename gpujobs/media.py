@@ -312,7 +312,7 @@ def read_verdicts(files: Iterable[Path], threads: int | None = None) -> None:
     however often it is named; files that cannot be stat'ed or read, and all but regular
     non-empty files, are skipped: the submit's own check reports them."""
     todo: dict[tuple[int, ...], tuple[Path, os.stat_result]] = {}
-    for path in files:
+    for path in dict.fromkeys(files):  # a bulk submit of one input: one stat, not one a job
         try:
             info = path.stat()
         except OSError:

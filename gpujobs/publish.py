@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 from celery import Celery
 from celery.utils.time import utcoffset
 
@@ -37,7 +36,7 @@ _EMBED: dict[str, Any] = {}
 def _b64(value: Any) -> str:
     """`value` as compact JSON (see `compact_json`; kombu reads any), base64-encoded (kombu's
     body_encoding "base64")."""
-    return base64.b64encode(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)).decode()
+    return base64.b64encode(compact_json(value).encode()).decode()
 
 
 @dataclass
