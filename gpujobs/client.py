@@ -33,7 +33,7 @@ from gpujobs.app import (
 from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
-from gpujobs.media import NOT_VIDEO, input_verdict, read_verdicts
+from gpujobs.media import NOT_VIDEO, STILL_IMAGE, input_verdict, read_verdicts
 from gpujobs.paths import below, copy_file, inbox_target, media_relative
 from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.routing import require_gpu_worker
@@ -263,7 +263,7 @@ class Client:
             verdict = input_verdict(path, info)
         except OSError as exc:
             raise InvalidSpec(f"input {shown} cannot be read: {exc.strerror or exc}") from None
-        if verdict == NOT_VIDEO:
+        if verdict in (NOT_VIDEO, STILL_IMAGE):
             raise InvalidSpec(f"input {shown} is {verdict}")
         if verdict is not None:
             raise InvalidSpec(f"input {shown}: {verdict}")

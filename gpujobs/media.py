@@ -38,6 +38,9 @@ _EXPLAINED = {
 # A quick header read (see probe): the smallest probe libavformat allows, no analysis window.
 _QUICK = {"probesize": "32", "analyzeduration": "1"}
 NOT_VIDEO = "not a video file (unrecognised container)"
+STILL_IMAGE = "not a video file (a still image)"
+# libavformat's demuxers that show text files as video (ANSI art: tty takes .txt, .nfo...).
+_TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
 VERDICTS_KEPT = 4096
 _FLAGS: dict[Any, tuple[tuple[str, int], ...]] = {}  # _disposition_flags' memory
 _VERDICTS: dict[tuple[int, ...], str | None] = {}  # input_verdict's memory, oldest first
@@ -266,6 +269,41 @@ def check_input(path: Path, demuxer: str | None = None) -> MediaInfo:
     return info
 
 
+def check_guessed(path: Path) -> MediaInfo:
+    """The check at submit for a file whose first bytes name no container `looks_like_video`
+    knows: libavformat guesses the container from the whole probe, as ffmpeg will.
+    Raises ProbeError with one line: NOT_VIDEO when libavformat reads no media from it or
+    reads text as video (its ANSI-art demuxers, which take any .txt); "not a video file (a
+    still image)" when its only video is one picture (a PNG, a JPEG: libavformat reads those
+    as one-frame video; a raw MJPEG stream or an animated GIF has more); else `check_input`'s
+    reasons ("no video stream (audio with cover art)" for an MP3 with its cover).
+    """
+    try:
+        info = probe(path, first_frame=False)
+    except ProbeError:
+        raise ProbeError(NOT_VIDEO) from None
+    if info.format in _TEXT_DEMUXERS:
+        raise ProbeError(NOT_VIDEO)
+    if info.video is None:
+        raise ProbeError(info.no_video_reason())
+    if _pictures(path, info.video.index, most=2) < 2:
+        raise ProbeError(STILL_IMAGE)
+    return info
+
+
+def _pictures(path: Path, index: int, most: int) -> int:
+    """How many pictures stream `index` of `path` holds, counted up to `most` (demuxed only)."""
+    import av
+
+    count = 0
+    with av.open(str(path), metadata_errors="ignore") as container:
+        for packet in container.demux(container.streams[index]):
+            count += packet.size > 0
+            if count >= most:
+                break
+    return count
+
+
 def file_version(info: os.stat_result) -> tuple[int, ...]:
     """A file's identity and change stamps, from its stat: device, inode, size, modification
     and change times in ns. Any write, a rename over it or a copy in its place changes one
@@ -274,8 +312,9 @@ def file_version(info: os.stat_result) -> tuple[int, ...]:
 
 
 def input_verdict(path: Path, info: os.stat_result) -> str | None:
-    """Why `path` is no input to transcode, in one line, or None when it is one: NOT_VIDEO
-    when it does not start like a video container, else `check_input`'s reason.
+    """Why `path` is no input to transcode, in one line, or None when it is one: `check_input`'s
+    reason for a file whose first bytes name a video container we know (`looks_like_video`),
+    `check_guessed`'s for any other (libavformat's guess decides: MXF, DV, AVCHD, GIF...).
 
     info: the file's stat (following symlinks). Remembered for this process by the file's
     identity (device, inode, size, modification and change times in ns; up to VERDICTS_KEPT
@@ -289,13 +328,13 @@ def input_verdict(path: Path, info: os.stat_result) -> str | None:
     verdict: str | None = None
     with path.open("rb") as f:
         head = f.read(SNIFF_BYTES)
-    if not looks_like_video(head):
-        verdict = NOT_VIDEO
-    else:
-        try:
+    try:
+        if looks_like_video(head):
             check_input(path, sniffed_demuxer(head))
-        except ProbeError as exc:
-            verdict = str(exc)
+        else:
+            check_guessed(path)
+    except ProbeError as exc:
+        verdict = str(exc)
     with _VERDICTS_LOCK:
         if len(_VERDICTS) >= VERDICTS_KEPT:
             del _VERDICTS[next(iter(_VERDICTS))]  # the oldest
@@ -395,8 +434,10 @@ def iso_truncation(path: Path) -> str | None:
 
 
 def looks_like_video(head: bytes) -> bool:
-    """True when a file's first bytes (SNIFF_BYTES of them) look like a container ffmpeg reads
-    video from (no ffmpeg needed)."""
+    """True when a file's first bytes (SNIFF_BYTES of them) name a container ffmpeg reads video
+    from that we know by sight (no ffmpeg needed): such a file's header is read at once, with
+    `sniffed_demuxer`'s demuxer where it names one. False says only "not known by sight":
+    `input_verdict` then lets libavformat guess (`check_guessed`)."""
     if len(head) < 12:
         return False
     if head[4:8] in _ISO_BOXES:

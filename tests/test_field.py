@@ -334,6 +334,25 @@ def test_an_interrupted_upload_is_refused_at_submit(
     assert str(refused.value) == f"input {cut}: {words}"
 
 
+# --- containers no first-bytes rule knows: broadcast MXF, camcorder DV, AVCHD ------------------
+
+
+@pytest.mark.parametrize(("name", "extra"), [
+    ("mxf/broadcast.mxf", ["-c:v", "mpeg2video", "-c:a", "pcm_s16le"]),
+    ("dv/camcorder.dv", ["-s", "720x480", "-r", "30000/1001", "-c:v", "dvvideo", "-pix_fmt",
+                         "yuv411p", "-c:a", "pcm_s16le", "-ac", "2", "-f", "dv"]),
+    ("avchd/00001.MTS", [*X264, "-c:a", "ac3", "-f", "mpegts", "-mpegts_m2ts_mode", "1"]),
+])  # fmt: skip
+def test_containers_libavformat_guesses_are_transcoded(
+    stack: Stack, name: str, extra: list[str]
+) -> None:
+    source = stack.make(name, *lavfi_video("640x480", 25, 1), *lavfi_audio(1), *extra)
+    _, out = stack.run(source, height=240)
+    assert out.video is not None and (out.video.width, out.video.height) == (320, 240)
+    assert out.video.sar == 1 and len(out.audio) == 1
+    assert out.duration_s == pytest.approx(1.0, abs=0.1)
+
+
 # --- a long file name, stdout piped ------------------------------------------------------------
 
 
