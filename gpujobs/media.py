@@ -172,7 +172,8 @@ class MediaInfo:
 
     def duration_of(self, streams: list[StreamInfo]) -> float | None:
         """How long `streams` last: the longest of their own durations; the container's for a
-        stream that has none (Matroska keeps only the container's); None when nothing says."""
+        stream that has none (an upper bound, not its length: see StreamInfo.duration_s);
+        None when nothing says."""
         durations = [s.duration_s if s.duration_s is not None else self.duration_s
                      for s in streams]  # fmt: skip
         known = [d for d in durations if d is not None]
@@ -255,7 +256,7 @@ def check_input(path: Path, demuxer: str | None = None) -> MediaInfo:
     Raises ProbeError with one line: "the file is incomplete (...)", "no video stream (audio
     with cover art)", or ffmpeg's reason for not reading it.
     """
-    truncated = iso_truncation(path)
+    truncated = iso_truncation(path) or matroska_truncation(path)
     if truncated:
         raise ProbeError(truncated)
     try:
@@ -433,6 +434,45 @@ def iso_truncation(path: Path) -> str | None:
     return None
 
 
+def matroska_truncation(path: Path) -> str | None:
+    """For Matroska and WebM files: why the file is incomplete (its Segment, whose size the
+    muxer wrote at the start, runs past the end of the file); None when it is whole, not
+    Matroska, or written live with the Segment's size unknown (OBS, a browser's recorder)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(64)
+    element, offset = _ebml_element(head, 0)  # the EBML header
+    if element is None or element[0] != 0x1A45DFA3:
+        return None
+    offset += element[1]
+    element, data_at = _ebml_element(head, offset)
+    if element is None or element[0] != 0x18538067 or element[1] < 0:  # the Segment
+        return None
+    if data_at + element[1] > size:
+        return "the file is incomplete (it ends inside the Matroska segment)"
+    return None
+
+
+def _ebml_element(data: bytes, offset: int) -> tuple[tuple[int, int] | None, int]:
+    """((element id, data size; -1 for unknown), where its data starts) of the EBML element
+    at `offset`, or (None, offset) when `data` does not hold its id and size."""
+    if offset >= len(data) or not data[offset]:
+        return None, offset
+    id_length = 9 - data[offset].bit_length()  # the leading zeros of the first byte, plus one
+    if id_length > 4 or offset + id_length >= len(data):
+        return None, offset
+    element_id = int.from_bytes(data[offset : offset + id_length], "big")
+    at = offset + id_length
+    if not data[at]:
+        return None, offset
+    size_length = 9 - data[at].bit_length()
+    if at + size_length > len(data):
+        return None, offset
+    value = int.from_bytes(data[at : at + size_length], "big") & ((1 << (7 * size_length)) - 1)
+    unknown = value == (1 << (7 * size_length)) - 1  # every value bit set: size not known
+    return (element_id, -1 if unknown else value), at + size_length
+
+
 def looks_like_video(head: bytes) -> bool:
     """True when a file's first bytes (SNIFF_BYTES of them) name a container ffmpeg reads video
     from that we know by sight (no ffmpeg needed): such a file's header is read at once, with
@@ -508,6 +548,21 @@ def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
     return float(value * time_base)
 
 
+def _tagged(metadata: dict[str, str]) -> float | None:
+    """A stream's duration from its DURATION tag ("01:02:03.040000000"), None without one.
+    Matroska keeps no duration per track, only the segment's; ffmpeg and mkvmerge write this
+    tag for each track (mkvmerge's statistics tags, maybe with a language: DURATION-eng)."""
+    for key, value in metadata.items():
+        if key.upper().startswith("DURATION"):
+            hours, _, rest = value.strip().partition(":")
+            minutes, _, seconds = rest.partition(":")
+            try:
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds) or None
+            except ValueError:
+                return None
+    return None
+
+
 def _disposition_flags(kind: Any) -> tuple[tuple[str, int], ...]:
     """(name, bit) of each of PyAV's Disposition flags, read once (enum lookups are slow)."""
     found = _FLAGS.get(kind)
@@ -537,7 +592,7 @@ def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
         "kind_index": kind_index,
         "codec": codec,
         "dispositions": dispositions,
-        "duration_s": _seconds(stream.duration, stream.time_base),
+        "duration_s": _seconds(stream.duration, stream.time_base) or _tagged(stream.metadata),
         "frames": stream.frames or None,
         "language": stream.metadata.get("language"),
     }

@@ -208,6 +208,26 @@ def test_video_shorter_than_its_audio_with_audio_none(stack: Stack) -> None:
     assert record.result and record.result["input_duration_s"] == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.parametrize("audio", ["copy", "none"])
+def test_matroska_tracks_last_as_long_as_their_own_tags_say(stack: Stack, audio: str) -> None:
+    # Matroska keeps one duration, the segment's; each track's is in its DURATION tag. A
+    # subtitle cue at 9 s makes the segment last 10 s, though no picture or sound does.
+    cue = stack.media / "mkv/late.srt"
+    cue.parent.mkdir(parents=True, exist_ok=True)
+    cue.write_text("1\n00:00:09,000 --> 00:00:10,000\nlate\n")
+    source = stack.make(f"mkv/longer-{audio}.mkv", *lavfi_video("640x360", 30, 1),
+                        *lavfi_audio(3), "-i", str(cue), "-map", "0", "-map", "1", "-map", "2",
+                        *X264, "-c:a", "aac", "-c:s", "srt")  # fmt: skip
+    info = probe(source)
+    assert info.duration_s == pytest.approx(10.0, abs=0.05)
+    assert info.video is not None and info.video.duration_s == pytest.approx(1.0, abs=0.05)
+    record, out = stack.run(source, audio=audio)
+    assert out.duration_s == pytest.approx(1.0 if audio == "none" else 3.0, abs=0.1)
+    assert record.result and record.result["input_duration_s"] == pytest.approx(
+        1.0 if audio == "none" else 3.0, abs=0.05
+    )
+
+
 # --- raw-stream.h264: no container, no duration ------------------------------------------------
 
 
@@ -314,6 +334,16 @@ def test_variable_frame_rate_keeps_source_timing(stack: Stack) -> None:
     assert fixed.video.frames >= 85  # 30 fps over about 2.9 s
 
 
+def test_variable_frame_rate_matroska_keeps_source_timing(stack: Stack) -> None:
+    # An OBS-style recording: 30 fps, then every fourth frame; its tracks' lengths are tags.
+    source = stack.make("vfr/obs.mkv", *lavfi_video("640x360", 30, 3), *lavfi_audio(3),
+                        "-vf", "select='lt(n,30)+not(mod(n,4))'", "-fps_mode", "vfr", *X264,
+                        "-c:a", "aac")  # fmt: skip
+    _, out = stack.run(source, height=360)
+    assert out.video is not None and out.video.frames == 45
+    assert out.duration_s == pytest.approx(3.0, abs=0.1)
+
+
 # --- interrupted-upload.mp4: incomplete files refused at submit --------------------------------
 
 
@@ -351,6 +381,19 @@ def test_containers_libavformat_guesses_are_transcoded(
     assert out.video is not None and (out.video.width, out.video.height) == (320, 240)
     assert out.video.sar == 1 and len(out.audio) == 1
     assert out.duration_s == pytest.approx(1.0, abs=0.1)
+
+
+def test_an_interrupted_matroska_upload_is_refused_at_submit(stack: Stack) -> None:
+    whole = stack.make("upload/whole.mkv", *lavfi_video("640x360", 30), *lavfi_audio(), *X264,
+                       "-c:a", "aac")  # fmt: skip
+    cut = stack.media / "upload/cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(InvalidSpec) as refused:
+        stack.client.submit_transcode(cut)
+    assert str(refused.value) == (
+        f"input {cut}: the file is incomplete (it ends inside the Matroska segment)"
+    )
+    stack.client.submit_transcode(whole).wait(timeout=JOB_TIMEOUT_S)  # the whole one is taken
 
 
 # --- a long file name, stdout piped ------------------------------------------------------------

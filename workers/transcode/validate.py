@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from gpujobs.media import MediaInfo, explain
+from gpujobs.media import MediaInfo, StreamInfo, explain
 from gpujobs.specs import TranscodeSpec
 from workers.transcode.plan import Plan
 
@@ -53,8 +53,12 @@ def duration_tolerance_s(duration_s: float) -> float:
 
 def expected_duration(source: MediaInfo, plan: Plan) -> float | None:
     """How long the output should last: the longest stream kept (None: the input says not)."""
-    kept = [s for s in source.streams if s.index in plan.kept_streams]
-    return source.duration_of(kept)
+    return source.duration_of(kept_streams(source, plan))
+
+
+def kept_streams(source: MediaInfo, plan: Plan) -> list[StreamInfo]:
+    """The input's streams the plan keeps, in the input's order."""
+    return [s for s in source.streams if s.index in plan.kept_streams]
 
 
 def validate_output(
@@ -66,8 +70,8 @@ def validate_output(
 ) -> str | None:
     """None when the output is what the plan asked for, else one line saying what is wrong.
 
-    decoded_frames: frames ffmpeg reported writing, checked against the output when the input
-    has no duration to compare with.
+    decoded_frames: frames ffmpeg reported writing, checked against the output when the input's
+    video has no duration of its own to compare with.
     """
     video = result.video
     if video is None:
@@ -88,33 +92,39 @@ def validate_output(
         if abs(aspect / g.display_aspect - 1) > allowed:
             return (f"output display aspect {aspect:.4f} differs from the input's "
                     f"{g.display_aspect:.4f} by more than 1%")  # fmt: skip
-    expected = expected_duration(source, plan)
+    kept = kept_streams(source, plan)
+    expected = source.duration_of(kept)
     if expected is not None:
-        # The whole output against the streams kept, and the picture against its own source.
-        pairs = [
-            (result.duration_of(list(result.streams)), expected, "output"),
-            (result.duration_of([video]), source.duration_of([plan.video]), "video"),
-        ]
-        for actual, wanted, what in pairs:
-            if actual is None or wanted is None:
-                continue
-            tolerance = duration_tolerance_s(wanted)
-            if what == "video" and plan.video.frames:
-                # The last frame's duration is a muxer's guess: allow two average frames.
-                tolerance += 2 * wanted / plan.video.frames
-            if abs(actual - wanted) > tolerance:
-                kept = "the streams kept last" if what == "output" else "the input's video lasts"
-                return (f"{what} lasts {actual:.2f} s, {kept} {wanted:.2f} s "
-                        f"(tolerance {tolerance:.2f} s)")  # fmt: skip
-    else:
-        if not result.duration_of(list(result.streams)):
-            return "output has no duration"
-        if (
-            decoded_frames is not None
-            and video.frames is not None
-            and video.frames != (decoded_frames)
-        ):
-            return f"output holds {video.frames} frames, ffmpeg wrote {decoded_frames}"
+        # The whole output against the streams kept: exactly where each says how long it
+        # lasts, else the container's duration bounds it from above only (a Matroska track
+        # without a DURATION tag lasts at most as long as its segment).
+        actual = result.duration_of(list(result.streams))
+        exact = all(s.duration_s is not None for s in kept)
+        tolerance = duration_tolerance_s(expected)
+        if actual is not None and exact and abs(actual - expected) > tolerance:
+            return (f"output lasts {actual:.2f} s, the streams kept last {expected:.2f} s "
+                    f"(tolerance {tolerance:.2f} s)")  # fmt: skip
+        if actual is not None and not exact and actual - expected > tolerance:
+            return f"output lasts {actual:.2f} s, longer than the input's {expected:.2f} s"
+    elif not result.duration_of(list(result.streams)):
+        return "output has no duration"
+    wanted = plan.video.duration_s
+    if wanted is not None:  # the picture against its own source
+        lasts = result.duration_of([video])
+        tolerance = duration_tolerance_s(wanted)
+        frames = plan.video.frames or video.frames
+        if frames:
+            # A header's length counts from decoding timestamps (MP4's): it ends up to the
+            # reorder delay (2 frames with x264's defaults) plus the last frame's guessed
+            # duration short of the last picture's end; where the rate varies those are the
+            # slow end's frames. Allow three average frames.
+            tolerance += 3 * wanted / frames
+        if lasts is not None and abs(lasts - wanted) > tolerance:
+            return (f"video lasts {lasts:.2f} s, the input's video lasts {wanted:.2f} s "
+                    f"(tolerance {tolerance:.2f} s)")  # fmt: skip
+    elif decoded_frames is not None and video.frames is not None and video.frames != decoded_frames:
+        # No length of its own to compare with: every frame ffmpeg wrote is in the file.
+        return f"output holds {video.frames} frames, ffmpeg wrote {decoded_frames}"
     audio = result.audio
     if len(audio) != len(plan.audio):
         return f"output has {len(audio)} audio tracks, expected {len(plan.audio)}"
