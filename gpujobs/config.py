@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Codec = Literal["h264", "hevc"]
@@ -29,7 +29,12 @@ def _default_state_dir() -> Path:
 class Settings(BaseSettings):
     """All configuration. Each field reads GPUJOBS_<FIELD> from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="GPUJOBS_", extra="ignore")
+    # An empty variable is an unset one (an empty Secret value, `GPUJOBS_MEDIA_ROOT=`): never
+    # an empty key that opens a port, nor a folder that is the current directory. Numbers are
+    # finite.
+    model_config = SettingsConfigDict(
+        env_prefix="GPUJOBS_", extra="ignore", env_ignore_empty=True, allow_inf_nan=False
+    )
 
     broker_url: str | None = Field(
         default=None,
@@ -62,28 +67,31 @@ class Settings(BaseSettings):
     )
 
     # Transcode defaults: the command teams run today.
-    default_height: int = 480
+    default_height: int = Field(default=480, gt=0, le=8192)
     default_codec: Codec = "h264"
     default_preset: Preset = "p1"
-    default_cq: int = 28
+    default_cq: int = Field(default=28, ge=0, le=51)
     default_audio: AudioMode = "copy"
-    default_threads: int = 2
+    default_threads: int = Field(default=2, ge=1, le=64)
 
     visibility_timeout_s: int = Field(
         default=12 * 3600,
+        gt=0,
         description="Seconds before Redis redelivers an unacknowledged job; longer than the "
         "longest job, so a slow job is not run twice. Default 12 h.",
     )
     progress_interval_s: float = Field(
-        default=0.25, description="Least seconds between two progress updates of one job."
+        default=0.25, ge=0, description="Least seconds between two progress updates of one job."
     )
     record_ttl_s: int = Field(
         default=7 * 24 * 3600,
+        gt=0,
         description="Seconds a finished job's record is kept (default 7 days); outputs never "
         "expire.",
     )
     lease_s: float = Field(
         default=10.0,
+        gt=0,
         description="Seconds a running job's lease lasts without renewal (renewed every third, "
         "by one thread per worker process for all its jobs). A dead worker's job is requeued "
         "at most lease_s + watchdog_interval_s after it died (12 s by default). Cost: one "
@@ -92,6 +100,7 @@ class Settings(BaseSettings):
     )
     watchdog_interval_s: float = Field(
         default=2.0,
+        gt=0,
         description="Seconds between two watchdog rounds (one winner per round, a SET NX per "
         "worker per round). Default 2.",
     )
@@ -106,11 +115,14 @@ class Settings(BaseSettings):
     )
     retry_backoff_s: float = Field(
         default=2.0,
+        ge=0,
         description="First delay in seconds before a transient failure is retried; doubles "
         "with each attempt, at most 60 s.",
     )
     connect_timeout_s: float = Field(
-        default=3.0, description="Seconds to wait for the broker before saying it is unreachable."
+        default=3.0,
+        gt=0,
+        description="Seconds to wait for the broker before saying it is unreachable.",
     )
 
     # GPU workers (workers/supervisor.py, nvenc.py, heartbeat.py).
@@ -256,6 +268,13 @@ class Settings(BaseSettings):
         "200 MiB.",
     )
 
+    @field_validator("redis_password", "vllm_api_key", "flower_password", "api_key")
+    @classmethod
+    def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty secret is no secret: what asks for one (`gpujobs api` beyond loopback)
+        refuses to start without it, never runs open with an empty key."""
+        return value if value is not None and value.get_secret_value() else None
+
     @model_validator(mode="after")
     def _fill_media_root(self) -> Settings:
         if self.media_root is None:
@@ -283,3 +302,17 @@ class Settings(BaseSettings):
         import imageio_ffmpeg  # the worker extra; producers never reach this
 
         return str(imageio_ffmpeg.get_ffmpeg_exe())
+
+
+def settings_error(exc: BaseException) -> str | None:
+    """One line for a setting that does not validate ("GPUJOBS_LEASE_S: Input should be greater
+    than 0, got '-5'"), naming its environment variable; None when `exc` is anything else."""
+    if not isinstance(exc, ValidationError) or exc.title != Settings.__name__:
+        return None
+    errors = exc.errors()
+    first = errors[0]
+    where = first["loc"]
+    name = f"GPUJOBS_{str(where[0]).upper()}" if where else "settings"
+    got = f", got {first['input']!r}" if where else ""
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{name}: {first['msg']}{got}{more}"

@@ -326,10 +326,16 @@ def test_bad_input_is_answered_as_the_openai_api_does(
     assert oa.batches.list().data == []
 
 
-def test_refuses_to_listen_beyond_loopback_without_a_key(settings: Settings) -> None:
+@pytest.mark.parametrize("key", [None, ""])  # an empty Secret value is no key
+def test_refuses_to_listen_beyond_loopback_without_a_key(
+    settings: Settings, key: str | None
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GPUJOBS_API_KEY"}
+    if key is not None:
+        env["GPUJOBS_API_KEY"] = key
     result = subprocess.run(
         [sys.executable, "-m", "gpujobs", "api", "--address", "0.0.0.0", "--port", "0"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [

@@ -136,6 +136,36 @@ def test_submit_wait_status_ls_json(
     assert all(r["id"] in table.stdout for r in records)
 
 
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("GPUJOBS_LEASE_S", "abc", "error: GPUJOBS_LEASE_S: Input should be a valid number"),
+    ("GPUJOBS_RECORD_TTL_S", "-5", "error: GPUJOBS_RECORD_TTL_S: Input should be greater than 0"),
+    ("GPUJOBS_CONNECT_TIMEOUT_S", "nan", "error: GPUJOBS_CONNECT_TIMEOUT_S: Input should be a "
+     "finite number"),
+    ("GPUJOBS_DEFAULT_PRESET", "p9", "error: GPUJOBS_DEFAULT_PRESET: Input should be 'p1'"),
+])  # fmt: skip
+def test_a_bad_setting_is_one_line_naming_its_variable(
+    settings: Settings, video: Path, variable: str, value: str, message: str
+) -> None:
+    for args in (["ls"], ["submit", str(video)], ["worker", "--check"]):
+        result = gpujobs(*args, env={variable: value})
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith(message), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_empty_setting_is_an_unset_one(tmp_path: Path) -> None:
+    env = {"GPUJOBS_STATE_DIR": str(tmp_path), "GPUJOBS_MEDIA_ROOT": "", "GPUJOBS_API_KEY": ""}
+    outside = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
+    read = subprocess.run(
+        [sys.executable, "-c", "from gpujobs.config import Settings; s = Settings(); "
+         "print(s.media, s.api_key)"],
+        capture_output=True, text=True, timeout=60, env={**outside, **env}, cwd=tmp_path,
+        check=True,
+    )  # fmt: skip
+    assert read.stdout.split() == [str(tmp_path / "media"), "None"]
+    assert Settings(api_key="", vllm_api_key="").api_key is None
+
+
 def test_usage_errors_are_one_line_too(settings: Settings) -> None:
     cases = [
         (["submit"], "error: Missing argument 'FILE'."),

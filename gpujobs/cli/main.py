@@ -391,6 +391,14 @@ def main() -> None:
         sys.exit(124)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a GPUJOBS_* setting that does not validate, read by any command
+        from gpujobs.config import settings_error  # not before: `--help` stays light
+
+        message = settings_error(exc)
+        if message is None:
+            raise
+        _say_error(message)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 
