@@ -200,11 +200,24 @@ class Client:
                 output, self.settings.media, "output", self._media_resolved(), self._dir
             )
         spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
-        if not spec.overwrite and os.path.exists(os.path.join(self.settings.media, spec.output)):
+        target = os.path.join(self.settings.media, spec.output)
+        if os.path.islink(target):  # the worker writes where the link points: check there
+            self._check_linked_output(spec, target, copy_from)
+        if not spec.overwrite and os.path.exists(target):
             raise InvalidSpec(f"output {spec.output} exists (use --overwrite to replace it)")
         # The input's stat (it follows symlinks): the same file copied in or not.
         found = _fingerprint(spec, source_stat)
         return PreparedJob(spec=spec, fingerprint=found, copy_from=copy_from)
+
+    def _check_linked_output(self, spec: TranscodeSpec, link: str, copy_from: Path | None) -> None:
+        """An output path that is a symlink: where it points must lie in the media root and
+        must not be the input (the worker would write the transcode over its own source)."""
+        points_to = os.path.realpath(link)
+        if below(points_to, os.fspath(self._media_resolved())) is None:
+            raise InvalidSpec(f"output {spec.output} is a link that points outside the media root")
+        source = os.path.join(self.settings.media, spec.input)
+        if copy_from is None and os.path.realpath(source) == points_to:
+            raise InvalidSpec(f"output {spec.output} is the input {spec.input} (through a link)")
 
     def read_inputs(self, inputs: Iterable[str | Path]) -> None:
         """Read many inputs' headers at once, on every core, ahead of their checks

@@ -69,6 +69,8 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
     (media / "adir.mp4").mkdir()
     dash = media / "-i.mp4"
     dash.write_bytes(video.read_bytes())
+    (media / "alias.mp4").symlink_to(video)  # an output that is the input through a link
+    (media / "away.mp4").symlink_to(tmp_path / "away.mp4")
     cases = [
         ([str(media / "missing.mp4")], "does not exist"),
         ([str(media / "empty.mp4")], "is empty"),
@@ -77,6 +79,14 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
         (["--", str(dash)], "must not start with '-'"),
         ([str(video), "-o", str(video)], "error: output must differ from the input"),
         ([str(video), "-o", str(tmp_path / "elsewhere.mp4")], "is outside the media root"),
+        (
+            [str(video), "-o", str(media / "alias.mp4"), "--overwrite"],
+            f"is the input {video.relative_to(media)} (through a link)",
+        ),
+        (
+            [str(video), "-o", str(media / "away.mp4"), "--overwrite"],
+            "is a link that points outside the media root",
+        ),
         ([str(video), "-o", str(media / "v" / ".." / "up.mp4")], "must not contain '..'"),
         ([str(video), str(media / "missing.mp4")], "does not exist"),  # one bad: none queued
     ]

@@ -171,6 +171,8 @@ class TranscodeAttempt:
             output_path = rt.media_path(spec.output)
         except PathOutsideMediaRoot as exc:
             return self.fail(str(exc))
+        if output_path == source_path:  # an output that is a link to the input
+            return self.fail(f"output {spec.output} is the input {spec.input} (through a link)")
         if output_path.exists() and not spec.overwrite:
             return self.fail(f"output {spec.output} exists (submit with --overwrite to replace)")
         try:
