@@ -7,6 +7,7 @@ the media root at different places, so only the part below it travels with the j
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Literal, Self
@@ -62,6 +63,12 @@ def check_media_path(value: str, what: str) -> str:
     return _media_path(value, what).as_posix()
 
 
+# C0 and C1 controls and DEL (a terminal acts on them when a path is shown: ESC starts a
+# sequence), and lone surrogates (bytes of a file name that are not UTF-8, as os.fsdecode
+# keeps them; they cannot be stored or sent as text).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _media_path(value: str, what: str) -> PurePosixPath:
     if not value or not value.strip():
         raise ValueError(f"{what} path is empty")
@@ -73,8 +80,11 @@ def _media_path(value: str, what: str) -> PurePosixPath:
     if path.name.startswith("-"):
         # ffmpeg would read such a name as an option if it were ever passed bare.
         raise ValueError(f"{what} file name {path.name!r} must not start with '-'")
-    if "\x00" in value or "\n" in value:
-        raise ValueError(f"{what} path contains a control character")
+    bad = _UNPRINTABLE.search(value)
+    if bad is not None:
+        if bad.group() >= "\ud800":  # a name's undecodable byte, as os.fsdecode keeps it
+            raise ValueError(f"{what} path is not valid UTF-8")
+        raise ValueError(f"{what} path contains a control character ({bad.group()!r})")
     return path
 
 

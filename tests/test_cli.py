@@ -69,6 +69,10 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
     (media / "adir.mp4").mkdir()
     dash = media / "-i.mp4"
     dash.write_bytes(video.read_bytes())
+    escape = media / "\x1b[31mred.mp4"  # a name a terminal would act on
+    undecodable = media / os.fsdecode(b"bad\xff\xfename.mp4")  # bytes that are not UTF-8
+    for named in (escape, undecodable):
+        named.write_bytes(video.read_bytes())
     (media / "alias.mp4").symlink_to(video)  # an output that is the input through a link
     (media / "away.mp4").symlink_to(tmp_path / "away.mp4")
     cases = [
@@ -77,6 +81,8 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
         ([str(media / "notes.mp4")], "is not a video file"),
         ([str(media / "adir.mp4")], "is a directory"),
         (["--", str(dash)], "must not start with '-'"),
+        ([str(escape)], "input path contains a control character ('\\x1b')"),
+        ([str(undecodable)], "input path is not valid UTF-8"),
         ([str(video), "-o", str(video)], "error: output must differ from the input"),
         ([str(video), "-o", str(tmp_path / "elsewhere.mp4")], "is outside the media root"),
         (
