@@ -124,6 +124,27 @@ def test_unknown_job(settings: Settings) -> None:
         )
 
 
+def test_paths_are_shown_as_written_never_as_markup(settings: Settings, video: Path) -> None:
+    # rich reads `[/b]` as a closing tag (MarkupError: every `ls` failed while such a job was
+    # listed) and `[x]` as a style (hidden from the path shown).
+    names = ["tags/x[/b].mp4", "tags/[bold]*?.mp4"]
+    for name in names:
+        (settings.media / name).parent.mkdir(parents=True, exist_ok=True)
+        (settings.media / name).write_bytes(video.read_bytes())
+    submitted = gpujobs("submit", *(str(settings.media / n) for n in names))
+    assert submitted.returncode == 0, submitted.stderr
+    ids = [line.split()[1] for line in submitted.stdout.splitlines()]
+    listed = gpujobs("ls", env={"COLUMNS": "200"})
+    assert listed.returncode == 0, listed.stderr
+    assert all(name in listed.stdout for name in names), listed.stdout
+    for job_id, name in zip(ids, names, strict=True):
+        detail = gpujobs("status", job_id, env={"COLUMNS": "200"})
+        assert detail.returncode == 0 and name in detail.stdout, detail.stderr
+    # The bars of --wait are drawn before the (here, absent) worker would run them.
+    waited = gpujobs("watch", ids[0], "--timeout", "1")
+    assert waited.returncode == 124 and "Traceback" not in waited.stderr, waited.stderr
+
+
 def test_submit_wait_status_ls_json(
     settings: Settings,
     media_clip: Callable[..., Path],

@@ -39,7 +39,7 @@ class BatchBars:
 
     def __init__(self, out: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.fields[label]}", style="bold"),
+            TextColumn("{task.fields[label]}", style="bold", markup=False),  # a path
             BarColumn(),
             TextColumn("{task.completed:>6.0f}/{task.total:.0f} done"),
             TextColumn("[red]{task.fields[failed]:>5} failed[/]"),

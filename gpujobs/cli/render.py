@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -50,6 +51,12 @@ def job_subject(record: JobRecord) -> str:
     return str(record.spec.get("input", "-"))
 
 
+def shown(value: object, style: str = "") -> Text:
+    """`value` as text drawn as written: a path's `[b]` or `[/x]` is never read as rich
+    markup (which would restyle it, hide it, or raise MarkupError and end the command)."""
+    return Text(str(value), style=style)
+
+
 def jobs_table(records: Iterable[JobRecord]) -> Table:
     """One row a job; in 80 columns the input and worker are shortened with `…`, never folded."""
     table = Table(box=None, header_style="bold", padding=(0, 1), pad_edge=False,
@@ -64,10 +71,10 @@ def jobs_table(records: Iterable[JobRecord]) -> Table:
         table.add_row(
             record.id,
             record.kind.value,
-            f"[{style}]{record.state.value}[/]",
+            shown(record.state.value, style),
             f"{record.percent:5.1f}%",
-            job_subject(record),
-            record.worker or "-",
+            shown(job_subject(record)),
+            shown(record.worker or "-"),
             short_duration(now - record.created_at),
         )
     return table
@@ -80,10 +87,10 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
     table.add_column(style="bold")
     table.add_column()
     style = STATE_STYLES[record.state]
-    rows: list[tuple[str, str]] = [
+    rows: list[tuple[str, str | Text]] = [
         ("id", record.id),
         ("kind", record.kind.value),
-        ("state", f"[{style}]{record.state.value}[/]"),
+        ("state", shown(record.state.value, style)),
         ("progress", f"{record.percent:.1f}%"),
         ("input", job_subject(record)),
     ]
@@ -108,13 +115,9 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
         rows.append(("pieces", ", ".join(record.pieces)))
     if record.parent:
         rows.append(("piece of", record.parent))
-    if record.pieces:  # a split job: its pieces, each a job of its own
-        rows.append(("pieces", ", ".join(record.pieces)))
-    if record.parent:
-        rows.append(("piece of", record.parent))
     rows.append(("attempt", str(record.attempt)))
     if record.error:
-        rows.append(("error", f"[red]{record.error}[/]"))
+        rows.append(("error", shown(record.error, "red")))
     if record.started_at and record.finished_at:
         rows.append(("took", f"{record.finished_at - record.started_at:.1f}s"))
     result = record.result or {}
@@ -134,8 +137,8 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
             (f"attempt {entry.get('attempt')}", f"{entry.get('outcome')} on {entry.get('worker')}"
              f"{reason}")
         )  # fmt: skip
-    for name, value in rows:
-        table.add_row(name, value, end_section=False)
+    for name, value in rows:  # paths, reasons, worker names: text as written, never markup
+        table.add_row(name, value if isinstance(value, Text) else shown(value), end_section=False)
     return table
 
 
@@ -147,7 +150,7 @@ class JobBars:
         from rich.progress import BarColumn, Progress, TextColumn
 
         self.progress = Progress(
-            TextColumn("{task.fields[label]}", style="bold"),
+            TextColumn("{task.fields[label]}", style="bold", markup=False),  # a path
             BarColumn(),
             TextColumn("{task.percentage:>5.1f}%"),
             TextColumn("{task.fields[fps]:>9}"),
