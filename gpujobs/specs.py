@@ -93,7 +93,9 @@ class MediaJobSpec(BaseModel):
     (see `check_media_path`), and not the same file. `output_suffixes`: the output's allowed
     extensions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers are finite: JSON has no inf or NaN (an inf timeout was stored as null, and the
+    # worker then refused the spec it was given).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     output_suffixes: ClassVar[tuple[str, ...]] = ()
 
     input: str

@@ -210,6 +210,9 @@ def test_usage_errors_are_one_line_too(settings: Settings) -> None:
         (["submit", "x.mp4", "--bogus"], "error: No such option: --bogus"),
         (["nosuch"], "error: No such command 'nosuch'."),
         (["ls", "--limit", "0"], "error: Invalid value for '--limit'"),
+        (["watch", "x", "--timeout", "nan"], "error: Invalid value for '--timeout': must be a"),
+        (["submit", "x.mp4", "--wait", "--timeout", "-1"], "error: Invalid value for '--timeout'"),
+        (["top", "--timeout", "inf"], "error: Invalid value for '--timeout': must be a finite"),
     ]
     for args, message in cases:
         result = gpujobs(*args)

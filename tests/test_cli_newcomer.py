@@ -290,7 +290,13 @@ def test_the_command_starts_without_celery_redis_or_pydantic() -> None:
     assert "Commands" in helped and "cluster" in helped
     # Only the group and its table: every other command's module is imported when it runs.
     assert helped.strip().splitlines()[-1] == str(
-        ["gpujobs.cli", "gpujobs.cli.lazy", "gpujobs.cli.main", "gpujobs.errors"]
+        [
+            "gpujobs.cli",
+            "gpujobs.cli.lazy",
+            "gpujobs.cli.main",
+            "gpujobs.cli.options",
+            "gpujobs.errors",
+        ]
     ), helped
     import gpujobs
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
+from gpujobs.cli.options import positive_seconds
 from gpujobs.cli.render import STATE_STYLES, start_stack
 from gpujobs.errors import GpujobsError, InvalidSpec
 
@@ -197,7 +198,10 @@ def infer(
     priority: Annotated[int | None, typer.Option(help="0 (lowest) .. 9 (most urgent).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Draw progress until the jobs end.")] = False,
     timeout: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+        float | None,
+        typer.Option(
+            help="With --wait: give up after this many seconds.", callback=positive_seconds
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
 ) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpujobs.cli.lazy import LazyGroup, readable
+from gpujobs.cli.options import positive_seconds
 from gpujobs.errors import GpujobsError, UsageError
 
 if TYPE_CHECKING:
@@ -98,7 +99,11 @@ def watch(
     job_ids: Annotated[list[str], typer.Argument(metavar="ID", help="Job ids.")],
     timeout: Annotated[
         float | None,
-        typer.Option(metavar="SECONDS", help="Give up after this long.  [default: no limit]"),
+        typer.Option(
+            metavar="SECONDS",
+            help="Give up after this long.  [default: no limit]",
+            callback=positive_seconds,
+        ),
     ] = None,
 ) -> None:
     """Follow jobs live until they end; exits non-zero if any did not succeed."""

@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from gpujobs.cli.options import positive_seconds
+
 
 def flower(
     address: Annotated[
@@ -67,7 +69,8 @@ def top(
         int | None, typer.Option(min=1, help="Exit after drawing this many views.")
     ] = None,
     timeout: Annotated[
-        float | None, typer.Option(min=0, help="Exit after this many seconds.")
+        float | None,
+        typer.Option(help="Exit after this many seconds.", callback=positive_seconds),
     ] = None,
     refresh: Annotated[
         float, typer.Option(min=0.1, help="Seconds between reads of node heartbeats.")

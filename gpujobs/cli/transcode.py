@@ -9,6 +9,7 @@ import typer
 
 from gpujobs.cli import inference as cli_inference
 from gpujobs.cli import ladder as cli_ladder
+from gpujobs.cli.options import positive_seconds
 from gpujobs.cli.render import (
     console,
     exit_for,
@@ -134,7 +135,9 @@ def submit(
     timeout: Annotated[
         float | None,
         typer.Option(
-            metavar="SECONDS", help="With --wait: give up after this long.  [default: no limit]"
+            metavar="SECONDS",
+            help="With --wait: give up after this long.  [default: no limit]",
+            callback=positive_seconds,
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
