@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -221,28 +221,38 @@ def iter_batch_file(path: Path, media: Path) -> Iterator[Request]:
     except OSError as exc:
         raise InvalidSpec(f"batch file {shown} cannot be read: {exc.strerror or exc}") from None
     with handle:
-        for number, raw_line in enumerate(handle, start=1):
-            where = f"line {number}"
-            if number == 1:
-                for bom, encoding in FOREIGN_BOMS:
-                    if raw_line.startswith(bom):
-                        raise InvalidSpec(
-                            f"batch file {shown} is {encoding} text (it starts with a {encoding} "
-                            "byte-order mark); save it as UTF-8"
-                        )
-            try:
-                text = raw_line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidSpec(
-                    f"{where}: not UTF-8 text (byte {exc.start + 1} is {raw_line[exc.start]:#04x})"
-                ) from None
-            if not text.lstrip(BOM).strip():
-                continue  # blank lines carry nothing (vllm run-batch skips them too)
+        for number, text in batch_lines(handle, shown):
             try:
                 raw = parse_line(text)
             except ValueError as exc:
-                raise InvalidSpec(f"{where}: {exc}") from None
-            yield checker.check(raw, where)
+                raise InvalidSpec(f"line {number}: {exc}") from None
+            yield checker.check(raw, f"line {number}")
+
+
+def batch_lines(handle: BinaryIO, shown: str) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of each line of a batch file opened in binary that is not
+    blank: a line of whitespace alone (Unicode's too: a no-break space, U+2028) carries
+    nothing and is skipped, as vllm run-batch skips it; the UTF-8 byte-order mark is dropped.
+    Raises InvalidSpec for a UTF-16/32 file or a line that is not UTF-8. Every reader of a
+    batch file goes through here, so they agree on what a line is."""
+    for number, raw_line in enumerate(handle, start=1):
+        if number == 1:
+            for bom, encoding in FOREIGN_BOMS:
+                if raw_line.startswith(bom):
+                    raise InvalidSpec(
+                        f"batch file {shown} is {encoding} text (it starts with a {encoding} "
+                        "byte-order mark); save it as UTF-8"
+                    )
+        try:
+            text = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidSpec(
+                f"line {number}: not UTF-8 text (byte {exc.start + 1} is "
+                f"{raw_line[exc.start]:#04x})"
+            ) from None
+        text = text.lstrip(BOM) if number == 1 else text
+        if text.strip():
+            yield number, text
 
 
 def read_batch_file(path: Path, media: Path) -> list[Request]:

@@ -304,6 +304,12 @@ def test_bad_input_is_answered_as_the_openai_api_does(
         ({"metadata": {"k": "v" * 513}}, "metadata", "values 512"),
         ({"priority": 3}, "priority", "Unrecognized request argument supplied: priority"),
     ]  # fmt: skip
+    # Lines of Unicode whitespace alone (a no-break space, U+2028) are blank to every reader.
+    spaced = b"\xc2\xa0\n" + jsonl(rows(1)) + "\u2028\n".encode()
+    spaced_upload = oa.files.create(file=("spaced.jsonl", spaced), purpose="batch")
+    mismatch = "line 2: url '/v1/chat/completions' does not match"  # line 1 is blank
+    cases.append(({"endpoint": "/v1/embeddings", "input_file_id": spaced_upload.id},
+                  "input_file_id", mismatch))  # fmt: skip
     for change, param, words in cases:
         body = {"input_file_id": upload.id, "endpoint": "/v1/chat/completions",
                 "completion_window": "24h", **change}  # fmt: skip

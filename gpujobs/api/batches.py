@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from gpujobs import keys
 from gpujobs.api.errors import ApiError, not_found
 from gpujobs.api.files import FileStore, file_object
-from gpujobs.batch import BATCHES, prepare_batch
+from gpujobs.batch import BATCHES, batch_lines, prepare_batch
 from gpujobs.client import Client, Job
 from gpujobs.errors import InvalidSpec
 from gpujobs.specs import INFERENCE_URLS, InferenceSpec, JobRecord, JobState
@@ -377,10 +377,8 @@ class BatchService:
 def _check_urls(path: Path, endpoint: str, file_id: str) -> None:
     """ApiError 400 naming the first line whose url is not the batch's endpoint."""
     with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            url = json.loads(line).get("url")
+        for number, text in batch_lines(handle, file_id):  # checked at upload: all JSON objects
+            url = json.loads(text).get("url")
             if url != endpoint:
                 raise ApiError(
                     400,
@@ -393,10 +391,9 @@ def _check_urls(path: Path, endpoint: str, file_id: str) -> None:
 def _first_model(path: Path) -> str | None:
     """The model the first request names, shown as the batch's `model`."""
     with path.open("rb") as handle:
-        for line in handle:
-            if line.strip():
-                model = json.loads(line).get("body", {}).get("model")
-                return model if isinstance(model, str) else None
+        for _, text in batch_lines(handle, str(path)):
+            model = json.loads(text).get("body", {}).get("model")
+            return model if isinstance(model, str) else None
     return None
 
 
