@@ -134,8 +134,10 @@ class Client:
         """Queue a transcode of `input` and return its Job. None means the setting's default.
 
         input: a file (absolute, or relative to the media root; see copy_outside).
-        output: default `<input stem>.<height>p.mp4` beside the input; must lie under the root.
-        width, height: pixels (even); height default 480 (GPUJOBS_DEFAULT_HEIGHT), width from
+        output: default `<input stem>.<height>p.mp4` beside the input (`<width>w` for a width
+        alone); must lie under the root.
+        width, height: pixels (even); height default 480 (GPUJOBS_DEFAULT_HEIGHT) unless only a
+        width is given (then the height follows the displayed aspect), width from
         the aspect ratio. codec: h264|hevc. preset: NVENC's p1 (fastest)..p7, mapped to x264's
         presets on the CPU. cq: constant quality 0..51 (crf on the CPU), default 28.
         audio: copy|aac|none (copy: each track the output can hold is copied, others become
@@ -185,6 +187,8 @@ class Client:
             "threads": self.settings.default_threads,
         }
         values = {**defaults, **{k: v for k, v in params.items() if v is not None}}
+        if params.get("width") is not None and params.get("height") is None:
+            values["height"] = None  # a width alone: the height follows the input's aspect
         # The parameters first, on stand-in paths: a bad --cq is reported before any file check.
         # (Checked once per set of parameters: a bulk submit repeats them.)
         checked = tuple(sorted(values.items()))
@@ -194,7 +198,8 @@ class Client:
                 self._checked_params.add(checked)
         source, copy_from, source_stat = self.input_path(Path(input), copy_outside)
         if output is None:
-            output_rel = source.with_name(f"{source.stem}.{values['height']}p.mp4").as_posix()
+            size = f"{values['height']}p" if values["height"] else f"{values['width']}w"
+            output_rel = source.with_name(f"{source.stem}.{size}.mp4").as_posix()
         else:
             output_rel = media_relative(
                 output, self.settings.media, "output", self._media_resolved(), self._dir

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gpujobs.config import AudioMode, Codec, Preset
 
+# The largest output side, in pixels (8K; NVENC encodes HEVC up to 8192, H.264 up to 4096).
+MAX_SIDE = 8192
 GpuPolicy = Literal["auto", "require", "forbid"]
 AudioTracks = Literal["all", "first"]
 SubtitleMode = Literal["keep", "drop"]
@@ -128,6 +130,8 @@ class TranscodeSpec(MediaJobSpec):
     lower is better; libx264's crf on the CPU paths); threads are ffmpeg decoder threads.
 
     width: None keeps the input's aspect ratio, rounded to an even number (1920x1080 -> 854x480).
+    height: None (with a width) likewise takes it from the width (1920x1080 at width 1280 ->
+    1280x720), as ffmpeg's `scale=1280:-2`.
     priority: 0 (lowest) .. 9 (most urgent), default 5.
     gpu: "auto" uses the fastest path the worker's card supports; "require" fails where no GPU
     path exists; "forbid" always encodes on the CPU.
@@ -143,7 +147,7 @@ class TranscodeSpec(MediaJobSpec):
 
     output_suffixes = (".mp4", ".mkv", ".mov", ".m4v", ".ts")
     width: int | None = None
-    height: int = 480
+    height: int | None = 480
     codec: Codec = "h264"
     preset: Preset = "p1"
     cq: int = Field(default=28, ge=0, le=51)
@@ -169,6 +173,12 @@ class TranscodeSpec(MediaJobSpec):
             raise ValueError(f"must be auto or 1..{MAX_SPLIT} pieces, got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _a_size(self) -> Self:
+        if self.width is None and self.height is None:
+            raise ValueError("give a height, a width, or both")
+        return self
+
     @field_validator("width", "height")
     @classmethod
     def _even_positive(cls, value: int | None) -> int | None:
@@ -178,8 +188,8 @@ class TranscodeSpec(MediaJobSpec):
             raise ValueError(f"must be a positive number of pixels, got {value}")
         if value % 2:
             raise ValueError(f"must be even (4:2:0 video needs even sizes), got {value}")
-        if value > 8192:
-            raise ValueError(f"must be at most 8192, got {value}")
+        if value > MAX_SIDE:
+            raise ValueError(f"must be at most {MAX_SIDE}, got {value}")
         return value
 
 

@@ -317,6 +317,25 @@ def test_anamorphic_sources_get_square_pixels_at_their_display_aspect(
     assert (out.video.width, out.video.height, out.video.sar) == (*expected, Fraction(1))
 
 
+def test_a_width_alone_takes_the_height_from_the_displayed_aspect(stack: Stack) -> None:
+    source = stack.make("anamorphic/wide-width.mp4", *lavfi_video("720x480", 30, 1), "-vf",
+                        "setsar=32/27", *X264)  # fmt: skip
+    record, out = stack.run(source, width=640)  # shown 16:9: 640x360, not 640x480
+    assert out.video is not None
+    assert (out.video.width, out.video.height, out.video.sar) == (640, 360, Fraction(1))
+    assert record.output == "anamorphic/wide-width.640w.mp4"
+
+
+def test_an_output_over_8k_fails_with_the_size_it_would_have(stack: Stack) -> None:
+    strip = stack.make("anamorphic/strip.mp4", *lavfi_video("1600x16", 30, 1), *X264)
+    record = stack.client.submit_transcode(strip, height=240).wait(timeout=JOB_TIMEOUT_S)
+    assert record.state is JobState.FAILED
+    assert record.error == (
+        "cannot transcode anamorphic/strip.mp4: the output would be 24000x240 (the input shows "
+        "1600x16), over 8192 pixels: give a smaller --height or --width"
+    )
+
+
 # --- variable-frame-rate.mp4: source timing kept unless a rate is asked for --------------------
 
 

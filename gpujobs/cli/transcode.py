@@ -40,7 +40,10 @@ def submit(
         typer.Option(metavar="PIXELS", help="Width.  [default: keeps the aspect ratio]"),
     ] = None,
     height: Annotated[
-        int | None, typer.Option(metavar="PIXELS", help="Height.  [default: 480]")
+        int | None,
+        typer.Option(
+            metavar="PIXELS", help="Height (with --width alone: from the aspect).  [default: 480]"
+        ),
     ] = None,
     codec: Annotated[
         str | None, typer.Option(metavar="h264|hevc", help="Video codec.  [default: h264]")

@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from gpujobs.media import TEXT_SUBTITLES, MediaInfo, StreamInfo
-from gpujobs.specs import TranscodeSpec
+from gpujobs.specs import MAX_SIDE, TranscodeSpec
 
 # Audio codecs each output container carries as they are, on every ffmpeg build we support
 # (Debian's 5.1 cannot put PCM in MP4 and wants -strict for FLAC there; 9.0 takes both: we
@@ -103,15 +103,24 @@ def container_of(output: str) -> str:
 def geometry(spec: TranscodeSpec, video: StreamInfo) -> Geometry:
     """Output size from the displayed picture: height as asked, width from the display aspect
     rounded to even (a portrait 720x1280 phone clip at height 480 -> 270x480; 720x480 with SAR
-    32:27 -> 854x480), unless the spec gives the width."""
+    32:27 -> 854x480), unless the spec gives the width; a width alone, the height from it.
+    Raises ValueError when a side would pass MAX_SIDE (a 1600x16 strip at height 240)."""
     display_w, display_h = video.display_size
-    if spec.width is not None:
-        width = spec.width
+    if spec.height is None:  # a width alone
+        assert spec.width is not None
+        width, height = spec.width, max(round(display_h * spec.width / display_w / 2) * 2, 2)
+    elif spec.width is None:
+        width, height = max(round(display_w * spec.height / display_h / 2) * 2, 2), spec.height
     else:
-        width = max(round(display_w * spec.height / display_h / 2) * 2, 2)
+        width, height = spec.width, spec.height
+    if max(width, height) > MAX_SIDE:
+        raise ValueError(
+            f"the output would be {width}x{height} (the input shows {display_w:g}x{display_h:g}),"
+            f" over {MAX_SIDE} pixels: give a smaller --height or --width"
+        )
     return Geometry(
         width=width,
-        height=spec.height,
+        height=height,
         rotation=video.rotation,
         deinterlace=video.interlaced,
         bit_depth=video.bit_depth,

@@ -85,7 +85,7 @@ def validate_output(
         return f"output pixels are not square (SAR {video.sar})"
     if video.rotation:
         return f"output still carries a {video.rotation} degree rotation"
-    if spec.width is None and g.display_aspect:
+    if (spec.width is None or spec.height is None) and g.display_aspect:
         aspect = video.width / video.height
         # Even sizes round the width by up to one pixel; allow that on small outputs.
         allowed = max(ASPECT_TOLERANCE, 1.0 / video.width)
