@@ -67,6 +67,20 @@ class PreparedJob:
     copy_from: Path | None = None
 
 
+def check_outputs(prepared: Sequence[PreparedJob]) -> None:
+    """InvalidSpec when two different jobs of one submit would write one output (the second
+    would fail, or with --overwrite replace the first's): "output X is the output of both A
+    and B". The same job twice (same input and settings) is one job, queued once."""
+    writers: dict[str, PreparedJob] = {}
+    for job in prepared:
+        first = writers.setdefault(job.spec.output, job)
+        if first.fingerprint != job.fingerprint:
+            raise InvalidSpec(
+                f"output {job.spec.output} is the output of both {first.spec.input} and "
+                f"{job.spec.input} (give each its own output)"
+            )
+
+
 class Client:
     """A connection to one gpujobs cluster (or the local stack). Cheap to make; reuse it.
 
@@ -382,6 +396,10 @@ class Client:
         `copy_outside`). Every item is checked before anything is queued: InvalidSpec names
         the first bad one (`item 3: ...`) and nothing is queued. force: as in submit_transcode.
         """
+        if isinstance(items, str | Path | Mapping):
+            raise TypeError(
+                f"items must be a list of input paths or mappings, not one {type(items).__name__}"
+            )
         prepared: list[PreparedJob] = []
         queues: list[str] = []
         self._dir_cache = {}
@@ -389,6 +407,7 @@ class Client:
             self._prepare_items(items, prepared, queues)
         finally:
             self._dir_cache = None
+        check_outputs(prepared)
         return self.enqueue_many(prepared, force=force, queue=queues, batch_size=batch_size)
 
     def _prepare_items(
@@ -398,6 +417,11 @@ class Client:
         queues: list[str],
     ) -> None:
         items = list(items)
+        for number, item in enumerate(items, start=1):
+            if not isinstance(item, str | Path | Mapping):
+                raise TypeError(
+                    f"item {number}: must be an input path or a mapping, not {type(item).__name__}"
+                )
         inputs = [item if isinstance(item, str | Path) else item.get("input") for item in items]
         self.read_inputs(given for given in inputs if isinstance(given, str | Path))
         for number, item in enumerate(items, start=1):

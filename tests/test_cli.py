@@ -73,6 +73,7 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
     undecodable = media / os.fsdecode(b"bad\xff\xfename.mp4")  # bytes that are not UTF-8
     for named in (escape, undecodable):
         named.write_bytes(video.read_bytes())
+    (media / "v" / "clip.mkv").write_bytes(video.read_bytes())  # same stem, same default output
     (media / "alias.mp4").symlink_to(video)  # an output that is the input through a link
     (media / "away.mp4").symlink_to(tmp_path / "away.mp4")
     cases = [
@@ -95,6 +96,10 @@ def test_bad_files(settings: Settings, video: Path, broker_url: str, tmp_path: P
         ),
         ([str(video), "-o", str(media / "v" / ".." / "up.mp4")], "must not contain '..'"),
         ([str(video), str(media / "missing.mp4")], "does not exist"),  # one bad: none queued
+        (
+            [str(video), str(media / "v" / "clip.mkv")],
+            "output v/clip.480p.mp4 is the output of both v/clip.mp4 and v/clip.mkv",
+        ),
     ]
     for args, message in cases:
         result = gpujobs("submit", *args)

@@ -51,6 +51,19 @@ def test_submit_many_checks_everything_before_queueing_anything(
         client.submit_many([{"input": clip, "colour": "red"}])
     with pytest.raises(InvalidSpec, match=r"^item 1: cq"):
         client.submit_many([{"input": clip, "cq": 99}])
+    # Two different jobs, one output: the second would fail, or replace the first's.
+    other = media_clip("in/a.mkv", seconds=1, size="320x180")
+    with pytest.raises(InvalidSpec, match=r"^output in/a\.480p\.mp4 is the output of both "
+                       r"in/a\.mp4 and in/a\.mkv \(give each its own output\)$"):  # fmt: skip
+        client.submit_many([clip, other], force=True)
+    with pytest.raises(InvalidSpec, match="is the output of both"):
+        client.submit_many([{"input": clip, "output": "same.mp4"},
+                            {"input": clip, "output": "same.mp4", "cq": 20}])  # fmt: skip
+    # Not a list of items: a TypeError that says so, not a path per character.
+    for items, words in [("in/a.mp4", "not one str"), ([5], "item 1: must be an input path or "
+                         "a mapping, not int"), ({"input": clip}, "not one dict")]:  # fmt: skip
+        with pytest.raises(TypeError, match=words):
+            client.submit_many(items)  # type: ignore[arg-type]
     assert not client.redis.keys(keys.job("*"))
     assert queued_messages(client) == 0
 

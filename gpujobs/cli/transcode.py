@@ -146,7 +146,7 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
 ) -> None:
     """Queue a transcode for each FILE (all are checked before any is queued)."""
-    from gpujobs.client import Client
+    from gpujobs.client import Client, check_outputs
     from gpujobs.config import Settings
     from gpujobs.routing import require_gpu_worker
     from gpujobs.specs import JobState
@@ -184,6 +184,7 @@ def submit(
             raise InvalidSpec(f"input file name {file.name!r} must not start with '-'")
         out = None if output is None else (output if output.is_absolute() else Path.cwd() / output)
         prepared.append(client.prepare_transcode(given, out, copy_outside=copy, **params))
+    check_outputs(prepared)
     start_stack(settings)
     # Before anything is queued: a dead target, or --gpu require with no GPU worker, fails.
     if any(p.spec.gpu == "require" for p in prepared):
