@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -376,3 +377,19 @@ def test_ffmpeg_dies_with_the_worker_that_started_it(ffmpeg: str, way: str) -> N
         starter.kill()
         if child.is_running():
             os.killpg(child.pid, signal.SIGKILL)
+
+
+def test_a_temporary_output_fits_where_its_output_fits_and_is_found_again(tmp_path: Path) -> None:
+    from workers.transcode.command import NAME_MAX, stale_temporaries, temporary_output
+
+    for stem in ("talk", "東京の夜景と雨の日の散歩道" * 6, "x[1]*?", "a" * 240):
+        output = tmp_path / f"{stem}.mp4"
+        assert len(output.name.encode()) <= NAME_MAX
+        first, second = (temporary_output(output, "3f2a9c1b7d4e", n) for n in (1, 12))
+        for temp in (first, second):
+            assert len(temp.name.encode()) <= NAME_MAX and temp.suffix == ".mp4"
+            temp.write_bytes(b"partial")  # the file system takes the name
+        temporary_output(output, "000000000000", 1).write_bytes(b"")  # another job's
+        assert sorted(stale_temporaries(output, "3f2a9c1b7d4e")) == sorted([first, second])
+        first.unlink()
+        second.unlink()

@@ -418,6 +418,13 @@ def test_an_interrupted_matroska_upload_is_refused_at_submit(stack: Stack) -> No
 # --- a long file name, stdout piped ------------------------------------------------------------
 
 
+def test_a_name_near_the_file_system_limit_transcodes(stack: Stack) -> None:
+    name = "東京の夜景と雨の日の散歩道" * 6 + ".mp4"  # 238 bytes of 255
+    source = stack.make(f"long/{name}", *lavfi_video("320x240", 30, 1), *X264)
+    _, out = stack.run(source, height=240)  # its temporary name is longer than its own
+    assert out.video is not None and out.video.height == 240
+
+
 def test_a_long_output_path_is_printed_whole_on_a_pipe(stack: Stack) -> None:
     name = "a_long_name_from_a_camera_export_tool_that_keeps_going_well_past_eighty_columns_01.mp4"
     source = stack.make(f"long/{name}", *lavfi_video("320x240", 30, 1), *X264)

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import glob
 import os
 import selectors
 import shutil
@@ -40,6 +41,8 @@ from gpujobs.media import StreamInfo
 from gpujobs.specs import TranscodeSpec
 from workers.gpu.discovery import Capabilities
 from workers.transcode.plan import Plan, geometry
+
+NAME_MAX = 255  # bytes in one file name (ext4, XFS, btrfs, NTFS through WSL2)
 
 X264_PRESETS = {
     "p1": "superfast",
@@ -382,7 +385,8 @@ def popen_dying_with_parent(command: list[str]) -> subprocess.Popen[bytes]:
 
 def stale_temporaries(output: Path, job_id: str) -> list[Path]:
     """Temporary outputs that earlier attempts of this job left beside `output`."""
-    return list(output.parent.glob(f".{output.stem}.{job_id}.*.part{output.suffix}"))
+    stem = glob.escape(_temporary_stem(output, job_id))  # a `[` in a name is no pattern
+    return list(output.parent.glob(f".{stem}.{job_id}.*.part{glob.escape(output.suffix)}"))
 
 
 class _LinePipes:
@@ -501,9 +505,21 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def temporary_output(output: Path, job_id: str) -> Path:
-    """A hidden name beside the output, same extension so ffmpeg picks the same muxer."""
-    return output.with_name(f".{output.stem}.{job_id}.part{output.suffix}")
+def temporary_output(output: Path, job_id: str, attempt: int) -> Path:
+    """A hidden name beside the output, same extension so ffmpeg picks the same muxer:
+    `.<stem>.<job id>.<attempt>.part<suffix>`, the stem cut (whole characters) so the name
+    fits where the output's own name fits (255 bytes: an output name of 80 CJK characters
+    is 240)."""
+    return output.with_name(f".{_temporary_stem(output, job_id)}.{job_id}.{attempt}.part"
+                            f"{output.suffix}")  # fmt: skip
+
+
+def _temporary_stem(output: Path, job_id: str) -> str:
+    """The output's stem, cut to leave room for the rest of a temporary name (an attempt
+    number of up to 3 digits)."""
+    rest = len(f"..{job_id}.999.part{output.suffix}".encode())
+    room = NAME_MAX - rest
+    return output.stem.encode()[:room].decode(errors="ignore")
 
 
 class Throttle:

@@ -193,7 +193,7 @@ class TranscodeAttempt:
         if self.attempt > 1:  # a first attempt has no earlier one that could have left one
             for stale in tc.stale_temporaries(output_path, self.job_id):
                 stale.unlink(missing_ok=True)  # an earlier attempt died mid-write
-        temp_path = tc.temporary_output(output_path, f"{self.job_id}.{self.attempt}")
+        temp_path = tc.temporary_output(output_path, self.job_id, self.attempt)
         command = tc.build_command(rt.ffmpeg, spec, plan, route, str(source_path), str(temp_path))
         self._later["encode_path"] = route.path.value  # written with the first progress or the end
         log.info("job %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))

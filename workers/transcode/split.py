@@ -452,7 +452,7 @@ class SplitAttempt(TranscodeAttempt):
         source = read_facts(source_path)
         for stale in tc.stale_temporaries(output_path, self.job_id):
             stale.unlink(missing_ok=True)
-        temp_path = tc.temporary_output(output_path, f"{self.job_id}.{self.attempt}")
+        temp_path = tc.temporary_output(output_path, self.job_id, self.attempt)
         began = time.monotonic()
         try:
             plan = plan_streams(spec, probe(source_path, first_frame=False))
