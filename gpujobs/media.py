@@ -597,7 +597,10 @@ def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
         "language": stream.metadata.get("language"),
     }
     if kind == "video":
-        sar = ctx.sample_aspect_ratio or stream.sample_aspect_ratio
+        # ffmpeg's own rule (av_guess_sample_aspect_ratio, which PyAV's stream gives): the
+        # container's aspect (MP4's pasp box, Matroska's display size; what `-aspect`, mkvmerge
+        # and MP4Box set) before the bitstream's.
+        sar = stream.sample_aspect_ratio or ctx.sample_aspect_ratio
         rate = stream.average_rate or stream.guessed_rate
         fmt = ctx.format
         depth = max((c.bits for c in fmt.components), default=8) if fmt is not None else 8

@@ -317,6 +317,23 @@ def test_anamorphic_sources_get_square_pixels_at_their_display_aspect(
     assert (out.video.width, out.video.height, out.video.sar) == (*expected, Fraction(1))
 
 
+@pytest.mark.parametrize(("container", "aspect", "expected"), [
+    ("mp4", "16:9", (854, 480)),  # square pixels in the bitstream, 16:9 in MP4's pasp box
+    ("mkv", "4:3", (640, 480)),  # a 16:9 DVD stream set to 4:3 by Matroska's display size
+])  # fmt: skip
+def test_an_aspect_set_in_the_container_wins_over_the_bitstream(
+    stack: Stack, container: str, aspect: str, expected: tuple[int, int]
+) -> None:
+    sar = "setsar=1" if aspect == "16:9" else "setsar=32/27"
+    coded = stack.make(f"anamorphic/coded-{container}.mp4", *lavfi_video("720x480", 30, 1),
+                       "-vf", sar, *X264)  # fmt: skip
+    source = stack.make(f"anamorphic/remuxed-{container}.{container}", "-i", str(coded),
+                        "-c", "copy", "-aspect", aspect)  # fmt: skip
+    _, out = stack.run(source)
+    assert out.video is not None
+    assert (out.video.width, out.video.height, out.video.sar) == (*expected, Fraction(1))
+
+
 def test_a_width_alone_takes_the_height_from_the_displayed_aspect(stack: Stack) -> None:
     source = stack.make("anamorphic/wide-width.mp4", *lavfi_video("720x480", 30, 1), "-vf",
                         "setsar=32/27", *X264)  # fmt: skip
