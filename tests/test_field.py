@@ -133,6 +133,38 @@ def test_phone_video_comes_out_portrait_upright_with_square_pixels(
     assert record.result and record.result["rotated"] == (-turn) % 360
 
 
+def test_a_ladder_of_a_phone_anamorphic_or_interlaced_source_is_upright_and_square(
+    stack: Stack,
+) -> None:
+    # Every rung is sized from the picture as shown, as a single transcode is.
+    from gpujobs.ladder import submit_ladder
+
+    coded = stack.make("ladder/coded.mp4", "-f", "lavfi", "-i",
+                       "color=c=black:size=640x360:rate=30:duration=1,"
+                       "drawbox=x=0:y=0:w=320:h=360:color=white:t=fill", *X264)  # fmt: skip
+    sources = {
+        "phone": (stack.make("ladder/phone.mp4", "-display_rotation:v:0", "-90", "-i",
+                             str(coded), "-c", "copy"), (136, 240)),
+        "dvd": (stack.make("ladder/dvd.mp4", *lavfi_video("720x480", 30, 1), "-vf",
+                           "setsar=32/27", *X264), (426, 240)),
+        "tv": (stack.make("ladder/tv.ts", *lavfi_video("720x576", 25, 1), "-vf",
+                          "setsar=16/15,setfield=tff", "-flags", "+ildct+ilme", *X264),
+               (320, 240)),
+    }  # fmt: skip
+    for name, (source, size) in sources.items():
+        job = submit_ladder(source, renditions=[240], package="mp4", client=stack.client)
+        record = job.wait(timeout=JOB_TIMEOUT_S)
+        assert record.state is JobState.SUCCEEDED, (name, record.error)
+        rung = probe(stack.media / str(record.output) / "240p.mp4").video
+        assert rung is not None and (rung.width, rung.height) == size, name
+        assert abs(rung.sar - 1) < 0.01 and rung.rotation == 0, (name, rung.sar)
+        assert record.result is not None
+        assert record.result["rotated"] == (90 if name == "phone" else 0), name
+        assert record.result["deinterlaced"] is (name == "tv"), name
+    top, bottom = luma_rows(stack.media / "ladder/phone.mp4s/240p.mp4")
+    assert top > bottom + 100  # turned clockwise: the white half is on top
+
+
 # --- camera-pcm.mov: audio the output container cannot carry ----------------------------------
 
 

@@ -92,12 +92,12 @@ def one_ladder(tmp_path: Path, ffmpeg: str) -> Path:
     and checked."""
     source = gop_clip(ffmpeg, tmp_path / "talk.mp4", 10, "640x360")
     spec = LadderSpec(input="talk.mp4", output="ladder", renditions=[360, 240], segment_s=SEGMENT_S)
-    rungs = ladder.plan_renditions(spec.renditions, 640, 360)
+    picture = ladder.Picture(640, 360)
+    rungs = ladder.plan_renditions(spec.renditions, picture)
     folder = tmp_path / "ladder"
     folder.mkdir()
-    command = ladder.build_command(
-        ffmpeg, spec, ladder.EncodePath.CPU, str(source), folder, rungs, 30.0, has_audio=True
-    )
+    command = ladder.build_command(ffmpeg, spec, ladder.EncodePath.CPU, str(source), folder,
+                                   rungs, 30.0, has_audio=True, picture=picture)  # fmt: skip
     subprocess.run([*command[:1], "-loglevel", "error", *command[1:]], check=True, timeout=120)
     ladder.check_ladder(folder, spec, rungs, read_facts(source))
     return folder

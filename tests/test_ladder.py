@@ -41,17 +41,18 @@ def spec(**values: object) -> LadderSpec:
 
 
 def test_the_gpu_ladder_is_one_decode_split_and_a_scaler_and_nvenc_per_rendition() -> None:
-    renditions = ladder.plan_renditions([1080, 720, 480], 1920, 1080)
+    picture = ladder.Picture(1920, 1080)
+    renditions = ladder.plan_renditions([1080, 720, 480], picture)
     command = ladder.build_command(
         "ffmpeg", spec(segment_s=4, cq=23), ladder.EncodePath.NVENC, "/m/in/talk.mp4",
-        Path("/m/in/.talk.hls.part"), renditions, 30.0, has_audio=True,
+        Path("/m/in/.talk.hls.part"), renditions, 30.0, has_audio=True, picture=picture,
     )  # fmt: skip
-    assert command[:10] == [
-        "ffmpeg", "-hwaccel", "cuda", "-hwaccel_output_format", "cuda", "-threads", "2",
-        "-i", "/m/in/talk.mp4", "-filter_complex",
+    assert command[:11] == [
+        "ffmpeg", "-hwaccel", "cuda", "-hwaccel_output_format", "cuda", "-noautorotate",
+        "-threads", "2", "-i", "/m/in/talk.mp4", "-filter_complex",
     ]  # fmt: skip
     assert command.count("-hwaccel") == 1 and command.count("-i") == 1  # one decode
-    assert command[10] == (
+    assert command[11] == (
         "[0:v]split=3[s0][s1][s2];"
         "[s0]scale_cuda=1920:1080[v0];"
         "[s1]scale_cuda=1280:720[v1];"
@@ -75,7 +76,7 @@ def test_the_gpu_ladder_is_one_decode_split_and_a_scaler_and_nvenc_per_rendition
 
 
 def test_renditions_above_the_source_are_skipped() -> None:
-    rungs = ladder.plan_renditions([1080, 720, 480, 360], 1280, 720)
+    rungs = ladder.plan_renditions([1080, 720, 480, 360], ladder.Picture(1280, 720))
     assert [(r.width, r.height) for r in rungs] == [(1280, 720), (854, 480), (640, 360)]
     assert ladder.nvenc_sessions(ladder.EncodePath.NVENC, rungs) == 3
 
@@ -135,7 +136,7 @@ def test_a_ladder_from_one_decode_has_aligned_keyframes_in_every_variant(
     assert (settings.media / result["entry"]).is_file()
     assert not list(settings.media.glob(".talk*")), "no temporary folder remains"
     # Read back independently of the worker: every variant, its size, frames and keyframes.
-    rungs = ladder.plan_renditions([360, 240], 640, 360)
+    rungs = ladder.plan_renditions([360, 240], ladder.Picture(640, 360))
     src = read_facts(source)
     variants = ladder.variant_facts(folder, LadderSpec.model_validate(final.spec), rungs)
     assert [(v.width, v.height) for v in variants] == [(640, 360), (426, 240)]
@@ -217,7 +218,7 @@ def test_a_split_ladder_is_made_per_piece_and_packaged_once(
         assert piece is not None and piece.state is JobState.SUCCEEDED
         assert piece.spec["package"] == "mp4" and piece.parent == job.id
     folder = settings.media / "long.hls"
-    rungs = ladder.plan_renditions([360, 240], 640, 360)
+    rungs = ladder.plan_renditions([360, 240], ladder.Picture(640, 360))
     variants = ladder.variant_facts(folder, LadderSpec.model_validate(final.spec), rungs)
     src = read_facts(source)
     assert all(v.frames == src.frames == 360 and v.monotonic for v in variants)

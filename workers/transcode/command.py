@@ -161,16 +161,26 @@ _CUDA_TURN = {90: "transpose_cuda=dir=clock", 180: "transpose_cuda=dir=reversal"
 _DROP_MATRIX = "sidedata=mode=delete:type=DISPLAYMATRIX"
 
 
+def upright(rotation: int, deinterlace: bool, on_gpu: bool) -> list[str]:
+    """The filters that come before any scaling, on every path (a transcode's, a ladder's):
+    deinterlace (`bwdif`; `bwdif_cuda` on frames in GPU memory), then turn the picture
+    upright by `rotation` (clockwise, 0/90/180/270) and drop the display matrix, so no player
+    turns it again. Used with `-noautorotate`: ffmpeg's own autorotate cannot turn frames in
+    GPU memory, so every path does it the same way here."""
+    steps: list[str] = []
+    if deinterlace:
+        steps.append(f"bwdif{'_cuda' if on_gpu else ''}=mode=send_frame:parity=auto:deint=all")
+    if rotation:
+        steps += [(_CUDA_TURN if on_gpu else _CPU_TURN)[rotation], _DROP_MATRIX]
+    return steps
+
+
 def video_filter(spec: TranscodeSpec, plan: Plan, route: Route) -> str:
     """The -vf chain for a path: deinterlace, turn upright, scale, square pixels, pixel format."""
     g = plan.geometry
     ten_bit_hevc = spec.codec == "hevc" and g.bit_depth > 8
-    steps: list[str] = []
+    steps = upright(g.rotation, g.deinterlace, on_gpu=route.gpu_decode)
     if route.gpu_decode:
-        if g.deinterlace:
-            steps.append("bwdif_cuda=mode=send_frame:parity=auto:deint=all")
-        if g.rotation:
-            steps += [_CUDA_TURN[g.rotation], _DROP_MATRIX]
         if route.path is EncodePath.NVENC:
             # NVENC's H.264 takes 8-bit frames; HEVC keeps 10 bits (Main10).
             fmt = "p010le" if ten_bit_hevc else ("yuv420p" if g.bit_depth > 8 else "")
@@ -182,10 +192,6 @@ def video_filter(spec: TranscodeSpec, plan: Plan, route: Route) -> str:
             if cpu_fmt != fmt:
                 steps.append(f"format={cpu_fmt}")
     else:
-        if g.deinterlace:
-            steps.append("bwdif=mode=send_frame:parity=auto:deint=all")
-        if g.rotation:
-            steps += [_CPU_TURN[g.rotation], _DROP_MATRIX]
         steps.append(f"scale={g.width}:{g.height}")
         if route.path is EncodePath.NVENC:
             steps.append("format=p010le" if ten_bit_hevc else "format=yuv420p")

@@ -34,6 +34,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from gpujobs.ladder import AUDIO_KBPS, BITRATE_CAP_KBPS, ENTRY_FILES, LadderSpec
+from gpujobs.media import ProbeError, probe
 from gpujobs.specs import JobRecord, JobState
 from workers.gpu import nvenc
 from workers.gpu.discovery import Capabilities
@@ -66,13 +67,40 @@ class Rendition:
         return 2 * self.maxrate_kbps
 
 
-def plan_renditions(heights: list[int], source_width: int, source_height: int) -> list[Rendition]:
-    """The rungs to encode, largest first: every height at or below the source's (an upscaled
-    rung would only waste bits); widths keep the source's aspect, rounded to even."""
+@dataclass(frozen=True)
+class Picture:
+    """The source's picture as it is shown (gpujobs.media's probe of its main video): width
+    and height in pixels with the SAR applied and turned upright; the clockwise turn (0, 90,
+    180, 270) and the deinterlacing that make it so (`command.upright`)."""
+
+    width: float
+    height: float
+    rotation: int = 0
+    interlaced: bool = False
+
+    @property
+    def shown_height(self) -> int:
+        return round(self.height)
+
+
+def read_picture(path: Path) -> Picture:
+    """The Picture of `path`'s main video. Raises ProbeError (unreadable) or ValueError (no
+    video stream)."""
+    video = probe(path).video
+    if video is None:
+        raise ValueError("no video stream")
+    width, height = video.display_size
+    return Picture(width, height, video.rotation, video.interlaced)
+
+
+def plan_renditions(heights: list[int], picture: Picture) -> list[Rendition]:
+    """The rungs to encode, largest first: every height at or below the picture's as shown (an
+    upscaled rung would only waste bits); widths keep its displayed aspect, rounded to even
+    (a portrait phone clip at 480: 270x480; 720x480 at SAR 32:27: 854x480)."""
     return [
-        Rendition(h, max(2, round(source_width * h / source_height / 2) * 2), BITRATE_CAP_KBPS[h])
+        Rendition(h, max(2, round(picture.width * h / picture.height / 2) * 2), BITRATE_CAP_KBPS[h])
         for h in sorted(heights, reverse=True)
-        if h <= source_height
+        if h <= picture.shown_height
     ]
 
 
@@ -98,12 +126,15 @@ def gop_frames(fps: float, segment_s: float) -> int:
     return max(1, round(fps * segment_s))
 
 
-def filter_graph(path: EncodePath, renditions: list[Rendition]) -> str:
-    """`[0:v]split=N[s0]...;[s0]scale...[v0];...`: one decode feeding one scaler per rung. The
-    scalers keep the display aspect exact through the sample aspect ratio (426x240 of a 16:9
-    source has SAR 640:639): DASH wants one display aspect per adaptation set."""
+def filter_graph(path: EncodePath, renditions: list[Rendition], picture: Picture) -> str:
+    """`[0:v]bwdif,transpose,...,split=N[s0]...;[s0]scale...[v0];...`: one decode, made upright
+    and progressive once (`command.upright`), feeding one scaler per rung. The scalers keep
+    the display aspect exact through the sample aspect ratio (426x240 of a 16:9 source has SAR
+    640:639): DASH wants one display aspect per adaptation set."""
     n = len(renditions)
-    parts = [f"[0:v]split={n}" + "".join(f"[s{i}]" for i in range(n))]
+    before = tc.upright(picture.rotation, picture.interlaced, on_gpu=path is not EncodePath.CPU)
+    parts = ["[0:v]" + "".join(f"{step}," for step in before) + f"split={n}"
+             + "".join(f"[s{i}]" for i in range(n))]  # fmt: skip
     for i, r in enumerate(renditions):
         if path is EncodePath.NVENC:
             scale = f"scale_cuda={r.width}:{r.height}"
@@ -124,6 +155,7 @@ def build_command(
     renditions: list[Rendition],
     fps: float,
     has_audio: bool,
+    picture: Picture,
     copy_audio: bool = False,
 ) -> list[str]:
     """The ffmpeg argument list for a ladder written into `folder`. No shell ever sees it.
@@ -132,8 +164,9 @@ def build_command(
     args = [ffmpeg]
     if path is not EncodePath.CPU:
         args += ["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"]
-    args += ["-threads", str(spec.threads), "-i", input_file]
-    args += ["-filter_complex", filter_graph(path, renditions)]
+    # The turn is the filter graph's (`upright`), on every path alike.
+    args += ["-noautorotate", "-threads", str(spec.threads), "-i", input_file]
+    args += ["-filter_complex", filter_graph(path, renditions, picture)]
     if spec.package == "mp4":  # one output file per rendition, each with its own options
         for i, r in enumerate(renditions):
             args += ["-map", f"[v{i}]", *(["-map", "0:a:0"] if audio else [])]
@@ -234,9 +267,9 @@ def job_slots(task: Any, rt: WorkerRuntime, job_id: str, spec: dict[str, Any]) -
     try:
         ladder = LadderSpec.model_validate(spec)
         path = choose_path(ladder, rt.capabilities)
-        width, height = read_size(rt.media_path(ladder.input))
-        count = nvenc_sessions(path, plan_renditions(ladder.renditions, width, height))
-    except (tc.NoGpuPath, ValidationError, PathOutsideMediaRoot, av.FFmpegError, OSError):
+        picture = read_picture(rt.media_path(ladder.input))
+        count = nvenc_sessions(path, plan_renditions(ladder.renditions, picture))
+    except (tc.NoGpuPath, ValidationError, PathOutsideMediaRoot, ProbeError, ValueError, OSError):
         count = 0  # the job body records why it cannot run
     if count == 0 or record is None or record.state.terminal:
         yield
@@ -248,13 +281,6 @@ def job_slots(task: Any, rt: WorkerRuntime, job_id: str, spec: dict[str, Any]) -
         raise task.retry(countdown=rt.settings.nvenc_wait_s, max_retries=nvenc.UNLIMITED) from None
     with stack:
         yield
-
-
-def read_size(path: Path) -> tuple[int, int]:
-    """Width and height of the first video stream, from the header only."""
-    with av.open(str(path)) as container:
-        context = container.streams.video[0].codec_context
-        return context.width, context.height
 
 
 def run_ladder(rt: WorkerRuntime, app: Celery, job_id: str, worker: str) -> dict[str, Any]:
@@ -296,12 +322,15 @@ class LadderAttempt(TranscodeAttempt):
             return self.fail(str(exc))
         try:
             source = read_facts(source_path)
-        except (av.FFmpegError, ValueError, OSError) as exc:
+            picture = read_picture(source_path)
+        except (av.FFmpegError, ProbeError, ValueError, OSError) as exc:
             return self.fail(f"cannot read the input {spec.input}: {exc}")
-        renditions = plan_renditions(spec.renditions, source.width, source.height)
+        renditions = plan_renditions(spec.renditions, picture)
         if not renditions:
             asked = ", ".join(str(h) for h in spec.renditions)
-            return self.fail(f"every rendition ({asked}) is above the source's {source.height}p")
+            return self.fail(
+                f"every rendition ({asked}) is above the source's {picture.shown_height}p"
+            )
         try:
             path = choose_path(spec, rt.capabilities)
         except tc.NoGpuPath as exc:
@@ -313,7 +342,7 @@ class LadderAttempt(TranscodeAttempt):
         temp.mkdir()
         command = build_command(
             rt.ffmpeg, spec, path, str(source_path), temp, renditions, 1 / source.frame_s,
-            source.audio_end_s is not None, copy_audio=source.audio_codec == "aac",
+            source.audio_end_s is not None, picture, copy_audio=source.audio_codec == "aac",
         )  # fmt: skip
         self.update(encode_path=path.value)
         log.info("ladder %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))
@@ -363,7 +392,9 @@ class LadderAttempt(TranscodeAttempt):
                 }
                 for r in renditions
             ],
-            "skipped_heights": [h for h in spec.renditions if h > source.height],
+            "skipped_heights": [h for h in spec.renditions if h > picture.shown_height],
+            "rotated": picture.rotation,
+            "deinterlaced": picture.interlaced,
             "segment_s": spec.segment_s,
             "keyframes": len(keyframes),
             "frames": source.frames,

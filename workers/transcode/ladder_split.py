@@ -86,7 +86,8 @@ class LadderSplitAttempt(SplitAttempt):
         except PathOutsideMediaRoot as exc:
             return self.fail(str(exc))
         source = read_facts(source_path)
-        renditions = ladder.plan_renditions(spec.renditions, source.width, source.height)
+        picture = ladder.read_picture(source_path)
+        renditions = ladder.plan_renditions(spec.renditions, picture)
         work = work_dir(output_path, self.job_id)
         folders = [rt.media_path(str(p.spec["output"])) for p in pieces]
         lists = []
@@ -133,7 +134,7 @@ class LadderSplitAttempt(SplitAttempt):
             "package": spec.package,
             "pieces": len(pieces),
             "renditions": [r.name for r in renditions],
-            "skipped_heights": [h for h in spec.renditions if h > source.height],
+            "skipped_heights": [h for h in spec.renditions if h > picture.shown_height],
             "segment_s": spec.segment_s,
             "keyframes": len(keyframes),
             "frames": source.frames,
