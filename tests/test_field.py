@@ -584,3 +584,8 @@ def test_text_subtitles_are_kept_as_mov_text_on_request(stack: Stack, tmp_path: 
                              output=stack.media / "subs/kept.mp4")  # fmt: skip
     assert [s.codec for s in kept.of_kind("subtitle")] == ["mov_text"]
     assert record.result and record.result["streams"][1]["to"] == "mov_text"
+    # And back: Matroska has no mov_text, so an MP4's subtitles become SRT there.
+    record, back = stack.run(stack.media / "subs/kept.mp4", height=240, subtitles="keep",
+                             output=stack.media / "subs/back.mkv")  # fmt: skip
+    assert [s.codec for s in back.of_kind("subtitle")] == ["subrip"]
+    assert record.result and record.result["streams"][1]["to"] == "srt"

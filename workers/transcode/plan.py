@@ -7,7 +7,8 @@
   track whose codec the output container holds is copied and the others are encoded to AAC at a
   bitrate by channel count; `audio="aac"` encodes all; `audio="none"` drops all.
 - **Subtitles:** dropped by default; `subtitles="keep"` keeps text subtitles (as mov_text in
-  MP4/MOV, as they are in Matroska); bitmap subtitles cannot become text and are dropped.
+  MP4/MOV; as they are in Matroska, but MP4's mov_text, which Matroska cannot hold, as SRT);
+  bitmap subtitles cannot become text and are dropped.
 - **Data, timecode, attachments, cover art:** dropped.
 
 Every stream of the input gets one `StreamChoice` (kept, converted or dropped, and why), which
@@ -190,6 +191,8 @@ def _subtitle_choice(
     if spec.subtitles == "drop":
         return StreamChoice(**base, action="dropped", why="--subtitles drop")
     if container == "mkv":
+        if stream.codec == "mov_text":  # MP4's own text: Matroska has no codec id for it
+            return StreamChoice(**base, action="converted", to="srt")
         return StreamChoice(**base, action="kept")
     if stream.codec not in TEXT_SUBTITLES:
         return StreamChoice(**base, action="dropped", why="bitmap subtitles cannot become text")
