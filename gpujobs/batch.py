@@ -389,6 +389,10 @@ def prepare_batch(
     )
     if spec.errors_output == source_rel:  # rerunning the failed lines into the same output
         raise InvalidSpec(f"the errors file of output {output_rel} would overwrite the input")
+    if not spec.overwrite:  # an earlier run's results are never replaced unasked
+        for written in (spec.output, spec.errors_output):
+            if (media / written).exists():
+                raise InvalidSpec(f"output {written} exists (use --overwrite to replace it)")
     return PreparedBatch(job_id=job_id, spec=spec, requests=requests)
 
 

@@ -501,6 +501,7 @@ class Client:
         server_wait_s: float | None = None,
         priority: int | None = None,
         adaptive: bool | None = None,
+        overwrite: bool = False,
     ) -> Job:
         """Queue a batch of OpenAI-style requests; its Job. None means the setting's default.
 
@@ -516,6 +517,8 @@ class Client:
         deadline_s: seconds for the whole batch, default none. server_wait_s: how long a chunk
         waits for the server to come up, default 120. priority: 0..9, 9 first, default 5.
         adaptive: follow the server's load (default true); False: max_concurrency per chunk.
+        overwrite: replace an existing results or errors file; by default the submit is
+        refused (InvalidSpec) rather than replace an earlier run's results.
         The checks and the chunking live in gpujobs/batch.py. Raises InvalidSpec (one line
         naming the line and field at fault), BrokerUnreachable.
         """
@@ -523,7 +526,7 @@ class Client:
             "endpoint": endpoint, "model": model, "max_concurrency": max_concurrency,
             "chunk_size": chunk_size, "request_timeout_s": request_timeout_s,
             "max_retries": max_retries, "deadline_s": deadline_s, "server_wait_s": server_wait_s,
-            "priority": priority, "adaptive": adaptive,
+            "priority": priority, "adaptive": adaptive, "overwrite": overwrite,
         }  # fmt: skip
         return self.enqueue_batch(batch.prepare_batch(self.settings, input, output, **params))
 

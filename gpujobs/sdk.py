@@ -73,6 +73,7 @@ def submit_inference(
     server_wait_s: float | None = None,
     priority: int | None = None,
     adaptive: bool | None = None,
+    overwrite: bool = False,
 ) -> Job:
     """Queue a batch inference job with a new Client (settings from GPUJOBS_*); see
     Client.submit_inference for every parameter."""
@@ -80,6 +81,7 @@ def submit_inference(
         input, output, endpoint=endpoint, model=model, max_concurrency=max_concurrency,
         chunk_size=chunk_size, request_timeout_s=request_timeout_s, max_retries=max_retries,
         deadline_s=deadline_s, server_wait_s=server_wait_s, priority=priority, adaptive=adaptive,
+        overwrite=overwrite,
     )  # fmt: skip
 
 

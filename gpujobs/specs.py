@@ -242,6 +242,7 @@ class InferenceSpec(MediaJobSpec):
     `deadline_exceeded` (None: no deadline).
     server_wait_s: seconds a chunk waits for the server to come up before the job fails (120).
     priority: 0 (lowest) .. 9 (most urgent), default 5.
+    overwrite: replace an existing results or errors file (default: the submit is refused).
     """
 
     output_suffixes = (".jsonl",)
@@ -257,6 +258,7 @@ class InferenceSpec(MediaJobSpec):
     deadline_s: float | None = Field(default=None, gt=0)
     server_wait_s: float = Field(default=120.0, ge=0)
     priority: int = Field(default=5, ge=0, le=9)
+    overwrite: bool = False
 
     @field_validator("endpoint")
     @classmethod

@@ -131,6 +131,26 @@ def test_submit_options_that_are_not_for_batches(
     assert_nothing_queued(broker_url, settings.media)
 
 
+def test_an_earlier_runs_results_are_not_replaced_unasked(
+    settings: Settings, broker_url: str
+) -> None:
+    batch = write_jsonl(settings.media / "runs/b.jsonl", [line("a")])
+    for written in ("runs/b.results.jsonl", "runs/b.results.errors.jsonl"):
+        results = settings.media / written
+        results.write_text("earlier\n")
+        for command in ("infer", "submit"):
+            result = gpujobs(command, str(batch))
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.strip() == (
+                f"error: output {written} exists (use --overwrite to replace it)"
+            )
+        assert results.read_text() == "earlier\n"
+        prepared = prepare_batch(settings, batch, overwrite=True)  # asked: taken
+        assert prepared.spec.output == "runs/b.results.jsonl" and prepared.spec.overwrite
+        results.unlink()
+    assert_nothing_queued(broker_url, settings.media)
+
+
 def test_line_numbers_count_blank_lines(tmp_path: Path) -> None:
     batch = tmp_path / "b.jsonl"
     batch.write_text(json.dumps(line("a")) + "\n\n" + json.dumps(line("a")) + "\n")

@@ -43,6 +43,7 @@ def retry_job(client: Client, record: JobRecord) -> Job:
         max_concurrency=batch.max_concurrency, chunk_size=batch.chunk_size,
         request_timeout_s=batch.request_timeout_s, max_retries=batch.max_retries,
         deadline_s=batch.deadline_s, server_wait_s=batch.server_wait_s, priority=batch.priority,
+        overwrite=True,  # its own output: what a cancelled run wrote is replaced
     )  # fmt: skip
 
 

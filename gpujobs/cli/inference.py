@@ -196,6 +196,10 @@ def infer(
         float | None, typer.Option(help="Seconds to wait for the server to come up [120].")
     ] = None,
     priority: Annotated[int | None, typer.Option(help="0 (lowest) .. 9 (most urgent).")] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an existing results file (refused otherwise)."),
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Draw progress until the jobs end.")] = False,
     timeout: Annotated[
         float | None,
@@ -210,7 +214,7 @@ def infer(
         "endpoint": endpoint, "model": model, "max_concurrency": concurrency,
         "chunk_size": chunk_size, "request_timeout_s": request_timeout,
         "max_retries": max_retries, "deadline_s": deadline, "server_wait_s": server_wait,
-        "priority": priority,
+        "priority": priority, "overwrite": overwrite,
     }  # fmt: skip
     submit_batches(files, output, params, wait, timeout, as_json)
 

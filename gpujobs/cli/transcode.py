@@ -169,8 +169,8 @@ def submit(
         cli_ladder.submit_ladders(files, output, asked, shared, only, copy, wait, timeout, as_json)
         return
     if any(cli_inference.is_batch_file(f) for f in files):  # a .jsonl input is a batch
-        batch_only = {"priority": priority}
-        others = {**{k: v for k, v in params.items() if k != "priority"}, "node": node,
+        batch_only = {"priority": priority, "overwrite": overwrite}
+        others = {**{k: v for k, v in params.items() if k not in batch_only}, "node": node,
                   "gpu_index": gpu_index, "force": force or None}  # fmt: skip
         cli_inference.submit_batches(files, output, batch_only, wait, timeout, as_json, others)
         return
