@@ -265,6 +265,11 @@ class InferenceSpec(MediaJobSpec):
     def _endpoint_url(cls, value: str) -> str:
         value = value.strip().rstrip("/")
         scheme, sep, rest = value.partition("://")
+        if "@" in rest.split("/")[0]:  # not echoed: the line would show the password
+            raise ValueError(
+                "must not hold a user or password (the URL is kept in the job record and shown "
+                "by status): set GPUJOBS_VLLM_API_KEY, from the environment or a Secret"
+            )
         if not sep or scheme.lower() not in ("http", "https") or not rest.split("/")[0]:
             raise ValueError(f"must be an http(s) URL (http://host:9999/v1), got {value!r}")
         route = endpoint_route(value)

@@ -94,6 +94,8 @@ def bad_cases(media: Path, tmp_path: Path) -> list[tuple[list[Any], list[str], s
         ([line("a")], ["--server-wait", "nan"], "server_wait_s: Input should be a finite number"),
         ([line("a")], ["--wait", "--timeout", "nan"], "'--timeout': must be a finite number"),
         ([line("a")], ["--endpoint", "ftp://host/v1"], "endpoint: must be an http(s) URL"),
+        ([line("a")], ["--endpoint", "http://me:s3cret@host:9999/v1"],
+         "endpoint: must not hold a user or password"),
         ([line("a")], ["-o", str(tmp_path / "x.jsonl")], "is outside the media root"),
         ([line("a")], ["-o", str(media / "results.txt")], "output must end in .jsonl"),
     ]  # fmt: skip
