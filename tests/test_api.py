@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -248,6 +249,18 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     return error
 
 
+def headers_only_upload(base_url: str, headers: str, declared: int) -> int:
+    """POST /v1/files announcing `declared` bytes but sending none; the status it gets back
+    (a server that waited for the body would time out here instead)."""
+    url = httpx.URL(base_url)
+    with socket.create_connection((url.host, url.port or 80), timeout=30) as conn:
+        conn.sendall((f"POST {url.path}/files HTTP/1.1\r\nHost: {url.host}\r\n{headers}"
+                      "Content-Type: multipart/form-data; boundary=x\r\n"
+                      f"Content-Length: {declared}\r\n\r\n").encode())  # fmt: skip
+        status_line = conn.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
+
+
 def test_bad_input_is_answered_as_the_openai_api_does(
     api: ApiProcess, oa: openai.OpenAI, settings: Settings
 ) -> None:
@@ -280,6 +293,10 @@ def test_bad_input_is_answered_as_the_openai_api_does(
     assert response.status_code == 400
     assert error_of(response)["message"] == "Missing required parameter: 'purpose'."
 
+    # An upload is answered before its body is read when its key or declared size is wrong:
+    # headers alone are sent, and the answer comes without the body it announced.
+    for headers, status in (("", 401), (f"Authorization: Bearer {API_KEY}\r\n", 413)):
+        assert headers_only_upload(api.base_url, headers, 10**12) == status
     # Ids that name nothing.
     with pytest.raises(openai.NotFoundError) as missing:
         oa.files.retrieve("file-0123456789abcdef01234567")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, File, Form, Header, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from gpujobs.api.batches import BatchCreate, BatchService
 from gpujobs.api.errors import ApiError, install_handlers
@@ -24,6 +24,9 @@ from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.errors import GpujobsError
 from gpujobs.monitor.flower import is_loopback
+
+# Bytes a multipart upload adds around its file (boundaries, headers, the purpose field).
+UPLOAD_FRAMING_BYTES = 64 * 1024
 
 
 def make_app(settings: Settings, client: Client | None = None) -> FastAPI:
@@ -56,6 +59,30 @@ def make_app(settings: Settings, client: Client | None = None) -> FastAPI:
     )
     install_handlers(app)
     v1 = Depends(authorize)
+
+    @app.middleware("http")
+    async def before_the_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """The key, and an upload's declared size, checked before the body is read: FastAPI
+        reads a form (a whole upload, spooled to disk) before it runs any dependency, so an
+        unauthenticated or oversized upload would otherwise be received in full first."""
+        if request.url.path.startswith("/v1/"):
+            try:
+                authorize(request.headers.get("authorization"))
+                declared = request.headers.get("content-length", "")
+                # The multipart framing around the file and the purpose field is small.
+                limit = files.max_bytes + UPLOAD_FRAMING_BYTES
+                if request.method == "POST" and declared.isdigit() and int(declared) > limit:
+                    raise ApiError(
+                        413,
+                        f"The request declares {int(declared)} bytes, over the "
+                        f"{files.max_bytes}-byte limit on an upload "
+                        "(GPUJOBS_API_MAX_FILE_BYTES).",
+                    )
+            except ApiError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+        return await call_next(request)
 
     @app.get("/health")
     def health() -> dict[str, str]:
