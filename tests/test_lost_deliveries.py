@@ -4,6 +4,7 @@ claimed) goes back to its queue at the watchdog's round, not after the 12 h visi
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -104,3 +105,30 @@ def test_a_channel_closed_after_its_connection_went_keeps_its_deliveries(broker_
         keep_deliveries_when_the_connection_is_gone()  # idempotent: wrapped once
         channel.close()  # without the guard: AttributeError ('NoneType' ... 'hostname')
     assert r.hlen(keys.KOMBU_UNACKED) == 1  # kept for the watchdog, not lost
+
+
+def test_an_ack_on_a_channel_whose_connection_went_keeps_the_delivery(broker_url: str) -> None:
+    """kombu 5.7: a task that ends while the broker is down acknowledges through a channel
+    whose connection is gone; kombu raises AttributeError ('NoneType' ... 'client') from
+    Message.ack_log_error, which only catches connection errors, and the Celery worker exits
+    ("Unrecoverable error"). With the guard the ack gives up and the message waits."""
+    from kombu import Connection, Queue
+
+    from workers.lost_deliveries import keep_deliveries_when_the_connection_is_gone
+
+    keep_deliveries_when_the_connection_is_gone()
+    r = redis.Redis.from_url(broker_url)
+    with Connection(broker_url) as connection:
+        channel = connection.channel()
+        Queue("guard-ack", channel=channel).declare()
+        producer = connection.Producer(channel)
+        for n in (1, 2):
+            producer.publish({"n": n}, routing_key="guard-ack", serializer="json")
+        acked, rejected = (channel.basic_get("guard-ack", no_ack=False) for _ in range(2))
+        assert acked is not None and rejected is not None and r.hlen(keys.KOMBU_UNACKED) == 2
+        # The state a reconnecting consumer leaves the channel in: its connection detached.
+        channel._pool = None
+        channel.connection = None
+        acked.ack_log_error(logging.getLogger("test"), errors=(ConnectionError,))
+        rejected.reject()
+    assert r.hlen(keys.KOMBU_UNACKED) == 2  # both kept, to be delivered again, not lost

@@ -96,23 +96,29 @@ def keep_deliveries_when_the_connection_is_gone() -> None:
     the messages the worker holds unacknowledged. By then kombu has already detached the
     channel's transport from its connection, so the restore fails reading the connection's host
     (`AttributeError: 'NoneType' object has no attribute 'hostname'`), which Celery does not
-    expect there: "Unrecoverable error", and the worker process exits with its jobs. Seen here
-    in a broker restart under 200 queued tiny transcodes (tests/test_reliability.py).
+    expect there: "Unrecoverable error", and the worker process exits with its jobs. The ack
+    of a task that ends in that window fails the same way on the channel's missing connection
+    (`'NoneType' object has no attribute 'client'`, from kombu's `Message.ack_log_error`,
+    which catches only connection errors), and so does a reject. Seen here in a broker
+    restart under 200 queued tiny transcodes (tests/test_reliability.py).
 
-    With this guard such a restore gives up instead, the messages stay in the unacked hash,
-    and nothing is lost: a job that was running has a lease (the watchdog requeues it when the
-    lease runs out), one that was never claimed is still `queued` and its message is given back
-    by `restore_lost_deliveries`, an inference chunk has its own lease. Idempotent.
+    With this guard such a restore, ack or reject gives up instead, the messages stay in the
+    unacked hash, and nothing is lost: a job that was running has a lease (the watchdog
+    requeues it when the lease runs out), one that was never claimed is still `queued` and its
+    message is given back by `restore_lost_deliveries`, an inference chunk has its own lease;
+    one that had ended is delivered again after the visibility timeout and skipped by its
+    claim. Idempotent.
     """
     from kombu.transport import redis as kombu_redis
 
-    original = kombu_redis.QoS.restore_unacked
-    if getattr(original, "gpujobs_guard", False):
+    qos = kombu_redis.QoS
+    if getattr(qos.restore_unacked, "gpujobs_guard", False):
         return
+    restore, ack, reject = qos.restore_unacked, qos.ack, qos.reject
 
     def restore_unacked(self: Any, client: Any = None) -> Any:
         try:
-            return original(self, client)
+            return restore(self, client)
         except AttributeError as exc:
             held = len(self._delivered)
             self._delivered.clear()  # kept in the unacked hash: see above
@@ -120,5 +126,28 @@ def keep_deliveries_when_the_connection_is_gone() -> None:
                         " they wait in the unacked hash for the watchdog", held, exc)  # fmt: skip
             return None
 
-    restore_unacked.gpujobs_guard = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked
+    def guarded_ack(self: Any, delivery_tag: Any) -> None:
+        try:
+            ack(self, delivery_tag)
+        except AttributeError as exc:
+            _gave_up(self, delivery_tag, "acknowledge", exc)
+
+    def guarded_reject(self: Any, delivery_tag: Any, requeue: bool = False) -> None:
+        try:
+            reject(self, delivery_tag, requeue)
+        except AttributeError as exc:
+            _gave_up(self, delivery_tag, "reject", exc)
+
+    guards: list[tuple[str, Any]] = [
+        ("restore_unacked", restore_unacked), ("ack", guarded_ack), ("reject", guarded_reject)
+    ]  # fmt: skip
+    for name, guarded in guards:
+        guarded.gpujobs_guard = True
+        setattr(qos, name, guarded)
+
+
+def _gave_up(qos: Any, delivery_tag: Any, what: str, exc: Exception) -> None:
+    """Forget a delivery this connection can no longer settle; it waits in the unacked hash."""
+    qos._delivered.pop(delivery_tag, None)
+    log.warning("could not %s a delivery on a lost connection (%s); it waits in the unacked "
+                "hash for the watchdog or the visibility timeout", what, exc)  # fmt: skip
