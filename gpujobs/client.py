@@ -7,19 +7,15 @@ before anything is queued; a problem raises InvalidSpec with one line that says 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import orjson
 import redis
 from celery import Celery
-from pydantic import ValidationError
 
 from gpujobs import batch, keys
 from gpujobs.app import (
@@ -35,12 +31,12 @@ from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.media import NOT_VIDEO, STILL_IMAGE, input_verdict, read_verdicts
 from gpujobs.paths import below, copy_file, inbox_target, media_relative
+from gpujobs.prepared import PreparedJob, check_outputs, make_spec, stat_fingerprint
 from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.routing import require_gpu_worker
 from gpujobs.specs import (
     AudioTracks,
     GpuPolicy,
-    JobKind,
     JobRecord,
     JobState,
     SplitSetting,
@@ -56,29 +52,6 @@ _ITEM_FIELDS = {
     "overwrite",
 }  # fmt: skip
 INBOX = "inbox"  # where files from outside the media root are copied, under the media root
-
-
-@dataclass(frozen=True)
-class PreparedJob:
-    """A checked spec, and the file to copy into the media root before it is queued."""
-
-    spec: TranscodeSpec
-    fingerprint: str
-    copy_from: Path | None = None
-
-
-def check_outputs(prepared: Sequence[PreparedJob]) -> None:
-    """InvalidSpec when two different jobs of one submit would write one output (the second
-    would fail, or with --overwrite replace the first's): "output X is the output of both A
-    and B". The same job twice (same input and settings) is one job, queued once."""
-    writers: dict[str, PreparedJob] = {}
-    for job in prepared:
-        first = writers.setdefault(job.spec.output, job)
-        if first.fingerprint != job.fingerprint:
-            raise InvalidSpec(
-                f"output {job.spec.output} is the output of both {first.spec.input} and "
-                f"{job.spec.input} (give each its own output)"
-            )
 
 
 class Client:
@@ -207,7 +180,7 @@ class Client:
         # (Checked once per set of parameters: a bulk submit repeats them.)
         checked = tuple(sorted(values.items()))
         if checked not in self._checked_params:
-            _make_spec({**values, "input": "in.mp4", "output": "out.mp4"})
+            make_spec({**values, "input": "in.mp4", "output": "out.mp4"})
             if len(self._checked_params) < 1024:
                 self._checked_params.add(checked)
         source, copy_from, source_stat = self.input_path(Path(input), copy_outside)
@@ -218,14 +191,14 @@ class Client:
             output_rel = media_relative(
                 output, self.settings.media, "output", self._media_resolved(), self._dir
             )
-        spec = _make_spec({**values, "input": source.as_posix(), "output": output_rel})
+        spec = make_spec({**values, "input": source.as_posix(), "output": output_rel})
         target = os.path.join(self.settings.media, spec.output)
         if os.path.islink(target):  # the worker writes where the link points: check there
             self._check_linked_output(spec, target, copy_from)
         if not spec.overwrite and os.path.exists(target):
             raise InvalidSpec(f"output {spec.output} exists (use --overwrite to replace it)")
         # The input's stat (it follows symlinks): the same file copied in or not.
-        found = _fingerprint(spec, source_stat)
+        found = stat_fingerprint(spec, source_stat)
         return PreparedJob(spec=spec, fingerprint=found, copy_from=copy_from)
 
     def _check_linked_output(self, spec: TranscodeSpec, link: str, copy_from: Path | None) -> None:
@@ -596,25 +569,3 @@ class Job:
             reason = f": {record.error}" if record.error else ""
             raise JobFailed(f"job {self.id} {record.state.value}{reason}")
         return record.result or {}
-
-
-def fingerprint(spec: TranscodeSpec, source: Path) -> str:
-    """What makes two submits the same job: the spec (but its priority) and the input file's
-    size and modification time."""
-    return _fingerprint(spec, source.stat())
-
-
-def _fingerprint(spec: TranscodeSpec, info: os.stat_result) -> str:
-    identity = {
-        "kind": JobKind.TRANSCODE.value,
-        "spec": spec.model_dump(mode="json", exclude={"priority"}),
-        "input": [info.st_size, info.st_mtime_ns],
-    }
-    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
-
-
-def _make_spec(values: dict[str, Any]) -> TranscodeSpec:
-    try:
-        return TranscodeSpec.model_validate(values)
-    except ValidationError as exc:
-        raise InvalidSpec.from_validation(exc) from None

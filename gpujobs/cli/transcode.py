@@ -21,7 +21,7 @@ from gpujobs.cli.render import (
 from gpujobs.errors import InvalidSpec
 
 if TYPE_CHECKING:
-    from gpujobs.client import PreparedJob
+    from gpujobs.prepared import PreparedJob
 
 
 def submit(
@@ -146,8 +146,9 @@ def submit(
     as_json: Annotated[bool, typer.Option("--json", help="Print job records as JSON.")] = False,
 ) -> None:
     """Queue a transcode for each FILE (all are checked before any is queued)."""
-    from gpujobs.client import Client, check_outputs
+    from gpujobs.client import Client
     from gpujobs.config import Settings
+    from gpujobs.prepared import check_outputs
     from gpujobs.routing import require_gpu_worker
     from gpujobs.specs import JobState
 
