@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import socket
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from gpujobs import keys
 from gpujobs.batch import BATCHES
+from gpujobs.cli.render import job_detail
 from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.specs import InferenceSpec, JobState
@@ -221,6 +224,12 @@ def test_cancel_keeps_what_finished_and_a_deadline_fails_the_rest(
     assert record.state is JobState.CANCELLED
     result = record.result or {}
     assert result["partial"] is True
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(job_detail(record))  # what `gpujobs status` shows: the partial output, named
+    assert (
+        f"output    {spec.output} (partial: the job cancelled before every request was done)"
+        in console.export_text()
+    )
     ids = [line["custom_id"] for line in lines]
     # The server had answered 30 when the cancel went in; the client may not yet have read the
     # answers of the (at most 2) requests it had in flight, which the cancel then drops.

@@ -99,6 +99,9 @@ def job_detail(record: JobRecord, attempts: list[dict[str, Any]] | None = None) 
         rows.append(("output", str(record.output or planned)))
     elif not record.state.terminal:
         rows.append(("output", f"{planned} (once it succeeds)"))
+    elif record.output or (record.result or {}).get("partial"):  # a batch's finished part
+        rows.append(("output", f"{record.output or planned} (partial: the job "
+                               f"{record.state.value} before every request was done)"))  # fmt: skip
     else:
         rows.append(("output", f"none ({record.state.value}; {planned} was not written)"))
     if record.fps is not None:
