@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +66,10 @@ class StreamInfo:
     its kind (`-map 0:v:<kind_index>`). codec: libavcodec's name (h264, aac, pcm_s16le...).
     dispositions: names such as "default", "attached_pic". duration_s, frames: None when the
     container does not say. Video: width/height as coded, sar (sample aspect ratio, 1 when
-    unknown), rotation (0, 90, 180 or 270, clockwise), field_order (progressive, tt, bb, tb,
-    bt or unknown), pix_fmt, bit_depth, fps. Audio: channels, layout, sample_rate, language.
+    unknown), rotation (0, 90, 180 or 270, clockwise), mirrored (the display matrix also
+    flips the picture left to right, before the turn, as some front cameras write it),
+    field_order (progressive, tt, bb, tb, bt or unknown), pix_fmt, bit_depth, fps. Audio:
+    channels, layout, sample_rate, language.
     """
 
     index: int
@@ -80,6 +83,7 @@ class StreamInfo:
     height: int = 0
     sar: Fraction = Fraction(1)
     rotation: int = 0
+    mirrored: bool = False
     field_order: str = "unknown"
     pix_fmt: str | None = None
     bit_depth: int = 8
@@ -237,11 +241,11 @@ def probe(
         )
         main = info.video
         if first_frame and main is not None:
-            rotation, interlaced = _first_frame_facts(container, main.index)
+            rotation, mirrored, interlaced = _first_frame_facts(container, main.index)
             order = main.field_order
             if interlaced and order not in INTERLACED_ORDERS:
                 order = "tt"  # flagged per frame only; the deinterlacer detects the parity
-            updated = replace(main, rotation=rotation, field_order=order)
+            updated = replace(main, rotation=rotation, mirrored=mirrored, field_order=order)
             info = MediaInfo(
                 format=info.format,
                 duration_s=info.duration_s,
@@ -524,10 +528,11 @@ def _stream_info(stream: Any, kind_index: int) -> StreamInfo:
     return StreamInfo(**common)
 
 
-def _first_frame_facts(container: Any, index: int) -> tuple[int, bool]:
-    """(rotation clockwise in degrees, interlaced) of the first decodable frame of stream
-    `index`; (0, False) when none decodes (the encode will say why)."""
+def _first_frame_facts(container: Any, index: int) -> tuple[int, bool, bool]:
+    """(rotation clockwise in degrees, mirrored, interlaced) of the first decodable frame of
+    stream `index`; (0, False, False) when none decodes (the encode will say why)."""
     import av
+    from av.sidedata.sidedata import Type
 
     stream = container.streams[index]
     stream.thread_type = "NONE"
@@ -535,7 +540,19 @@ def _first_frame_facts(container: Any, index: int) -> tuple[int, bool]:
         for frame in container.decode(stream):
             # PyAV gives the display matrix's angle counter-clockwise; players turn clockwise.
             rotation = round(-float(frame.rotation) / 90) * 90 % 360
-            return rotation, bool(frame.interlaced_frame)
+            matrix = frame.side_data.get(Type.DISPLAYMATRIX)
+            mirrored = matrix is not None and _mirrors(bytes(matrix))
+            if mirrored:  # the angle read assumes a top-bottom flip; ours is left-right
+                rotation = (rotation + 180) % 360
+            return rotation, mirrored, bool(frame.interlaced_frame)
     except av.FFmpegError:
         pass
-    return 0, False
+    return 0, False, False
+
+
+def _mirrors(matrix: bytes) -> bool:
+    """Whether a display matrix (libavutil's: nine int32, row by row, a b u / c d v / x y w)
+    flips the picture as well as turning it: its 2x2 part's determinant ad - bc is negative.
+    The angle PyAV reads from it (av_display_rotation_get) does not say so."""
+    a, b, _, c, d = struct.unpack_from("<5i", matrix)
+    return bool(a * d - b * c < 0)

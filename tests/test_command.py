@@ -393,3 +393,36 @@ def test_a_temporary_output_fits_where_its_output_fits_and_is_found_again(tmp_pa
         assert sorted(stale_temporaries(output, "3f2a9c1b7d4e")) == sorted([first, second])
         first.unlink()
         second.unlink()
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+@pytest.mark.parametrize("turn", [0, 90, 180, 270])
+def test_every_display_matrix_is_shown_as_ffmpeg_shows_it(
+    tmp_path: Path, ffmpeg: str, turn: int, hflip: bool
+) -> None:
+    """The eight display matrices (four turns, each also mirrored, as `-display_hflip` writes
+    some front cameras'): the probe's rotation and mirror, through `upright`, give the picture
+    pixel for pixel as ffmpeg's own autorotate renders it."""
+    from gpujobs.media import probe
+    from workers.transcode.command import upright
+
+    def run(*args: str) -> bytes:
+        return subprocess.run([ffmpeg, "-hide_banner", "-loglevel", "error", *args],
+                              capture_output=True, check=True).stdout  # fmt: skip
+
+    coded = tmp_path / "coded.mp4"  # lossless, and no two of its eight orientations alike
+    run("-f", "lavfi", "-i", "color=c=black:size=64x48:rate=10:duration=0.2,"
+        "drawbox=x=0:y=0:w=20:h=10:color=white:t=fill,"
+        "drawbox=x=50:y=20:w=14:h=28:color=gray:t=fill",
+        "-c:v", "libx264", "-qp", "0", "-pix_fmt", "yuv444p", str(coded))  # fmt: skip
+    shown = tmp_path / "shown.mp4"
+    run("-display_rotation:v:0", str(turn), *(["-display_hflip:v:0"] if hflip else []),
+        "-i", str(coded), "-c", "copy", str(shown))  # fmt: skip
+    video = probe(shown).video
+    assert video is not None and video.mirrored is hflip
+    raw = ["-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "gray", "-"]
+    theirs = run("-i", str(shown), *raw)  # ffmpeg's autorotate
+    steps = upright(video.rotation, False, on_gpu=False, mirrored=video.mirrored)
+    ours = run("-noautorotate", "-i", str(shown), *(["-vf", ",".join(steps)] if steps else []),
+               *raw)  # fmt: skip
+    assert ours == theirs

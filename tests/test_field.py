@@ -133,6 +133,25 @@ def test_phone_video_comes_out_portrait_upright_with_square_pixels(
     assert record.result and record.result["rotated"] == (-turn) % 360
 
 
+def test_a_mirrored_display_matrix_is_shown_mirrored(stack: Stack) -> None:
+    # A front camera's matrix that flips left and right: the white left half shows on the right.
+    coded = stack.make("phone/coded-mirror.mp4", "-f", "lavfi", "-i",
+                       "color=c=black:size=640x360:rate=30:duration=1,"
+                       "drawbox=x=0:y=0:w=320:h=360:color=white:t=fill", *X264)  # fmt: skip
+    mirrored = stack.make("phone/mirrored.mp4", "-display_hflip:v:0", "-i", str(coded), "-c",
+                          "copy")  # fmt: skip
+    record, out = stack.run(mirrored, height=360)
+    assert out.video is not None and (out.video.width, out.video.height) == (640, 360)
+    assert record.result and record.result["mirrored"] is True and record.result["rotated"] == 0
+    import av
+
+    with av.open(str(stack.media / str(record.output))) as container:
+        frame = next(container.decode(video=0))
+        plane = frame.planes[0]
+        row = bytes(plane)[180 * plane.line_size : 180 * plane.line_size + frame.width]
+    assert sum(row[:320]) / 320 + 100 < sum(row[320:]) / 320  # white on the right now
+
+
 def test_a_ladder_of_a_phone_anamorphic_or_interlaced_source_is_upright_and_square(
     stack: Stack,
 ) -> None:

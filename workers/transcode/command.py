@@ -161,17 +161,23 @@ _CUDA_TURN = {90: "transpose_cuda=dir=clock", 180: "transpose_cuda=dir=reversal"
 _DROP_MATRIX = "sidedata=mode=delete:type=DISPLAYMATRIX"
 
 
-def upright(rotation: int, deinterlace: bool, on_gpu: bool) -> list[str]:
+def upright(rotation: int, deinterlace: bool, on_gpu: bool, mirrored: bool = False) -> list[str]:
     """The filters that come before any scaling, on every path (a transcode's, a ladder's):
-    deinterlace (`bwdif`; `bwdif_cuda` on frames in GPU memory), then turn the picture
-    upright by `rotation` (clockwise, 0/90/180/270) and drop the display matrix, so no player
-    turns it again. Used with `-noautorotate`: ffmpeg's own autorotate cannot turn frames in
-    GPU memory, so every path does it the same way here."""
+    deinterlace (`bwdif`; `bwdif_cuda` on frames in GPU memory), then show the picture as its
+    display matrix says: flipped left to right first when the matrix mirrors it, then turned
+    by `rotation` (clockwise, 0/90/180/270); then the matrix is dropped, so no player applies
+    it again. Flip-then-turn is what ffmpeg's own autorotate shows for each of the eight
+    matrices (tests/test_command.py checks them all). Used with `-noautorotate`: ffmpeg's
+    autorotate cannot turn frames in GPU memory, so every path does it the same way here."""
     steps: list[str] = []
     if deinterlace:
         steps.append(f"bwdif{'_cuda' if on_gpu else ''}=mode=send_frame:parity=auto:deint=all")
+    if mirrored:
+        steps.append("transpose_cuda=dir=hflip" if on_gpu else "hflip")
     if rotation:
-        steps += [(_CUDA_TURN if on_gpu else _CPU_TURN)[rotation], _DROP_MATRIX]
+        steps.append((_CUDA_TURN if on_gpu else _CPU_TURN)[rotation])
+    if rotation or mirrored:
+        steps.append(_DROP_MATRIX)
     return steps
 
 
@@ -179,7 +185,7 @@ def video_filter(spec: TranscodeSpec, plan: Plan, route: Route) -> str:
     """The -vf chain for a path: deinterlace, turn upright, scale, square pixels, pixel format."""
     g = plan.geometry
     ten_bit_hevc = spec.codec == "hevc" and g.bit_depth > 8
-    steps = upright(g.rotation, g.deinterlace, on_gpu=route.gpu_decode)
+    steps = upright(g.rotation, g.deinterlace, on_gpu=route.gpu_decode, mirrored=g.mirrored)
     if route.gpu_decode:
         if route.path is EncodePath.NVENC:
             # NVENC's H.264 takes 8-bit frames; HEVC keeps 10 bits (Main10).

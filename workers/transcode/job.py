@@ -267,6 +267,7 @@ class TranscodeAttempt:
             "frames": result.video.frames,
             "deinterlaced": plan.geometry.deinterlace,
             "rotated": plan.geometry.rotation,
+            "mirrored": plan.geometry.mirrored or None,
             "streams": plan.record(),
             "encode_path": route.path.value,
             "decode": "gpu" if route.gpu_decode else "cpu",

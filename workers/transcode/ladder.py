@@ -77,6 +77,7 @@ class Picture:
     height: float
     rotation: int = 0
     interlaced: bool = False
+    mirrored: bool = False
 
     @property
     def shown_height(self) -> int:
@@ -90,7 +91,7 @@ def read_picture(path: Path) -> Picture:
     if video is None:
         raise ValueError("no video stream")
     width, height = video.display_size
-    return Picture(width, height, video.rotation, video.interlaced)
+    return Picture(width, height, video.rotation, video.interlaced, video.mirrored)
 
 
 def plan_renditions(heights: list[int], picture: Picture) -> list[Rendition]:
@@ -132,7 +133,8 @@ def filter_graph(path: EncodePath, renditions: list[Rendition], picture: Picture
     the display aspect exact through the sample aspect ratio (426x240 of a 16:9 source has SAR
     640:639): DASH wants one display aspect per adaptation set."""
     n = len(renditions)
-    before = tc.upright(picture.rotation, picture.interlaced, on_gpu=path is not EncodePath.CPU)
+    before = tc.upright(picture.rotation, picture.interlaced, on_gpu=path is not EncodePath.CPU,
+                        mirrored=picture.mirrored)  # fmt: skip
     parts = ["[0:v]" + "".join(f"{step}," for step in before) + f"split={n}"
              + "".join(f"[s{i}]" for i in range(n))]  # fmt: skip
     for i, r in enumerate(renditions):

@@ -68,12 +68,13 @@ class StreamChoice:
 @dataclass(frozen=True)
 class Geometry:
     """The picture's way from input to output. width/height: output pixels (even, square
-    pixels); rotation: clockwise turn to apply (0/90/180/270); deinterlace: the input is
-    interlaced; bit_depth: the input's."""
+    pixels); rotation: clockwise turn to apply (0/90/180/270); mirrored: the display matrix
+    flips the picture too; deinterlace: the input is interlaced; bit_depth: the input's."""
 
     width: int
     height: int
     rotation: int = 0
+    mirrored: bool = False
     deinterlace: bool = False
     bit_depth: int = 8
     display_aspect: float = 0.0
@@ -123,6 +124,7 @@ def geometry(spec: TranscodeSpec, video: StreamInfo) -> Geometry:
         width=width,
         height=height,
         rotation=video.rotation,
+        mirrored=video.mirrored,
         deinterlace=video.interlaced,
         bit_depth=video.bit_depth,
         display_aspect=display_w / display_h,
