@@ -44,6 +44,10 @@ _EXPLAINED = {
 _QUICK = {"probesize": "32", "analyzeduration": "1"}
 NOT_VIDEO = "not a video file (unrecognised container)"
 STILL_IMAGE = "not a video file (a still image)"
+COVER_ONLY = "no video stream (audio with cover art)"
+# Codecs of single pictures as well as of motion video (MJPEG cameras): one of these with one
+# picture in the whole stream is a still, or an audio file's cover.
+PICTURE_CODECS = frozenset({"mjpeg", "png", "bmp", "tiff", "webp", "gif", "jpeg2000", "qoi"})
 # libavformat's demuxers that show text files as video (ANSI art: tty takes .txt, .nfo...).
 _TEXT_DEMUXERS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
 VERDICTS_KEPT = 4096
@@ -190,7 +194,7 @@ class MediaInfo:
     def no_video_reason(self) -> str:
         """Why there is no video to transcode, in words."""
         if any(s.attached_pic for s in self.streams):
-            return "no video stream (audio with cover art)"
+            return COVER_ONLY
         if self.has_audio:
             return "no video stream (audio only)"
         return "no video stream"
@@ -261,8 +265,9 @@ def check_input(path: Path, demuxer: str | None = None) -> MediaInfo:
     A quick read of the header first (see `probe`), with `demuxer` when the file's first bytes
     name it (see `sniffed_demuxer`); only when that finds no real video is the file read in
     full, its container guessed, so a refusal is always the full probe's verdict.
-    Raises ProbeError with one line: "the file is incomplete (...)", "no video stream (audio
-    with cover art)", or ffmpeg's reason for not reading it.
+    Raises ProbeError with one line: "the file is incomplete (...)", COVER_ONLY (a picture
+    flagged as cover art, or the only video is one picture beside audio: an MP3's cover
+    remuxed into Matroska), or ffmpeg's reason for not reading it.
     """
     truncated = iso_truncation(path) or matroska_truncation(path)
     if truncated:
@@ -275,6 +280,9 @@ def check_input(path: Path, demuxer: str | None = None) -> MediaInfo:
         info = probe(path, first_frame=False)
     if info.video is None:
         raise ProbeError(info.no_video_reason())
+    if info.video.codec in PICTURE_CODECS and _pictures(path, info.video.index, most=2) < 2:
+        # One picture not flagged as cover art (an MP3's cover remuxed into Matroska).
+        raise ProbeError(COVER_ONLY if info.has_audio else STILL_IMAGE)
     return info
 
 

@@ -12,7 +12,7 @@ import av
 import pytest
 
 from gpujobs.containers import SNIFF_BYTES, looks_like_video, sniffed_demuxer
-from gpujobs.media import NOT_VIDEO, STILL_IMAGE, check_input, input_verdict
+from gpujobs.media import COVER_ONLY, NOT_VIDEO, STILL_IMAGE, check_input, input_verdict
 
 # (file name, extra ffmpeg arguments): containers people send, written by the bundled ffmpeg.
 CONTAINERS = [
@@ -116,3 +116,20 @@ def test_stills_text_and_audio_are_refused_with_their_reason(tmp_path: Path, ffm
         "notes.txt": NOT_VIDEO,
         "noise.mp4": NOT_VIDEO,
     }
+
+
+def test_one_picture_beside_audio_is_a_cover_even_unflagged(tmp_path: Path, ffmpeg: str) -> None:
+    # An MP3's cover remuxed into Matroska becomes a one-picture MJPEG track, not flagged as an
+    # attached picture; an old camera's MJPEG video has a picture per frame.
+    jpg = make(ffmpeg, tmp_path / "cover.jpg", "-f", "lavfi", "-i", "testsrc2=size=300x300",
+               "-frames:v", "1")  # fmt: skip
+    song = make(ffmpeg, tmp_path / "song.mp3", "-f", "lavfi", "-i", "sine=duration=1", "-i",
+                str(jpg), "-map", "0", "-map", "1", "-c:v", "copy", "-disposition:v",
+                "attached_pic")  # fmt: skip
+    remuxed = make(ffmpeg, tmp_path / "song.mkv", "-i", str(song), "-c", "copy")
+    still = make(ffmpeg, tmp_path / "still.mkv", "-i", str(jpg), "-c", "copy")
+    camera = make(ffmpeg, tmp_path / "camera.avi", "-f", "lavfi", "-i",
+                  "testsrc2=size=320x240:rate=10:duration=0.5", "-f", "lavfi", "-i",
+                  "sine=duration=0.5", "-c:v", "mjpeg", "-c:a", "pcm_s16le")  # fmt: skip
+    verdicts = {p.name: input_verdict(p, p.stat()) for p in (remuxed, still, camera)}
+    assert verdicts == {"song.mkv": COVER_ONLY, "still.mkv": STILL_IMAGE, "camera.avi": None}
