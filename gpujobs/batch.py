@@ -375,7 +375,7 @@ def prepare_batch(
     else:
         requests = check_request_list(input, media)
         count = len(requests)
-        source = f"{count} requests"
+        source = f"{count} request{'' if count == 1 else 's'}"
         source_rel = None
         stem, default_dir = "batch", f"{BATCHES}/{job_id}"
     if output is None:

@@ -127,7 +127,8 @@ def submit_batches(
                 console.print_json(job.status().model_dump_json())
             else:
                 console.print(
-                    f"queued {job.id}  {batch.spec.requests} requests from {batch.spec.source}",
+                    f"queued {job.id}  {batch.spec.requests} request"
+                    f"{'' if batch.spec.requests == 1 else 's'} from {batch.spec.source}",
                     markup=False,
                 )
         return
