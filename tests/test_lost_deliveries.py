@@ -132,3 +132,30 @@ def test_an_ack_on_a_channel_whose_connection_went_keeps_the_delivery(broker_url
         acked.ack_log_error(logging.getLogger("test"), errors=(ConnectionError,))
         rejected.reject()
     assert r.hlen(keys.KOMBU_UNACKED) == 2  # both kept, to be delivered again, not lost
+
+
+def test_a_message_taken_by_a_dropped_connection_is_sent_again(
+    client: Client, settings: Settings, media_clip: Callable[..., Path],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:  # fmt: skip
+    """A BRPOP the broker answered just before it went down: the message is off its list and
+    was never recorded as delivered. Once its queue is drained, the job's message is sent
+    again; jobs whose message is queued or held by a worker are left alone."""
+    from workers.lost_deliveries import resend_vanished_messages
+
+    r = client.redis
+    app = make_app(settings, client.broker_url)
+    source = media_clip("vanished.mp4", seconds=1, size="320x240")
+    vanished = client.submit_transcode(source, height=120)
+    for name in keys.queue_lists("transcode"):
+        r.delete(name)  # its message: popped, the reply lost with the connection
+    waiting = client.submit_transcode(source, height=96)  # its message still queued
+    assert resend_vanished_messages(client.store, app, after_s=0) == []  # queue not drained
+    take_without_ack(r, "tag-held", taken_s_ago=1)  # `waiting` now held by a worker
+    assert resend_vanished_messages(client.store, app, after_s=3600) == []  # not old enough
+    assert resend_vanished_messages(client.store, app, after_s=0) == [vanished.id]
+    assert queued_messages(r) == 1
+    assert waiting.status().state is JobState.QUEUED and r.hlen(keys.KOMBU_UNACKED) == 1
+    start_worker()
+    record = vanished.wait(timeout=120)
+    assert record.state is JobState.SUCCEEDED and record.attempt == 1, record.error

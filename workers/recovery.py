@@ -21,11 +21,14 @@ import redis
 from celery import Celery
 
 from gpujobs import keys
-from gpujobs.app import TRANSCODE_QUEUE, TRANSCODE_TASK, broker_priority, task_argsrepr
 from gpujobs.specs import JobKind, JobState
 from gpujobs.store import JobStore
 from workers.inference.chunk import requeue_expired_chunks
-from workers.lost_deliveries import restore_lost_deliveries
+from workers.lost_deliveries import (
+    resend_vanished_messages,
+    restore_lost_deliveries,
+    send_transcode,
+)
 from workers.transcode.split_progress import fail_parent
 
 log = logging.getLogger(__name__)
@@ -79,12 +82,7 @@ def requeue(
     if not moved:  # (when it moved, the store's script dropped the lease with the change)
         return False
     if record.kind is JobKind.TRANSCODE:
-        priority = int(record.spec.get("priority", 5))
-        app.send_task(
-            TRANSCODE_TASK, args=[job_id], task_id=job_id,
-            queue=record.queue or TRANSCODE_QUEUE, argsrepr=task_argsrepr(record.spec),
-            priority=broker_priority(priority), countdown=countdown_s or None,
-        )  # fmt: skip
+        send_transcode(app, record, countdown_s or None)
     log.warning("job %s attempt %d requeued: %s", job_id, attempt, reason)
     return True
 
@@ -99,8 +97,8 @@ def expired_leases(store: JobStore) -> list[str]:
 
 class Watchdog:
     """A thread that, once per `interval_s`, requeues running jobs whose lease expired, resends
-    expired inference chunks and gives deliveries lost with their connection back to their
-    queue (workers/lost_deliveries.py).
+    expired inference chunks, gives deliveries lost with their connection back to their queue
+    and sends again the messages a dropped connection took (workers/lost_deliveries.py).
 
     Every worker runs one; a Redis lock (SET NX PX) lets one of them win each round.
     """
@@ -145,6 +143,7 @@ class Watchdog:
             self.store.redis.zrem(keys.LEASES, job_id)
         moved += requeue_expired_chunks(self.store, self.app, self.max_attempts)
         moved += restore_lost_deliveries(self.store, self.app)
+        moved += resend_vanished_messages(self.store, self.app)
         return moved
 
 
