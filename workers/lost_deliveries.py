@@ -91,26 +91,35 @@ def resend_vanished_messages(
     index = keys.state_index(JobKind.TRANSCODE.value, JobState.QUEUED.value)
     members: list[Any] = redis.zrangebyscore(index, "-inf", time.time() - after_s, start=0,
                                              num=BATCH)  # fmt: skip
-    candidates = [_text(member) for member in members]
+    candidates = [str(_text(member)) for member in members]
     if not candidates:
         return []
+    # Two round trips find the drained queues (most rounds end there: a backlog is no drain);
+    # only their jobs' records are read, and the unacked hash only when one is found.
+    with redis.pipeline(transaction=False) as pipe:
+        for job_id in candidates:
+            pipe.hget(keys.job(job_id), "queue")
+        queues = [_text(queue) or TRANSCODE_QUEUE for queue in pipe.execute()]
+    lists = {queue: keys.queue_lists(queue) for queue in set(queues)}
+    with redis.pipeline(transaction=False) as pipe:
+        for names in lists.values():
+            for name in names:
+                pipe.llen(name)
+        lengths = iter(pipe.execute())
+    drained = {queue for queue, names in lists.items() if not sum(next(lengths) for _ in names)}
+    suspects = [job for job, queue in zip(candidates, queues, strict=True) if queue in drained]
+    if not suspects:
+        return []
     held = {_held_job(payload) for payload in redis.hvals(keys.KOMBU_UNACKED)}
-    drained: dict[str, bool] = {}
     resent = []
-    for job_id in candidates:
-        if job_id is None or job_id in held:
-            continue
-        record = store.get(job_id)
+    for job_id in suspects:
+        record = None if job_id in held else store.get(job_id)
         if record is None or record.state is not JobState.QUEUED:
             continue
-        queue = record.queue or TRANSCODE_QUEUE
-        if queue not in drained:
-            drained[queue] = not any(redis.llen(name) for name in keys.queue_lists(queue))
-        if drained[queue]:
-            send_transcode(app, record)
-            log.warning("job %s: queued with its message gone (taken by a connection that "
-                        "dropped); sent again", job_id)  # fmt: skip
-            resent.append(job_id)
+        send_transcode(app, record)
+        log.warning("job %s: queued with its message gone (taken by a connection that dropped);"
+                    " sent again", job_id)  # fmt: skip
+        resent.append(job_id)
     return resent
 
 
