@@ -21,6 +21,7 @@ import pytest
 
 from gpujobs.client import Client
 from gpujobs.ladder import LadderSpec, submit_ladder
+from gpujobs.media import StreamInfo
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess
 from tests.test_ladder import gop_clip
@@ -92,12 +93,12 @@ def one_ladder(tmp_path: Path, ffmpeg: str) -> Path:
     and checked."""
     source = gop_clip(ffmpeg, tmp_path / "talk.mp4", 10, "640x360")
     spec = LadderSpec(input="talk.mp4", output="ladder", renditions=[360, 240], segment_s=SEGMENT_S)
-    picture = ladder.Picture(640, 360)
-    rungs = ladder.plan_renditions(spec.renditions, picture)
+    video = StreamInfo(index=0, kind="video", kind_index=0, codec="h264", width=640, height=360)
+    rungs = ladder.plan_renditions(spec.renditions, video)
     folder = tmp_path / "ladder"
     folder.mkdir()
     command = ladder.build_command(ffmpeg, spec, ladder.EncodePath.CPU, str(source), folder,
-                                   rungs, 30.0, has_audio=True, picture=picture)  # fmt: skip
+                                   rungs, 30.0, has_audio=True, video=video)  # fmt: skip
     subprocess.run([*command[:1], "-loglevel", "error", *command[1:]], check=True, timeout=120)
     ladder.check_ladder(folder, spec, rungs, read_facts(source))
     return folder

@@ -15,6 +15,7 @@ from gpujobs.client import Client
 from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
 from gpujobs.ladder import LadderSpec, submit_ladder
+from gpujobs.media import StreamInfo
 from gpujobs.specs import JobState
 from tests.helpers import WorkerProcess
 from workers.gpu.nvenc import NoNvencSlot, NvencSemaphore
@@ -40,12 +41,18 @@ def spec(**values: object) -> LadderSpec:
     return LadderSpec.model_validate({"input": "in/talk.mp4", "output": "in/talk.hls", **values})
 
 
+def shown(width: int, height: int) -> StreamInfo:
+    """A progressive, upright video of this size with square pixels, as the probe reads it."""
+    return StreamInfo(index=0, kind="video", kind_index=0, codec="h264", width=width,
+                      height=height)  # fmt: skip
+
+
 def test_the_gpu_ladder_is_one_decode_split_and_a_scaler_and_nvenc_per_rendition() -> None:
-    picture = ladder.Picture(1920, 1080)
-    renditions = ladder.plan_renditions([1080, 720, 480], picture)
+    video = shown(1920, 1080)
+    renditions = ladder.plan_renditions([1080, 720, 480], video)
     command = ladder.build_command(
         "ffmpeg", spec(segment_s=4, cq=23), ladder.EncodePath.NVENC, "/m/in/talk.mp4",
-        Path("/m/in/.talk.hls.part"), renditions, 30.0, has_audio=True, picture=picture,
+        Path("/m/in/.talk.hls.part"), renditions, 30.0, has_audio=True, video=video,
     )  # fmt: skip
     assert command[:11] == [
         "ffmpeg", "-hwaccel", "cuda", "-hwaccel_output_format", "cuda", "-noautorotate",
@@ -76,7 +83,7 @@ def test_the_gpu_ladder_is_one_decode_split_and_a_scaler_and_nvenc_per_rendition
 
 
 def test_renditions_above_the_source_are_skipped() -> None:
-    rungs = ladder.plan_renditions([1080, 720, 480, 360], ladder.Picture(1280, 720))
+    rungs = ladder.plan_renditions([1080, 720, 480, 360], shown(1280, 720))
     assert [(r.width, r.height) for r in rungs] == [(1280, 720), (854, 480), (640, 360)]
     assert ladder.nvenc_sessions(ladder.EncodePath.NVENC, rungs) == 3
 
@@ -136,7 +143,7 @@ def test_a_ladder_from_one_decode_has_aligned_keyframes_in_every_variant(
     assert (settings.media / result["entry"]).is_file()
     assert not list(settings.media.glob(".talk*")), "no temporary folder remains"
     # Read back independently of the worker: every variant, its size, frames and keyframes.
-    rungs = ladder.plan_renditions([360, 240], ladder.Picture(640, 360))
+    rungs = ladder.plan_renditions([360, 240], shown(640, 360))
     src = read_facts(source)
     variants = ladder.variant_facts(folder, LadderSpec.model_validate(final.spec), rungs)
     assert [(v.width, v.height) for v in variants] == [(640, 360), (426, 240)]
@@ -218,7 +225,7 @@ def test_a_split_ladder_is_made_per_piece_and_packaged_once(
         assert piece is not None and piece.state is JobState.SUCCEEDED
         assert piece.spec["package"] == "mp4" and piece.parent == job.id
     folder = settings.media / "long.hls"
-    rungs = ladder.plan_renditions([360, 240], ladder.Picture(640, 360))
+    rungs = ladder.plan_renditions([360, 240], shown(640, 360))
     variants = ladder.variant_facts(folder, LadderSpec.model_validate(final.spec), rungs)
     src = read_facts(source)
     assert all(v.frames == src.frames == 360 and v.monotonic for v in variants)

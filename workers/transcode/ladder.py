@@ -34,7 +34,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from gpujobs.ladder import AUDIO_KBPS, BITRATE_CAP_KBPS, ENTRY_FILES, LadderSpec
-from gpujobs.media import ProbeError, probe
+from gpujobs.media import ProbeError, StreamInfo, probe
 from gpujobs.specs import JobRecord, JobState
 from workers.gpu import nvenc
 from workers.gpu.discovery import Capabilities
@@ -67,41 +67,29 @@ class Rendition:
         return 2 * self.maxrate_kbps
 
 
-@dataclass(frozen=True)
-class Picture:
-    """The source's picture as it is shown (gpujobs.media's probe of its main video): width
-    and height in pixels with the SAR applied and turned upright; the clockwise turn (0, 90,
-    180, 270) and the deinterlacing that make it so (`command.upright`)."""
-
-    width: float
-    height: float
-    rotation: int = 0
-    interlaced: bool = False
-    mirrored: bool = False
-
-    @property
-    def shown_height(self) -> int:
-        return round(self.height)
-
-
-def read_picture(path: Path) -> Picture:
-    """The Picture of `path`'s main video. Raises ProbeError (unreadable) or ValueError (no
-    video stream)."""
+def read_video(path: Path) -> StreamInfo:
+    """The main video of `path` as gpujobs.media's probe reads it (displayed size, turn,
+    mirror, interlacing). Raises ProbeError (unreadable) or ValueError (no video stream)."""
     video = probe(path).video
     if video is None:
         raise ValueError("no video stream")
-    width, height = video.display_size
-    return Picture(width, height, video.rotation, video.interlaced, video.mirrored)
+    return video
 
 
-def plan_renditions(heights: list[int], picture: Picture) -> list[Rendition]:
+def shown_height(video: StreamInfo) -> int:
+    """The picture's height as shown (SAR applied, turned upright), in whole pixels."""
+    return round(video.display_size[1])
+
+
+def plan_renditions(heights: list[int], video: StreamInfo) -> list[Rendition]:
     """The rungs to encode, largest first: every height at or below the picture's as shown (an
     upscaled rung would only waste bits); widths keep its displayed aspect, rounded to even
     (a portrait phone clip at 480: 270x480; 720x480 at SAR 32:27: 854x480)."""
+    width, height = video.display_size
     return [
-        Rendition(h, max(2, round(picture.width * h / picture.height / 2) * 2), BITRATE_CAP_KBPS[h])
+        Rendition(h, max(2, round(width * h / height / 2) * 2), BITRATE_CAP_KBPS[h])
         for h in sorted(heights, reverse=True)
-        if h <= picture.shown_height
+        if h <= shown_height(video)
     ]
 
 
@@ -127,14 +115,14 @@ def gop_frames(fps: float, segment_s: float) -> int:
     return max(1, round(fps * segment_s))
 
 
-def filter_graph(path: EncodePath, renditions: list[Rendition], picture: Picture) -> str:
+def filter_graph(path: EncodePath, renditions: list[Rendition], video: StreamInfo) -> str:
     """`[0:v]bwdif,transpose,...,split=N[s0]...;[s0]scale...[v0];...`: one decode, made upright
     and progressive once (`command.upright`), feeding one scaler per rung. The scalers keep
     the display aspect exact through the sample aspect ratio (426x240 of a 16:9 source has SAR
     640:639): DASH wants one display aspect per adaptation set."""
     n = len(renditions)
-    before = tc.upright(picture.rotation, picture.interlaced, on_gpu=path is not EncodePath.CPU,
-                        mirrored=picture.mirrored)  # fmt: skip
+    before = tc.upright(video.rotation, video.interlaced, on_gpu=path is not EncodePath.CPU,
+                        mirrored=video.mirrored)  # fmt: skip
     parts = ["[0:v]" + "".join(f"{step}," for step in before) + f"split={n}"
              + "".join(f"[s{i}]" for i in range(n))]  # fmt: skip
     for i, r in enumerate(renditions):
@@ -157,7 +145,7 @@ def build_command(
     renditions: list[Rendition],
     fps: float,
     has_audio: bool,
-    picture: Picture,
+    video: StreamInfo,
     copy_audio: bool = False,
 ) -> list[str]:
     """The ffmpeg argument list for a ladder written into `folder`. No shell ever sees it.
@@ -168,7 +156,7 @@ def build_command(
         args += ["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"]
     # The turn is the filter graph's (`upright`), on every path alike.
     args += ["-noautorotate", "-threads", str(spec.threads), "-i", input_file]
-    args += ["-filter_complex", filter_graph(path, renditions, picture)]
+    args += ["-filter_complex", filter_graph(path, renditions, video)]
     if spec.package == "mp4":  # one output file per rendition, each with its own options
         for i, r in enumerate(renditions):
             args += ["-map", f"[v{i}]", *(["-map", "0:a:0"] if audio else [])]
@@ -269,8 +257,8 @@ def job_slots(task: Any, rt: WorkerRuntime, job_id: str, spec: dict[str, Any]) -
     try:
         ladder = LadderSpec.model_validate(spec)
         path = choose_path(ladder, rt.capabilities)
-        picture = read_picture(rt.media_path(ladder.input))
-        count = nvenc_sessions(path, plan_renditions(ladder.renditions, picture))
+        video = read_video(rt.media_path(ladder.input))
+        count = nvenc_sessions(path, plan_renditions(ladder.renditions, video))
     except (tc.NoGpuPath, ValidationError, PathOutsideMediaRoot, ProbeError, ValueError, OSError):
         count = 0  # the job body records why it cannot run
     if count == 0 or record is None or record.state.terminal:
@@ -324,14 +312,14 @@ class LadderAttempt(TranscodeAttempt):
             return self.fail(str(exc))
         try:
             source = read_facts(source_path)
-            picture = read_picture(source_path)
+            video = read_video(source_path)
         except (av.FFmpegError, ProbeError, ValueError, OSError) as exc:
             return self.fail(f"cannot read the input {spec.input}: {exc}")
-        renditions = plan_renditions(spec.renditions, picture)
+        renditions = plan_renditions(spec.renditions, video)
         if not renditions:
             asked = ", ".join(str(h) for h in spec.renditions)
             return self.fail(
-                f"every rendition ({asked}) is above the source's {picture.shown_height}p"
+                f"every rendition ({asked}) is above the source's {shown_height(video)}p"
             )
         try:
             path = choose_path(spec, rt.capabilities)
@@ -344,7 +332,7 @@ class LadderAttempt(TranscodeAttempt):
         temp.mkdir()
         command = build_command(
             rt.ffmpeg, spec, path, str(source_path), temp, renditions, 1 / source.frame_s,
-            source.audio_end_s is not None, picture, copy_audio=source.audio_codec == "aac",
+            source.audio_end_s is not None, video, copy_audio=source.audio_codec == "aac",
         )  # fmt: skip
         self.update(encode_path=path.value)
         log.info("ladder %s attempt %d: %s", self.job_id, self.attempt, " ".join(command))
@@ -394,9 +382,9 @@ class LadderAttempt(TranscodeAttempt):
                 }
                 for r in renditions
             ],
-            "skipped_heights": [h for h in spec.renditions if h > picture.shown_height],
-            "rotated": picture.rotation,
-            "deinterlaced": picture.interlaced,
+            "skipped_heights": [h for h in spec.renditions if h > shown_height(video)],
+            "rotated": video.rotation,
+            "deinterlaced": video.interlaced,
             "segment_s": spec.segment_s,
             "keyframes": len(keyframes),
             "frames": source.frames,

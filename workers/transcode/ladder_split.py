@@ -86,8 +86,8 @@ class LadderSplitAttempt(SplitAttempt):
         except PathOutsideMediaRoot as exc:
             return self.fail(str(exc))
         source = read_facts(source_path)
-        picture = ladder.read_picture(source_path)
-        renditions = ladder.plan_renditions(spec.renditions, picture)
+        video = ladder.read_video(source_path)
+        renditions = ladder.plan_renditions(spec.renditions, video)
         work = work_dir(output_path, self.job_id)
         folders = [rt.media_path(str(p.spec["output"])) for p in pieces]
         lists = []
@@ -134,7 +134,7 @@ class LadderSplitAttempt(SplitAttempt):
             "package": spec.package,
             "pieces": len(pieces),
             "renditions": [r.name for r in renditions],
-            "skipped_heights": [h for h in spec.renditions if h > picture.shown_height],
+            "skipped_heights": [h for h in spec.renditions if h > ladder.shown_height(video)],
             "segment_s": spec.segment_s,
             "keyframes": len(keyframes),
             "frames": source.frames,
