@@ -77,32 +77,45 @@ redis.call('PUBLISH', KEYS[2], cjson.encode(record))
 return 1
 """
 
-# KEYS: job hash, state index, dedup key (unused when ARGV[3] is 0), queue list, event channel.
-# ARGV: job id, created_at, dedup TTL in seconds (0: no duplicate check), job hash key prefix,
-# the Celery message, the task-sent event ("" for none), the record's fields (a JSON object),
-# the queue to add to keys.QUEUES (KEYS[6]; "" for the shared queues, which are always read).
-# Returns the id of a queued or running job already holding the fingerprint (nothing written),
-# or false when the job was recorded and queued.
+# ARGV[1]: a JSON array of jobs, each [job hash key, state index key, dedup key, queue list,
+# event channel, job id, created_at (text: the index score), dedup TTL in seconds (0: no
+# duplicate check), the Celery message, the task-sent event ("" for none), the record's fields
+# (an object), the queue to add to keys.QUEUES ("" for the shared queues, always read)].
+# ARGV[2]: the job hash key prefix; KEYS[1]: keys.QUEUES.
+# A whole batch is one call: one command to pack, send and run, not one per job (a pipeline
+# of per-job calls spent more on redis-py packing 17 arguments a job than on the writes).
+# The jobs' own keys travel in ARGV: gpujobs needs one Redis, as kombu's transport does.
+# Returns, per job in order, the id of a queued or running job already holding its fingerprint
+# (nothing of this job written), or "" when the job was recorded and queued.
 _SUBMIT_LUA = """
-if tonumber(ARGV[3]) > 0 then
-  -- Taken at once when free (one command: the usual case); else who holds it decides.
-  local existing = redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3], 'NX', 'GET')
-  if existing then
-    if existing ~= ARGV[1] then
-      local state = redis.call('HGET', ARGV[4] .. existing, 'state')
-      if state == 'queued' or state == 'running' then return existing end
+local found = {}
+for i, job in ipairs(cjson.decode(ARGV[1])) do
+  local key, index, dedup, list, channel, id, created, ttl, message, event, fields, queue =
+    unpack(job)
+  local held = ''
+  if ttl > 0 then
+    -- Taken at once when free (one command: the usual case); else who holds it decides.
+    local existing = redis.call('SET', dedup, id, 'EX', ttl, 'NX', 'GET')
+    if existing then
+      if existing ~= id then
+        local state = redis.call('HGET', ARGV[2] .. existing, 'state')
+        if state == 'queued' or state == 'running' then held = existing end
+      end
+      if held == '' then redis.call('SET', dedup, id, 'EX', ttl) end
     end
-    redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
   end
+  if held == '' then
+    local flat = {}
+    for k, v in pairs(fields) do table.insert(flat, k); table.insert(flat, v) end
+    redis.call('HSET', key, unpack(flat))
+    redis.call('ZADD', index, created, id)
+    redis.call('LPUSH', list, message)
+    if event ~= '' then redis.call('PUBLISH', channel, event) end
+    if queue ~= '' then redis.call('SADD', KEYS[1], queue) end
+  end
+  found[i] = held
 end
-local flat = {}
-for k, v in pairs(cjson.decode(ARGV[7])) do table.insert(flat, k); table.insert(flat, v) end
-redis.call('HSET', KEYS[1], unpack(flat))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('LPUSH', KEYS[4], ARGV[5])
-if ARGV[6] ~= '' then redis.call('PUBLISH', KEYS[5], ARGV[6]) end
-if ARGV[8] ~= '' then redis.call('SADD', KEYS[6], ARGV[8]) end
-return false
+return found
 """
 
 
@@ -171,44 +184,36 @@ class JobStore:
             pipe.execute()
 
     def submit(self, jobs: list[Submission]) -> list[str | None]:
-        """Record, index and queue each job, in one round trip.
+        """Record, index and queue each job, in one round trip (one script call for all).
 
-        Each job is one script call that writes its record, its state index entry and its
-        Celery message (and task-sent event) at once, after the duplicate check: for each job,
-        the id of the queued or running job that already holds its fingerprint (nothing of
-        this one is written), or None when it was queued. One job is one EVALSHA (a pipeline
-        would first send SCRIPT EXISTS: a second command and round trip); more are pipelined.
+        Each job's duplicate check, record, state index entry, Celery message and task-sent
+        event are written together: for each job, the id of the queued or running job that
+        already holds its fingerprint (nothing of this one is written), or None when it was
+        queued. A later job of `jobs` sees an earlier one's fingerprint.
         """
-        if len(jobs) == 1:
-            return [_found(self._submit(*self._submit_call(jobs[0])))]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                self._submit(*self._submit_call(job), client=pipe)
-            results = pipe.execute()
-        return [_found(found) for found in results]
+        if not jobs:
+            return []
+        batch = compact_json([self._entry(job) for job in jobs])
+        found = self._submit(keys=[keys.QUEUES], args=[batch, keys.JOB.format(job_id="")])
+        return [_str(held) or None for held in found]
 
-    def _submit_call(self, job: Submission) -> tuple[list[str], list[Any]]:
-        """The submit script's keys and arguments for `job`."""
+    def _entry(self, job: Submission) -> list[Any]:
+        """`job` as one entry of the submit script's batch (the order its ARGV[1] names)."""
         record = job.record
-        script_keys = [
+        return [
             keys.job(record.id),
             _index(record.kind, record.state),
             keys.dedup(job.fingerprint or "-"),
             job.queue_list,
             job.event_channel,
-            keys.QUEUES,
-        ]
-        args = [
             record.id,
-            record.created_at,
+            repr(record.created_at),
             self.record_ttl_s if job.fingerprint else 0,
-            keys.JOB.format(job_id=""),
             job.message,
             job.event,
-            compact_json(_lean(record.to_hash())),
+            _lean(record.to_hash()),
             "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
         ]
-        return script_keys, args
 
     def delete(self, job_id: str) -> None:
         """Remove a record that never reached a queue (its send failed)."""
@@ -480,11 +485,6 @@ def parse_published(data: Any) -> JobRecord | None:
         return JobRecord.from_hash(json.loads(text))
     except (ValueError, TypeError):
         return None
-
-
-def _found(value: Any) -> str | None:
-    """A submit script's answer: the id of the job already holding the fingerprint, or None."""
-    return _str(value) if value else None
 
 
 def _str(value: bytes | str) -> str:

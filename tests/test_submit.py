@@ -77,6 +77,14 @@ def test_duplicates_in_one_batch_and_across_batches_return_the_first_job(
     assert client.submit_transcode(clip).id == first.id
     assert client.submit_many([clip], force=True)[0].id != first.id
     assert queued_messages(client) == 2
+    # Once the holder has finished, the same input and settings make a new job.
+    assert client.store.update(first.id, state=JobState.SUCCEEDED)
+    fresh = client.submit_many([clip, clip])
+    assert fresh[0].id == fresh[1].id != first.id
+    record = client.store.get(fresh[0].id)
+    assert record is not None and record.state is JobState.QUEUED
+    assert record.spec["input"] == "in/a.mp4" and record.queue == "transcode"
+    assert queued_messages(client) == 3
 
 
 def test_the_state_index_follows_every_change_and_counts_jobs(
