@@ -79,9 +79,11 @@ return 1
 
 # ARGV[1]: a JSON array of jobs, each [job hash key, state index key, dedup key, queue list,
 # event channel, job id, created_at (text: the index score), dedup TTL in seconds (0: no
-# duplicate check), the Celery message, the task-sent event ("" for none), the record's fields
-# (an object), the queue to add to keys.QUEUES ("" for the shared queues, always read)].
-# ARGV[2]: the job hash key prefix; KEYS[1]: keys.QUEUES.
+# duplicate check), the record's fields (an object), the queue to add to keys.QUEUES (""
+# for the shared queues, always read)]. ARGV[2]: the job hash key prefix. Then job i's Celery
+# message is ARGV[1 + 2i] and its task-sent event ("" for none) ARGV[2 + 2i]: bulk strings
+# as they are, not JSON in JSON (unescaping them was a third of the script's time).
+# KEYS[1]: keys.QUEUES.
 # A whole batch is one call: one command to pack, send and run, not one per job (a pipeline
 # of per-job calls spent more on redis-py packing 17 arguments a job than on the writes).
 # The jobs' own keys travel in ARGV: gpujobs needs one Redis, as kombu's transport does.
@@ -90,8 +92,8 @@ return 1
 _SUBMIT_LUA = """
 local found = {}
 for i, job in ipairs(cjson.decode(ARGV[1])) do
-  local key, index, dedup, list, channel, id, created, ttl, message, event, fields, queue =
-    unpack(job)
+  local key, index, dedup, list, channel, id, created, ttl, fields, queue = unpack(job)
+  local message, event = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
   local held = ''
   if ttl > 0 then
     -- Taken at once when free (one command: the usual case); else who holds it decides.
@@ -193,12 +195,14 @@ class JobStore:
         """
         if not jobs:
             return []
-        batch = compact_json([self._entry(job) for job in jobs])
-        found = self._submit(keys=[keys.QUEUES], args=[batch, keys.JOB.format(job_id="")])
+        args = [compact_json([self._entry(job) for job in jobs]), keys.JOB.format(job_id="")]
+        for job in jobs:
+            args += (job.message, job.event)
+        found = self._submit(keys=[keys.QUEUES], args=args)
         return [_str(held) or None for held in found]
 
     def _entry(self, job: Submission) -> list[Any]:
-        """`job` as one entry of the submit script's batch (the order its ARGV[1] names)."""
+        """`job` as one entry of the submit script's ARGV[1] (in the order named there)."""
         record = job.record
         return [
             keys.job(record.id),
@@ -209,8 +213,6 @@ class JobStore:
             record.id,
             repr(record.created_at),
             self.record_ttl_s if job.fingerprint else 0,
-            job.message,
-            job.event,
             _lean(record.to_hash()),
             "" if record.queue in _SHARED_QUEUES else (record.queue or ""),
         ]
