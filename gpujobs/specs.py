@@ -59,35 +59,45 @@ class JobKind(StrEnum):
 def check_media_path(value: str, what: str) -> str:
     """A path relative to the media root: POSIX, not absolute, no `..`, no name starting with `-`.
 
-    Returns it normalised (`a//b/./c` -> `a/b/c`). Raises ValueError with one line that says
-    what is wrong.
+    Returns it normalised as PurePosixPath normalises (`a//b/./c` -> `a/b/c`). Raises
+    ValueError with one line that says what is wrong. Written with str operations, not
+    pathlib: every job's input and output pass here, and PurePosixPath's parsing was a tenth of
+    a bulk submit's time (Python 3.11).
     """
-    return _media_path(value, what).as_posix()
+    if not value or not value.strip():
+        raise ValueError(f"{what} path is empty")
+    if value.startswith("/"):
+        raise ValueError(f"{what} path {value!r} must be relative to the media root")
+    parts = [part for part in value.split("/") if part not in _EMPTY_PARTS]
+    if ".." in parts:
+        raise ValueError(f"{what} path {value!r} must not contain '..'")
+    name = parts[-1] if parts else ""
+    if name.startswith("-"):
+        # ffmpeg would read such a name as an option if it were ever passed bare.
+        raise ValueError(f"{what} file name {name!r} must not start with '-'")
+    bad = _UNPRINTABLE.search(value)
+    if bad is not None:
+        if bad.group() >= "\ud800":  # a name's undecodable byte, as os.fsdecode keeps it
+            raise ValueError(f"{what} path is not valid UTF-8")
+        raise ValueError(f"{what} path contains a control character ({bad.group()!r})")
+    return "/".join(parts) or "."
 
 
+# Parts a POSIX path normalises away: `a//b` and `a/./b` are `a/b`.
+_EMPTY_PARTS = ("", ".")
 # C0 and C1 controls and DEL (a terminal acts on them when a path is shown: ESC starts a
 # sequence), and lone surrogates (bytes of a file name that are not UTF-8, as os.fsdecode
 # keeps them; they cannot be stored or sent as text).
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-def _media_path(value: str, what: str) -> PurePosixPath:
-    if not value or not value.strip():
-        raise ValueError(f"{what} path is empty")
-    path = PurePosixPath(value)
-    if path.is_absolute():
-        raise ValueError(f"{what} path {value!r} must be relative to the media root")
-    if ".." in path.parts:
-        raise ValueError(f"{what} path {value!r} must not contain '..'")
-    if path.name.startswith("-"):
-        # ffmpeg would read such a name as an option if it were ever passed bare.
-        raise ValueError(f"{what} file name {path.name!r} must not start with '-'")
-    bad = _UNPRINTABLE.search(value)
-    if bad is not None:
-        if bad.group() >= "\ud800":  # a name's undecodable byte, as os.fsdecode keeps it
-            raise ValueError(f"{what} path is not valid UTF-8")
-        raise ValueError(f"{what} path contains a control character ({bad.group()!r})")
-    return path
+def suffix(path: str) -> str:
+    """The extension of a normalised POSIX path's last part (as `check_media_path` returns it),
+    as PurePosixPath.suffix gives it: from the last dot; "" for none, for a name that ends in
+    a dot, and for a dot-file's leading dot."""
+    name = path.rpartition("/")[2]
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 class MediaJobSpec(BaseModel):
@@ -111,12 +121,12 @@ class MediaJobSpec(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_path(cls, value: str) -> str:
-        path = _media_path(value, "output")
-        if cls.output_suffixes and path.suffix.lower() not in cls.output_suffixes:
+        path = check_media_path(value, "output")
+        if cls.output_suffixes and suffix(path).lower() not in cls.output_suffixes:
             *first, last = cls.output_suffixes
             allowed = f"{', '.join(first)} or {last}" if first else last
-            raise ValueError(f"output must end in {allowed}, got {path.name!r}")
-        return path.as_posix()
+            raise ValueError(f"output must end in {allowed}, got {path.rpartition('/')[2]!r}")
+        return path
 
     @model_validator(mode="after")
     def _output_differs(self) -> Self:
@@ -164,7 +174,7 @@ class TranscodeSpec(MediaJobSpec):
     @property
     def output_suffix(self) -> str:
         """The output's extension, lower case (".mp4")."""
-        return PurePosixPath(self.output).suffix.lower()
+        return suffix(self.output).lower()
 
     @field_validator("split")
     @classmethod

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import PurePosixPath
+
 import pytest
 from pydantic import ValidationError
 
-from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec
+from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec, check_media_path, suffix
 
 
 def spec(**overrides: object) -> TranscodeSpec:
@@ -68,3 +71,38 @@ def test_terminal_states() -> None:
         JobState.FAILED,
         JobState.CANCELLED,
     }
+
+
+def _pathlib_check(value: str) -> str:
+    """What check_media_path answered when it parsed with PurePosixPath (before 2026-12-07)."""
+    if not value or not value.strip():
+        raise ValueError("empty")
+    path = PurePosixPath(value)
+    if path.is_absolute():
+        raise ValueError("absolute")
+    if ".." in path.parts:
+        raise ValueError("..")
+    if path.name.startswith("-"):
+        raise ValueError("-")
+    return path.as_posix()
+
+
+def test_media_paths_normalise_as_pathlib_does() -> None:
+    # Written with str operations for speed: the same paths accepted, the same normal form,
+    # the same extension, over tricky cases and 20,000 random ones.
+    pieces = ["a", "b.mp4", "/", "//", ".", "..", "-x", ".mkv", " ", "é", "\\", "a.", ".hide"]
+    rng = random.Random(7)
+    cases = ["", ".", "./", "a//b/./c.mp4", "a/.", "./a", "-a/.", "a/-b.mp4", ".../x.ts", "a/.mp4"]
+    cases += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 6))) for _ in range(20_000)]
+    for value in cases:
+        try:
+            expected: str | None = _pathlib_check(value)
+        except ValueError:
+            expected = None
+        try:
+            got: str | None = check_media_path(value, "input")
+        except ValueError:
+            got = None
+        assert got == expected, value
+        if got is not None:
+            assert suffix(got) == PurePosixPath(got).suffix, value
