@@ -357,9 +357,7 @@ class JobRecord(BaseModel):
     def to_hash(self) -> dict[str, str]:
         """Flatten for a Redis hash: JSON for nested fields, no entry for None."""
         flat: dict[str, str] = {}
-        for name, value in self.model_dump(mode="json").items():
-            if value is None:
-                continue
+        for name, value in self.model_dump(mode="json", exclude_none=True).items():
             if name in _JSON_FIELDS:
                 flat[name] = compact_json(value)
             else:
