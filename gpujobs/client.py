@@ -30,7 +30,7 @@ from gpujobs.config import AudioMode, Codec, Preset, Settings
 from gpujobs.connection import broker_url, connect
 from gpujobs.errors import GpujobsError, InvalidSpec, JobFailed, JobNotFound
 from gpujobs.media import NOT_VIDEO, STILL_IMAGE, input_verdict, read_verdicts
-from gpujobs.paths import below, copy_file, inbox_target, media_relative
+from gpujobs.paths import below, copy_file, inbox_target, media_relative, pure_posix
 from gpujobs.prepared import PreparedJob, check_outputs, make_spec, stat_fingerprint
 from gpujobs.publish import TaskMessages, transcode_submission
 from gpujobs.routing import require_gpu_worker
@@ -183,15 +183,16 @@ class Client:
             make_spec({**values, "input": "in.mp4", "output": "out.mp4"})
             if len(self._checked_params) < 1024:
                 self._checked_params.add(checked)
-        source, copy_from, source_stat = self.input_path(Path(input), copy_outside)
+        source, copy_from, source_stat = self.input_path(input, copy_outside)
         if output is None:
             size = f"{values['height']}p" if values["height"] else f"{values['width']}w"
-            output_rel = source.with_name(f"{source.stem}.{size}.mp4").as_posix()
+            named = PurePosixPath(source)
+            output_rel = named.with_name(f"{named.stem}.{size}.mp4").as_posix()
         else:
             output_rel = media_relative(
                 output, self.settings.media, "output", self._media_resolved(), self._dir
             )
-        spec = make_spec({**values, "input": source.as_posix(), "output": output_rel})
+        spec = make_spec({**values, "input": source, "output": output_rel})
         target = os.path.join(self.settings.media, spec.output)
         if os.path.islink(target):  # the worker writes where the link points: check there
             self._check_linked_output(spec, target, copy_from)
@@ -216,11 +217,12 @@ class Client:
         (`prepare_transcode` then finds each verdict remembered): a bulk submit of new files
         is bound by these reads. Paths as `prepare_transcode` takes them; anything that
         cannot be read is left to that check to report."""
-        read_verdicts(self._located(Path(given)) for given in inputs if given)
+        named = dict.fromkeys(os.fspath(given) for given in inputs if given)  # each once
+        read_verdicts(Path(self._located(given)) for given in named)
 
-    def _located(self, given: Path) -> Path:
+    def _located(self, given: str) -> str:
         """Where an input path points: `~` expanded; absolute, or under the media root."""
-        return self.settings.media / given.expanduser()  # an absolute path stays itself
+        return os.path.join(self.settings.media, os.path.expanduser(given))  # absolute: itself
 
     def _dir(self, folder: str) -> str:
         """`folder` resolved; during a bulk submit, each folder once."""
@@ -238,20 +240,24 @@ class Client:
         return self._media_root
 
     def input_path(
-        self, given: Path, copy_outside: bool
-    ) -> tuple[PurePosixPath, Path | None, os.stat_result]:
+        self, given: str | Path, copy_outside: bool
+    ) -> tuple[str, Path | None, os.stat_result]:
         """Check an input video as every submit does (exists, a regular non-empty file, a
-        video container PyAV can read, complete); (its path relative to the media root, the
-        file to copy to that path first when it lies outside the root, else None, its stat).
+        video container PyAV can read, complete); (its POSIX path relative to the media root,
+        the file to copy to that path first when it lies outside the root, else None, its stat).
 
         given: absolute, or relative to the media root. copy_outside: False makes an input
-        outside the media root an InvalidSpec. Raises InvalidSpec (one line) otherwise too."""
-        path = self._located(given)
-        shown = str(given)
-        if given.name.startswith("-"):
-            raise InvalidSpec(f"input file name {given.name!r} must not start with '-'")
+        outside the media root an InvalidSpec. Raises InvalidSpec (one line) otherwise too.
+        Written with os.path, not pathlib: a bulk submit runs it once a job."""
+        shown = os.fspath(given)
+        if not shown.strip():
+            raise InvalidSpec("input path is empty")
+        path = self._located(pure_posix(shown))
+        name = os.path.basename(path)
+        if name.startswith("-"):
+            raise InvalidSpec(f"input file name {name!r} must not start with '-'")
         try:
-            info = path.stat()  # one stat answers the four questions below
+            info = os.stat(path)  # one stat answers the four questions below
         except (FileNotFoundError, NotADirectoryError):
             raise InvalidSpec(f"input {shown} does not exist") from None
         except OSError as exc:
@@ -281,12 +287,12 @@ class Client:
             resolved = os.path.join(self._dir(folder), name)
         inside = below(resolved, os.fspath(media))
         if inside is not None:
-            return PurePosixPath(inside), None, info
+            return inside, None, info
         if not copy_outside:
             raise InvalidSpec(f"input {shown} is outside the media root {media}")
         outside = Path(resolved)
         target = inbox_target(outside, media / INBOX)
-        return PurePosixPath(target.relative_to(media).as_posix()), outside, info
+        return target.relative_to(media).as_posix(), outside, info
 
     def enqueue(
         self, prepared: PreparedJob, force: bool = False, queue: str = TRANSCODE_QUEUE

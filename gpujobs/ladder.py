@@ -171,12 +171,12 @@ def prepare(
     requires a GPU and no live worker has one."""
     values = {k: v for k, v in params.items() if v is not None}
     make_spec({**values, "input": "in.mp4", "output": "out"})  # the parameters first
-    source, copy_from, _ = client.input_path(Path(input), copy_outside)  # a transcode's checks
+    source, copy_from, _ = client.input_path(input, copy_outside)  # a transcode's checks
     if output is None:
-        output_rel = default_output(source, values.get("package", "hls")).as_posix()
+        output_rel = default_output(PurePosixPath(source), values.get("package", "hls")).as_posix()
     else:
         output_rel = media_relative(Path(output), client.settings.media, "output")
-    spec = make_spec({**values, "input": source.as_posix(), "output": output_rel})
+    spec = make_spec({**values, "input": source, "output": output_rel})
     require_gpu_worker(spec.gpu, client.heartbeats, None, None)  # as a transcode's submit
     return spec, copy_from
 

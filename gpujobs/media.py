@@ -328,7 +328,7 @@ def file_version(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
-def input_verdict(path: Path, info: os.stat_result) -> str | None:
+def input_verdict(path: str | Path, info: os.stat_result) -> str | None:
     """Why `path` is no input to transcode, in one line, or None when it is one: `check_input`'s
     reason for a file whose first bytes name a video container we know (`looks_like_video`),
     `check_guessed`'s for any other (libavformat's guess decides: MXF, DV, AVCHD, GIF...).
@@ -343,13 +343,13 @@ def input_verdict(path: Path, info: os.stat_result) -> str | None:
     if key in _VERDICTS:
         return _VERDICTS[key]
     verdict: str | None = None
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
     try:
         if looks_like_video(head):
-            check_input(path, sniffed_demuxer(head))
+            check_input(Path(path), sniffed_demuxer(head))
         else:
-            check_guessed(path)
+            check_guessed(Path(path))
     except ProbeError as exc:
         verdict = str(exc)
     with _VERDICTS_LOCK:

@@ -40,6 +40,18 @@ def media_relative(
     return inside
 
 
+def pure_posix(path: str) -> str:
+    """`path` as PurePosixPath writes it: repeated slashes, `.` parts and a trailing slash
+    dropped, `..` kept (a link's parent is not resolved away), a leading `//` kept as POSIX
+    allows. Written with str operations: a bulk submit runs it once a job."""
+    parts = "/".join(part for part in path.split("/") if part not in ("", "."))
+    if path.startswith("//") and not path.startswith("///"):
+        return "//" + parts
+    if path.startswith("/"):
+        return "/" + parts
+    return parts or "."
+
+
 def below(path: str, root: str) -> str | None:
     """Absolute, normalised `path` relative to `root` ("" for the root itself), or None when
     it lies outside (no file is read: resolve links first)."""

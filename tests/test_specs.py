@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 import pytest
 from pydantic import ValidationError
 
+from gpujobs.paths import pure_posix
 from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec, check_media_path, suffix
 
 
@@ -106,3 +107,6 @@ def test_media_paths_normalise_as_pathlib_does() -> None:
         assert got == expected, value
         if got is not None:
             assert suffix(got) == PurePosixPath(got).suffix, value
+        # How an input is named before it is found (absolute or relative, never refused).
+        for named in (value, "/" + value, "//" + value, "///" + value):
+            assert pure_posix(named) == str(PurePosixPath(named)), named

@@ -244,6 +244,11 @@ def test_paths_are_confined_to_the_media_root_through_links(
     # A path given the long way round is kept in its plain form.
     prepared = client.prepare_transcode(str(media / "in" / "." / "a.mp4"), "out//./b.mp4")
     assert (prepared.spec.input, prepared.spec.output) == ("in/a.mp4", "out/b.mp4")
+    for given in ("in/a.mp4/", "in//a.mp4/.", "./in/a.mp4", str(media / "in" / "a.mp4") + "/"):
+        assert client.prepare_transcode(given, "out/c.mp4").spec.input == "in/a.mp4", given
+    for blank in ("", "  "):
+        with pytest.raises(InvalidSpec, match=r"^input path is empty$"):
+            client.prepare_transcode(blank, "out/c.mp4")
 
 
 def test_a_bulk_submit_reads_new_inputs_together_each_once(
