@@ -75,17 +75,10 @@ class TaskMessages:
     ) -> str:
         """One task message, as `send_task(task, args, task_id=, queue=, priority=)` writes
         it (protocol 2: args, no kwargs, no callbacks; no countdown, expiry or time limit)."""
-        body = [args, {}, _EMBED]
-        headers: dict[str, Any] = {
-            "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
-            "expires": None, "group": None, "group_index": None, "retries": 0,
-            "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-            "argsrepr": argsrepr, "kwargsrepr": "{}", "origin": self.origin,
-            "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None,
-            "stamps": {},
-        }  # fmt: skip
+        headers = {**_HEADERS, "task": task, "id": task_id, "root_id": task_id,
+                   "argsrepr": argsrepr, "origin": self.origin}  # fmt: skip
         envelope = {
-            "body": _b64(body),
+            "body": _b64([args, {}, _EMBED]),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
@@ -105,11 +98,9 @@ class TaskMessages:
         if not self.send_events:
             return ""
         event = {
-            "hostname": self.origin, "utcoffset": utcoffset(), "pid": os.getpid(),
-            "clock": self.app.clock.forward(), "uuid": task_id, "root_id": task_id,
-            "parent_id": None, "name": task, "args": argsrepr, "kwargs": "{}", "retries": 0,
-            "eta": None, "expires": None, "queue": queue, "exchange": "", "routing_key": queue,
-            "timestamp": time.time(), "type": "task-sent",
+            **_SENT_EVENT, "hostname": self.origin, "utcoffset": utcoffset(), "pid": os.getpid(),
+            "clock": self.app.clock.forward(), "uuid": task_id, "root_id": task_id, "name": task,
+            "args": argsrepr, "queue": queue, "routing_key": queue, "timestamp": time.time(),
         }  # fmt: skip
         envelope = {
             "body": _b64(event),
@@ -118,13 +109,28 @@ class TaskMessages:
             "headers": {"hostname": self.origin},
             "properties": {
                 "delivery_mode": 1,
-                "delivery_info": {"exchange": "celeryev", "routing_key": "task.sent"},
+                "delivery_info": _EVENT_DELIVERY,
                 "priority": 0,
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
         return compact_json(envelope)
+
+
+# What every task message's headers and every task-sent event hold alike (the rest is set
+# per message); never changed, only copied.
+_HEADERS: dict[str, Any] = {
+    "lang": "py", "shadow": None, "eta": None, "expires": None, "group": None,
+    "group_index": None, "retries": 0, "timelimit": [None, None], "parent_id": None,
+    "kwargsrepr": "{}", "ignore_result": None, "replaced_task_nesting": 0,
+    "stamped_headers": None, "stamps": {},
+}  # fmt: skip
+_SENT_EVENT: dict[str, Any] = {
+    "parent_id": None, "kwargs": "{}", "retries": 0, "eta": None, "expires": None,
+    "exchange": "", "type": "task-sent",
+}  # fmt: skip
+_EVENT_DELIVERY = {"exchange": "celeryev", "routing_key": "task.sent"}
 
 
 # The third argument of a transcode message whose job is a plain one: not split, not a ladder.
