@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,7 +33,14 @@ from gpujobs.config import Settings
 from gpujobs.errors import InvalidSpec
 from gpujobs.jsontext import BOM, FOREIGN_BOMS, json_problem, parse_line
 from gpujobs.paths import media_relative
-from gpujobs.specs import INFERENCE_URLS, InferenceSpec, JobKind, JobRecord, JobState
+from gpujobs.specs import (
+    INFERENCE_URLS,
+    InferenceSpec,
+    JobKind,
+    JobRecord,
+    JobState,
+    new_job_id,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -349,7 +355,7 @@ def prepare_batch(
     params: InferenceSpec fields (endpoint, model, max_concurrency, chunk_size, ...).
     Raises InvalidSpec with one line saying what is wrong.
     """
-    job_id = uuid.uuid4().hex[:12]
+    job_id = new_job_id()
     values = {**spec_defaults(settings), **{k: v for k, v in params.items() if v is not None}}
     stand_in = f"{BATCHES}/{job_id}/{REQUESTS_FILE}"
     # The parameters first, on stand-in paths: a bad --concurrency is reported before the file.

@@ -13,7 +13,6 @@ Apple's HLS authoring guidance, rounded:
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ from gpujobs.specs import (
     JobState,
     MediaJobSpec,
     SplitSetting,
+    new_job_id,
 )
 from gpujobs.store import JobStore
 
@@ -140,7 +140,7 @@ def make_spec(values: dict[str, Any]) -> LadderSpec:
 def enqueue(spec: LadderSpec, store: JobStore, app: Celery) -> str:
     """Record a ladder job and send it to the transcode queue; its id. The store and app are
     handed in by the caller (Client.enqueue_ladder), as the batch code is."""
-    job_id = uuid.uuid4().hex[:12]
+    job_id = new_job_id()
     dumped = spec.model_dump(mode="json")
     queue = shared_transcode_queue(spec.gpu)  # a ladder that requires a GPU: GPU workers only
     store.create(JobRecord(

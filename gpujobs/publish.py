@@ -24,7 +24,14 @@ from celery import Celery
 from celery.utils.time import utcoffset
 
 from gpujobs.app import TRANSCODE_TASK, broker_priority, task_argsrepr
-from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec, compact_json
+from gpujobs.specs import (
+    JobKind,
+    JobRecord,
+    JobState,
+    TranscodeSpec,
+    compact_json,
+    new_job_id,
+)
 from gpujobs.store import Submission
 
 # kombu's Redis transport: queue name and priority step joined by this to name a list.
@@ -148,7 +155,7 @@ def transcode_submission(
     message for `queue` at the spec's priority step, its task-sent event. fingerprint: the
     duplicate-check key (None: no check)."""
     dumped = spec.model_dump(mode="json")
-    job_id = uuid.uuid4().hex[:12]
+    job_id = new_job_id()
     record = JobRecord(
         id=job_id,
         kind=JobKind.TRANSCODE,

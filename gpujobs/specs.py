@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Literal, Self
@@ -322,6 +323,11 @@ class Progress(BaseModel):
 
 # Record fields stored as JSON text inside the job's Redis hash.
 _JSON_FIELDS = ("spec", "result", "pieces")
+
+
+def new_job_id() -> str:
+    """A new job's id: 12 lowercase hex digits, 48 random bits (from `secrets`)."""
+    return secrets.token_hex(6)
 
 
 class JobRecord(BaseModel):
