@@ -313,10 +313,10 @@ class Client:
     ) -> list[Job]:
         """Queue checked jobs, `batch_size` per round trip; their Jobs, in order.
 
-        Each job's record, index entry, duplicate check, Celery message and task-sent event are
-        written by one script call (`JobStore.submit`), so a job is either wholly queued or not
-        at all. queue: one queue for all, or one per job. A job whose input and spec match a
-        queued or running job returns that job (unless `force`).
+        Each batch is one script call (`JobStore.submit`) that writes each job's record, index
+        entry, duplicate check, Celery message and task-sent event together, so a job is either
+        wholly queued or not at all. queue: one queue for all, or one per job. A job whose input
+        and spec match a queued or running job returns that job (unless `force`).
         """
         queues = [queue] * len(prepared) if isinstance(queue, str) else list(queue)
         if len(queues) != len(prepared):

@@ -4,8 +4,7 @@ Celery's `send_task` costs two round trips and about a millisecond of Python per
 cannot share a round trip with the job record. gpujobs therefore writes the message itself, in
 the exact form kombu's Redis transport reads (Celery task protocol 2, body base64 in a JSON
 envelope, pushed on the queue's list for its priority step), together with the record, so a
-submit is one script call (`JobStore.submit`) and a bulk submit one pipelined round trip for a
-whole batch.
+submit is one script call (`JobStore.submit`), and so is a bulk submit's whole batch.
 `tests/test_submit.py` runs these messages through a real worker and Flower.
 """
 

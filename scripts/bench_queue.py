@@ -3,8 +3,9 @@
 Prints, with medians of alternating rounds and their ratios:
 
 1. submit: one-by-one `submit_transcode` against Celery's `send_task` of the same message,
-   and `submit_many` (pipelined) against Celery's one-by-one rate; one input file submitted
-   again and again (its check remembered), or with `--distinct` a fresh copy for each job;
+   and `submit_many` (one script call per 500 jobs) against Celery's one-by-one rate; one
+   input file submitted again and again (its header read remembered), or with `--distinct` a
+   fresh copy for each job;
 2. memory: Redis bytes per queued job, gpujobs (record, index, duplicate key, message) against
    Celery's message alone;
 3. at scale (`--scale` queued jobs, 100,000 by default): `ls`, `ls --state running`, `status`

@@ -194,7 +194,7 @@ def submit(
     policies = {p.spec.gpu for p in prepared}
     routes = {policy: client.route(node, gpu_index, policy) for policy in policies}
     queues = [routes[p.spec.gpu] for p in prepared]
-    jobs = client.enqueue_many(prepared, force=force, queue=queues)  # pipelined, per batch
+    jobs = client.enqueue_many(prepared, force=force, queue=queues)  # one script call per batch
     with leave_running([job.id for job in jobs]):  # from here on, Ctrl-C leaves them queued
         for job in jobs:
             if as_json and not wait:
