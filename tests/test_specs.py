@@ -9,7 +9,15 @@ import pytest
 from pydantic import ValidationError
 
 from gpujobs.paths import pure_posix
-from gpujobs.specs import JobKind, JobRecord, JobState, TranscodeSpec, check_media_path, suffix
+from gpujobs.specs import (
+    JobKind,
+    JobRecord,
+    JobState,
+    TranscodeSpec,
+    check_media_path,
+    compact_json,
+    suffix,
+)
 
 
 def spec(**overrides: object) -> TranscodeSpec:
@@ -64,6 +72,20 @@ def test_record_round_trips_through_a_redis_hash() -> None:
     assert all(isinstance(v, str) for v in flat.values())
     assert "eta_s" not in flat  # None is not stored
     assert JobRecord.from_hash(flat) == record
+    # Every field set, each written as pydantic's JSON mode writes it (to_hash skips pydantic).
+    full = JobRecord(
+        id="p-1", kind=JobKind.INFERENCE, state=JobState.FAILED, spec={"a": [1, 2.5, None]},
+        percent=1e-07, fps=29.97, speed=1.0, eta_s=3.25, worker="w@h", node="n", gpu="GPU-1",
+        encode_path="cpu", queue="q", attempt=3, error="é\nx", output="o.mp4",
+        result={"k": {"n": 1}}, created_at=1796682995.820238, started_at=2.0, finished_at=3.0,
+        updated_at=4.0, pieces=["p-1.0", "p-1.1"], parent="p",
+    )  # fmt: skip
+    assert set(full.to_hash()) == set(JobRecord.model_fields)
+    assert full.to_hash() == {
+        name: compact_json(value) if isinstance(value, dict | list) else str(value)
+        for name, value in full.model_dump(mode="json").items()
+    }
+    assert JobRecord.from_hash(full.to_hash()) == full
 
 
 def test_terminal_states() -> None:
