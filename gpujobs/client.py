@@ -253,7 +253,7 @@ class Client:
         if not shown.strip():
             raise InvalidSpec("input path is empty")
         path = self._located(pure_posix(shown))
-        name = os.path.basename(path)
+        folder, name = os.path.split(path)
         if name.startswith("-"):
             raise InvalidSpec(f"input file name {name!r} must not start with '-'")
         try:
@@ -282,8 +282,7 @@ class Client:
         # The folder resolved (once per folder in a bulk submit), then the file if it is a link.
         if os.path.islink(path):
             resolved = os.path.realpath(path)
-        else:
-            folder, name = os.path.split(path)  # realpath, not normpath: `link/..` is not `.`
+        else:  # realpath, not normpath: `link/..` is not `.`
             resolved = os.path.join(self._dir(folder), name)
         inside = below(resolved, os.fspath(media))
         if inside is not None:
